@@ -1,0 +1,548 @@
+"""SymmetrySpec: which parameter axes share a permutation, found by tracing the model.
+
+``trace(model, example_inputs)`` captures the model with ``torch.export`` (an ATen graph: it
+traces timm and Hugging Face models where ``torch.fx.symbolic_trace`` fails), runs one
+symmetry rule per op (:mod:`symmerge._rules`) over a union-find of axis atoms
+(:mod:`symmerge._axes`), and turns every class of atoms that touches a parameter but no model
+input or output into a :class:`Group`. ``SymmetrySpec.verify`` proves the result: permuting
+every group at random must leave the model's function unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from symmerge import _rules
+from symmerge._axes import AtomTable, Term, atom
+
+__all__ = [
+    "ActivationSite", "Factor", "FrozenAxis", "Group", "Member", "Segment", "SymmetrySpec",
+    "TraceError", "register_op_rule", "trace",
+]  # fmt: skip
+
+register_op_rule = _rules.register_op_rule
+
+# Frozen for these reasons, an axis holds no hidden units (it is an input, output or space).
+_NOT_UNITS = ("model input", "model output", "spatial axis", "kernel window")
+
+
+class TraceError(RuntimeError):
+    """The model could not be captured, or contains an op without a symmetry rule."""
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One factor of a row-major product layout: a group's units, or an unpermuted axis."""
+
+    group: str | None
+    size: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous range of a tensor axis laid out as a row-major product of factors."""
+
+    offset: int
+    factors: tuple[Factor, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(f.size for f in self.factors)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A (tensor, axis) that a group permutes; ``segments`` say where its units sit on the axis.
+
+    Most members are plain (one segment, one factor). A Linear after a flatten of (C, H, W)
+    features has one segment with factors (C-group, H, W); an axis built by ``cat`` has one
+    segment per concatenated part.
+    """
+
+    tensor: str
+    axis: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def is_plain(self) -> bool:
+        return len(self.segments) == 1 and len(self.segments[0].factors) == 1
+
+
+@dataclass(frozen=True)
+class ActivationSite:
+    """A graph value whose axis ``dim`` holds exactly one group's units (for statistics)."""
+
+    node: str
+    module: str
+    dim: int
+    op: str
+
+
+@dataclass
+class Group:
+    """Units that must be permuted together.
+
+    ``blocks`` (GroupNorm groups; attention heads later) means a permutation must map each
+    block of ``size // blocks`` consecutive units onto a block.
+    """
+
+    name: str
+    size: int
+    members: list[Member] = field(default_factory=list)
+    sites: list[ActivationSite] = field(default_factory=list)
+    blocks: int | None = None
+
+    def random_permutation(self, generator: torch.Generator) -> torch.Tensor:
+        if not self.blocks:
+            return torch.randperm(self.size, generator=generator)
+        width = self.size // self.blocks
+        order = torch.randperm(self.blocks, generator=generator)
+        inner = [torch.randperm(width, generator=generator) for _ in range(self.blocks)]
+        return torch.cat([order[b] * width + inner[b] for b in range(self.blocks)])
+
+    def is_valid_permutation(self, perm: torch.Tensor) -> bool:
+        """True when ``perm`` is a permutation of range(size) that respects the blocks."""
+        perm = torch.as_tensor(perm)
+        if perm.shape != (self.size,) or not torch.equal(perm.sort().values,
+                                                          torch.arange(self.size)):
+            return False
+        if not self.blocks:
+            return True
+        width = self.size // self.blocks
+        src = perm.view(self.blocks, width) // width
+        return bool((src == src[:, :1]).all())
+
+
+@dataclass(frozen=True)
+class FrozenAxis:
+    """Units of a parameter axis that are never permuted, and why."""
+
+    tensor: str
+    axis: int
+    size: int
+    reasons: tuple[str, ...]
+
+
+@dataclass
+class SymmetrySpec:
+    """The permutation symmetry of a model: its groups and the axes left frozen."""
+
+    groups: dict[str, Group]
+    frozen: list[FrozenAxis]
+    shapes: dict[str, tuple[int, ...]]
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+
+    # ---- permutations -------------------------------------------------------------------
+    def random_permutations(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        return {name: g.random_permutation(gen) for name, g in self.groups.items()}
+
+    def identity_permutations(self) -> dict[str, torch.Tensor]:
+        return {name: torch.arange(g.size) for name, g in self.groups.items()}
+
+    def axis_index(self, member: Member, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Index vector ``idx`` with ``new = old.index_select(axis, idx)`` for one member."""
+        parts = []
+        for seg in member.segments:
+            idx = torch.zeros((), dtype=torch.long)
+            for f in seg.factors:
+                p = perms.get(f.group) if f.group is not None else None
+                p = torch.arange(f.size) if p is None else torch.as_tensor(p, dtype=torch.long)
+                idx = idx.unsqueeze(-1) * f.size + p
+            parts.append(idx.reshape(-1) + seg.offset)
+        return torch.cat(parts)
+
+    def permute_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """A new state dict with every group permuted (``perms``: group name -> index vector).
+
+        Follows the convention new[i] = old[perm[i]] on every member axis. Groups missing from
+        ``perms`` keep their order. The input is not modified.
+        """
+        unknown = set(perms) - set(self.groups)
+        if unknown:
+            raise KeyError(f"unknown groups {sorted(unknown)}; the spec has {len(self.groups)}")
+        for name, p in perms.items():
+            if not self.groups[name].is_valid_permutation(torch.as_tensor(p)):
+                raise ValueError(f"perms['{name}'] is not a valid permutation of the group "
+                                 f"(size {self.groups[name].size}, blocks "
+                                 f"{self.groups[name].blocks})")
+        out = dict(state_dict)
+        for m in self.members():
+            if not any(f.group in perms for s in m.segments for f in s.factors):
+                continue
+            idx = self.axis_index(m, perms)
+            for key in [m.tensor, *self.aliases.get(m.tensor, [])]:
+                if key in out:
+                    out[key] = out[key].index_select(m.axis, idx.to(out[key].device))
+        return out
+
+    def members(self) -> list[Member]:
+        """Every permuted (tensor, axis) once, even when several groups share its axis."""
+        seen: dict[tuple[str, int], Member] = {}
+        for g in self.groups.values():
+            for m in g.members:
+                seen.setdefault((m.tensor, m.axis), m)
+        return list(seen.values())
+
+    def permuted(self, model: nn.Module, perms: Mapping[str, torch.Tensor]) -> nn.Module:
+        """A permuted copy of ``model`` (the model itself is not modified)."""
+        new = copy.deepcopy(model)
+        new.load_state_dict(self.permute_state_dict(model.state_dict(), perms))
+        return new
+
+    def verify(
+        self,
+        model: nn.Module,
+        *example_inputs: Any,
+        seed: int = 0,
+        dtype: torch.dtype | None = torch.float64,
+        jitter: bool = True,
+    ) -> float:
+        """Max |output difference| between ``model`` and a randomly permuted copy.
+
+        Runs in float64 by default, so a correct spec gives round-off (about 1e-12) and a wrong
+        one gives differences of the order of the outputs. ``jitter`` first adds small noise to
+        every parameter and to BatchNorm statistics of a copy: the symmetry is a property of the
+        architecture, and zero-initialised layers (heads, last norms of residual blocks) would
+        otherwise hide a wrong spec.
+        """
+        ref = copy.deepcopy(model).eval()
+        if jitter:
+            _jitter_(ref, seed)
+        if dtype is not None:
+            ref = ref.to(dtype)
+            example_inputs = tuple(
+                x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
+                for x in example_inputs
+            )
+        perm = self.permuted(ref, self.random_permutations(seed)).eval()
+        with torch.no_grad():
+            a, b = _flat_tensors(ref(*example_inputs)), _flat_tensors(perm(*example_inputs))
+        if len(a) != len(b) or not a:
+            raise RuntimeError("the model's outputs contain no tensors to compare")
+        return max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b,
+                                                                                 strict=True))
+
+    # ---- reporting ----------------------------------------------------------------------
+    @property
+    def num_free_units(self) -> int:
+        return sum(g.size for g in self.groups.values())
+
+    def free_fraction(self) -> float:
+        """Share of hidden units (those not on a model input or output axis) left free."""
+        hidden = {(f.tensor, f.axis): f.size for f in self.frozen
+                  if not all(r.startswith(_NOT_UNITS) for r in f.reasons)}
+        frozen_units = sum(hidden.values())
+        free = self.num_free_units
+        return free / (free + frozen_units) if free + frozen_units else 1.0
+
+    def show(self, members: bool = True) -> str:
+        lines = [f"{len(self.groups)} groups, {self.num_free_units} free units, "
+                 f"{self.free_fraction():.1%} of hidden units free"]
+        for g in self.groups.values():
+            extra = f", {g.blocks} blocks x {g.size // g.blocks}" if g.blocks else ""
+            lines.append(f"group {g.name}: size {g.size}{extra}, {len(g.members)} members, "
+                         f"{len(g.sites)} activation sites")
+            if members:
+                for m in g.members:
+                    lines.append(f"    {m.tensor}[axis {m.axis}]{_layout_str(m, g.name)}")
+        if self.frozen:
+            lines.append("frozen axes:")
+            for f in self.frozen:
+                lines.append(f"    {f.tensor}[axis {f.axis}] ({f.size}): {'; '.join(f.reasons)}")
+        return "\n".join(lines)
+
+
+def _layout_str(m: Member, group: str) -> str:
+    if m.is_plain:
+        return ""
+    segs = []
+    for s in m.segments:
+        fs = " x ".join(f"<{f.group}>" if f.group == group else
+                        (f"{f.group}" if f.group else str(f.size)) for f in s.factors)
+        segs.append(f"[{s.offset}:{s.offset + s.size}] {fs or '1'}")
+    return "  layout: " + " | ".join(segs)
+
+
+def _jitter_(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                scale = float(p.detach().float().std()) if p.numel() > 1 else 0.0
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+                p.add_((0.1 * scale + 0.02) * noise.to(p.dtype))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+                n = m.running_mean.numel()
+                m.running_mean.add_(0.1 * torch.randn(n, generator=gen).to(m.running_mean))
+                m.running_var.mul_(torch.empty(n).uniform_(0.5, 1.5, generator=gen).to(
+                    m.running_var))
+
+
+def _flat_tensors(out: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+
+    def visit(x: Any) -> None:
+        if torch.is_tensor(x):
+            found.append(x)
+        elif isinstance(x, Mapping):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, Sequence) and not isinstance(x, str):
+            for v in x:
+                visit(v)
+        elif hasattr(x, "to_tuple"):
+            visit(x.to_tuple())
+
+    visit(out)
+    return found
+
+
+# ---------------------------------------------------------------------------------------
+# tracing
+# ---------------------------------------------------------------------------------------
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    unknown_ops: str = "error",
+) -> SymmetrySpec:
+    """Discover the permutation symmetry of ``model``.
+
+    Args:
+        model: any ``nn.Module``; traced in eval mode (its mode is restored afterwards).
+        example_inputs: a tensor or tuple of positional inputs (use a batch of at least 2).
+        example_kwargs: keyword inputs, if the model takes them.
+        unknown_ops: ``"error"`` (default) raises :class:`TraceError` naming an op without a
+            symmetry rule; ``"freeze"`` freezes every axis that op touches (always safe: it only
+            removes symmetries) and records the reason in ``spec.frozen``.
+
+    Returns:
+        A :class:`SymmetrySpec`. Check it with ``spec.verify(model, *example_inputs)``.
+    """
+    if unknown_ops not in ("error", "freeze"):
+        raise ValueError(f"The 'unknown_ops' parameter of trace must be 'error' or 'freeze'. "
+                         f"Got {unknown_ops!r} instead.")
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    was_training = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(model, args, kwargs=example_kwargs or {}, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise TraceError(
+            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}\n"
+            "Check that the model runs on the example inputs; data-dependent Python control "
+            "flow must be rewritten with torch.cond or removed."
+        ) from e
+    finally:
+        model.train(was_training)
+    return _spec_from_export(ep, model, unknown_ops)
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L__self___", "")
+
+
+def _spec_from_export(ep: Any, model: nn.Module, unknown_ops: str) -> SymmetrySpec:
+    sig = ep.graph_signature
+    tensor_names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    constants = set(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
+    table = AtomTable()
+    values: dict[Any, Any] = {}
+    member_terms: dict[str, list[Term]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    sites: list[tuple[int, ActivationSite]] = []
+
+    for order, node in enumerate(ep.graph.nodes):
+        val = node.meta.get("val")
+        if node.op == "placeholder":
+            if not isinstance(val, torch.Tensor):
+                continue
+            shape = tuple(int(s) for s in val.shape)
+            if node.name in tensor_names:
+                name = tensor_names[node.name]
+                dims = [atom(table.new(s)) for s in shape]
+                member_terms[name], shapes[name] = dims, shape
+                values[("param", node)] = name
+            else:
+                reason = "constant tensor" if node.name in constants else "model input"
+                dims = [atom(table.new(s, frozen=f"{reason} '{node.name}'")) for s in shape]
+            values[node] = dims
+        elif node.op == "call_function":
+            where = f"node '{node.name}'" + (f" in module '{m}'" if (m := _module_path(node))
+                                             else "")
+            _run_rule(node, table, values, where, order, unknown_ops)
+            result = values.get(node)
+            if isinstance(result, list) and isinstance(val, torch.Tensor):
+                for k, t in enumerate(result):
+                    segs = table.normalize(t)
+                    if segs and len(segs) == 1 and len(segs[0]) == 1:
+                        sites.append((segs[0][0], ActivationSite(
+                            node.name, _module_path(node), k, _rules._op_name(node.target))))
+        elif node.op == "output":
+            def freeze_out(n: Any) -> Any:
+                d = values.get(n) if isinstance(n, fx.Node) else None
+                if isinstance(d, list):
+                    for t in d:
+                        for a in table.leaves(t):
+                            table.freeze(a, "model output")
+                return n
+
+            fx.node.map_aggregate(node.args, freeze_out)
+        elif node.op == "get_attr":
+            raise TraceError(f"unexpected get_attr node '{node.name}' (submodule or "
+                             "higher-order op); this model needs a custom rule")
+    return _build_spec(table, member_terms, shapes, sites, model)
+
+
+def _run_rule(node: fx.Node, table: AtomTable, values: dict[Any, Any], where: str,
+              order: int, unknown_ops: str) -> None:
+    name, rule = _rules.lookup(node)
+    if name == "getitem":
+        src, idx = node.args
+        res = values.get(src)
+        if isinstance(res, tuple) and isinstance(idx, int):
+            values[node] = res[idx]
+        return
+    ctx = _rules.RuleContext(table, values, node, where, order)
+    val = node.meta.get("val")
+    if rule is None:
+        if not ctx.tensor_args() and not _has_tensor(val):
+            return
+        if unknown_ops == "freeze":
+            rule = lambda c: _rules.freeze_everything(c, f"unknown op {name}")  # noqa: E731
+        else:
+            raise TraceError(
+                f"no symmetry rule for op '{name}' ({node.target}) at {where}. Register one "
+                "with symmerge.register_op_rule(...), or trace with unknown_ops='freeze' to "
+                "freeze every axis this op touches."
+            )
+    try:
+        result = rule(ctx)
+    except TraceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with the node
+        raise TraceError(f"symmetry rule for op '{name}' failed at {where}: "
+                         f"{type(e).__name__}: {e}") from e
+    if result is None:
+        return
+    _check_result(table, node, name, where, result, val)
+    values[node] = result
+
+
+def _has_tensor(val: Any) -> bool:
+    return torch.is_tensor(val) or (isinstance(val, (list, tuple)) and any(map(_has_tensor, val)))
+
+
+def _check_result(table: AtomTable, node: fx.Node, name: str, where: str, result: Any,
+                  val: Any) -> None:
+    """Guard against a rule that returns layouts not matching the real output shapes."""
+    pairs = (
+        [(result, val)] if isinstance(result, list)
+        else [(r, v) for r, v in zip(result, val, strict=False) if torch.is_tensor(v)]
+    )
+    for dims, v in pairs:
+        if dims is None:
+            continue
+        shape = tuple(int(s) for s in v.shape)
+        got = tuple(table.term_size(t) for t in dims)
+        if got != shape:
+            raise TraceError(f"internal error: rule for op '{name}' at {where} gave a layout of "
+                             f"shape {got} for an output of shape {shape}")
+
+
+def _build_spec(table: AtomTable, member_terms: dict[str, list[Term]],
+                shapes: dict[str, tuple[int, ...]], sites: list[tuple[int, ActivationSite]],
+                model: nn.Module) -> SymmetrySpec:
+    layouts: dict[tuple[str, int], list[list[int]]] = {}
+    for name, dims in member_terms.items():
+        for axis, t in enumerate(dims):
+            segs = table.normalize(t)
+            if segs is None:
+                for a in table.leaves(t):
+                    table.freeze(a, "axis layout is not a concatenation of products")
+                continue
+            layouts[(name, axis)] = segs
+    for r, blocks in list(table.blocks.items()):
+        if len(blocks) > 1 and table.find(r) == r:
+            table.freeze(r, f"conflicting GroupNorm groupings {sorted(blocks)}")
+
+    def is_free(r: int) -> bool:
+        return table.size[r] > 1 and not table.frozen.get(r)
+
+    names: dict[int, str] = {}
+    used: set[str] = set()
+    roots_in_order: list[int] = []
+    for (tensor, axis), segs in layouts.items():
+        for seg in segs:
+            for a in seg:
+                r = table.find(a)
+                if is_free(r) and r not in names:
+                    hint = table.hint.get(r, (0, f"{tensor}:{axis}"))[1]
+                    base, k = hint, 2
+                    while hint in used:
+                        hint, k = f"{base}#{k}", k + 1
+                    used.add(hint)
+                    names[r] = hint
+                    roots_in_order.append(r)
+    groups = {names[r]: Group(names[r], table.size[r],
+                              blocks=next(iter(table.blocks[r])) if table.blocks.get(r) else None)
+              for r in roots_in_order}
+    frozen: list[FrozenAxis] = []
+    for (tensor, axis), segs in layouts.items():
+        factors_by_seg, offset, touched = [], 0, set()
+        reasons: list[str] = []
+        frozen_units = 0
+        for seg in segs:
+            factors = []
+            for a in seg:
+                r = table.find(a)
+                if is_free(r):
+                    factors.append(Factor(names[r], table.size[r]))
+                    touched.add(names[r])
+                else:
+                    factors.append(Factor(None, table.size[r]))
+                    if table.size[r] > 1:
+                        frozen_units += table.size[r]
+                        reasons += [x for x in table.frozen.get(r, []) if x not in reasons]
+            factors_by_seg.append(Segment(offset, tuple(factors)))
+            offset += math.prod(table.size[table.find(a)] for a in seg)
+        member = Member(tensor, axis, tuple(factors_by_seg))
+        for gname in touched:
+            groups[gname].members.append(member)
+        if reasons:
+            frozen.append(FrozenAxis(tensor, axis, shapes[tensor][axis], tuple(reasons)))
+    for r, site in sites:
+        r = table.find(r)
+        if r in names:
+            groups[names[r]].sites.append(site)
+    return SymmetrySpec(groups, frozen, shapes, _aliases(model))
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Other state-dict names of tied tensors, so permuting one permutes all of them."""
+    by_id: dict[int, list[str]] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        by_id.setdefault(id(t), []).append(name)
+    return {n: [o for o in names if o != n] for names in by_id.values() if len(names) > 1
+            for n in names}
