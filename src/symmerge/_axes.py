@@ -44,8 +44,9 @@ class AtomTable:
     children: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
     hint: dict[int, tuple[int, str]] = field(default_factory=dict)
 
-    def new(self, size: int, frozen: str | None = None, hint: str | None = None,
-            order: int = 1 << 30) -> int:
+    def new(
+        self, size: int, frozen: str | None = None, hint: str | None = None, order: int = 1 << 30
+    ) -> int:
         i = len(self.size)
         self.size.append(int(size))
         self.parent.append(i)
@@ -200,7 +201,9 @@ class AtomTable:
             return None
         cut = min(set(b1) ^ set(b2))
         segs, bounds = (s1, b1) if cut not in b1 else (s2, b2)
-        k = next(j for j in range(len(segs)) if bounds[j] < cut < bounds[j] + self._seg_size(segs[j]))
+        k = next(
+            j for j in range(len(segs)) if bounds[j] < cut < bounds[j] + self._seg_size(segs[j])
+        )
         seg, offset = segs[k], cut - bounds[k]
         if not seg:
             return False

@@ -38,7 +38,8 @@ _FREEZE_ALL = {
     "nonzero", "unique", "searchsorted", "bucketize", "item", "_local_scalar_dense",
     "index_put", "scatter", "scatter_add", "scatter_reduce", "index_add", "masked_scatter",
     "gather", "take_along_dim", "repeat_interleave", "tril", "triu", "diagonal", "diag",
-    "diag_embed", "fft_fft", "fft_rfft", "fft_ifft", "fft_irfft", "interpolate", "upsample_nearest2d",
+    "diag_embed", "fft_fft", "fft_rfft", "fft_ifft", "fft_irfft", "interpolate",
+    "upsample_nearest2d",
     "upsample_bilinear2d", "grid_sampler", "grid_sampler_2d", "pixel_shuffle", "pixel_unshuffle",
     "im2col", "col2im", "unfold", "max_unpool2d",
 }  # fmt: skip
@@ -71,8 +72,9 @@ def _op_name(target: Any) -> str:
 class RuleContext:
     """What a rule sees of one node: its arguments' layouts, shapes and the atom table."""
 
-    def __init__(self, table: AtomTable, values: dict[Any, Any], node: fx.Node, where: str,
-                 order: int = 0):
+    def __init__(
+        self, table: AtomTable, values: dict[Any, Any], node: fx.Node, where: str, order: int = 0
+    ):
         self.table, self.values, self.node, self.where = table, values, node, where
         self.order = order
         self.args = list(node.args)
@@ -201,10 +203,35 @@ def pointwise(ctx: RuleContext) -> Dims:
 
 
 # elementwise ops that PyTorch does not tag as pointwise
-for _name in ("hardswish", "hardsigmoid", "mish", "softplus", "elu", "selu", "celu", "gelu",
-              "silu", "leaky_relu", "rrelu", "glu_jvp", "threshold", "softshrink", "hardshrink",
-              "logit", "log_sigmoid", "log_sigmoid_forward", "nan_to_num", "clamp", "clip",
-              "masked_fill", "lerp", "addcmul", "addcdiv", "where", "fill"):
+for _name in (
+    "hardswish",
+    "hardsigmoid",
+    "mish",
+    "softplus",
+    "elu",
+    "selu",
+    "celu",
+    "gelu",
+    "silu",
+    "leaky_relu",
+    "rrelu",
+    "glu_jvp",
+    "threshold",
+    "softshrink",
+    "hardshrink",
+    "logit",
+    "log_sigmoid",
+    "log_sigmoid_forward",
+    "nan_to_num",
+    "clamp",
+    "clip",
+    "masked_fill",
+    "lerp",
+    "addcmul",
+    "addcdiv",
+    "where",
+    "fill",
+):
     register_op_rule(_name, pointwise)
 
 
@@ -257,8 +284,10 @@ def _matmul_dims(ctx: RuleContext, a: Dims, b: Dims) -> Dims:
     if batch_shape is None:
         nb = max(len(a), len(b)) - 2
         batch_shape = tuple(
-            max(ctx.table.term_size(d[len(d) - 2 - nb + k]) if len(d) - 2 - nb + k >= 0 else 1
-                for d in (a, b))
+            max(
+                ctx.table.term_size(d[len(d) - 2 - nb + k]) if len(d) - 2 - nb + k >= 0 else 1
+                for d in (a, b)
+            )
             for k in range(nb)
         )
     batch = ctx.broadcast([a[:-2], b[:-2]], batch_shape) if batch_shape else []
@@ -307,8 +336,9 @@ def _einsum(ctx: RuleContext) -> Dims:
 # ---------------------------------------------------------------------------------------
 
 
-def _conv_core(ctx: RuleContext, x: Dims, w: Dims, b: Dims | None, groups: int,
-               transposed: bool) -> Dims:
+def _conv_core(
+    ctx: RuleContext, x: Dims, w: Dims, b: Dims | None, groups: int, transposed: bool
+) -> Dims:
     """Channels: in = G x Cin_g, out = G x Cout_g; one permutation of the G groups, one of the
     within-group input channels and one of the within-group output channels."""
     if transposed:  # weight is (Cin, Cout/G, k...)
@@ -349,22 +379,30 @@ def _conv_core(ctx: RuleContext, x: Dims, w: Dims, b: Dims | None, groups: int,
 @_rule("conv1d", "conv2d", "conv3d")
 def _conv(ctx: RuleContext) -> Dims:
     groups = ctx.arg(6, "groups", 1)
-    return _conv_core(ctx, ctx.dims(ctx.arg(0)), ctx.dims(ctx.arg(1)),
-                      ctx.dims(ctx.arg(2, "bias")), groups, False)
+    return _conv_core(
+        ctx, ctx.dims(ctx.arg(0)), ctx.dims(ctx.arg(1)), ctx.dims(ctx.arg(2, "bias")), groups, False
+    )
 
 
 @_rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def _conv_t(ctx: RuleContext) -> Dims:
     groups = ctx.arg(6, "groups", 1)
-    return _conv_core(ctx, ctx.dims(ctx.arg(0)), ctx.dims(ctx.arg(1)),
-                      ctx.dims(ctx.arg(2, "bias")), groups, True)
+    return _conv_core(
+        ctx, ctx.dims(ctx.arg(0)), ctx.dims(ctx.arg(1)), ctx.dims(ctx.arg(2, "bias")), groups, True
+    )
 
 
 @_rule("convolution", "_convolution")
 def _convolution(ctx: RuleContext) -> Dims:
     transposed, groups = bool(ctx.arg(6, "transposed", False)), ctx.arg(8, "groups", 1)
-    return _conv_core(ctx, ctx.dims(ctx.arg(0)), ctx.dims(ctx.arg(1)),
-                      ctx.dims(ctx.arg(2, "bias")), groups, transposed)
+    return _conv_core(
+        ctx,
+        ctx.dims(ctx.arg(0)),
+        ctx.dims(ctx.arg(1)),
+        ctx.dims(ctx.arg(2, "bias")),
+        groups,
+        transposed,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,17 +417,27 @@ def _per_channel(ctx: RuleContext, channel: Term, tensors: list[Any]) -> None:
             ctx.unify(channel, d[0])
 
 
-@_rule("batch_norm", "instance_norm", "_native_batch_norm_legit",
-       "_native_batch_norm_legit_functional", "native_batch_norm", "cudnn_batch_norm",
-       "_batch_norm_impl_index", "_batch_norm_no_update", "_batch_norm_with_update")
+@_rule(
+    "batch_norm",
+    "instance_norm",
+    "_native_batch_norm_legit",
+    "_native_batch_norm_legit_functional",
+    "native_batch_norm",
+    "cudnn_batch_norm",
+    "_batch_norm_impl_index",
+    "_batch_norm_no_update",
+    "_batch_norm_with_update",
+)
 def _batch_norm(ctx: RuleContext) -> Any:
     x = ctx.dims(ctx.arg(0))
     _per_channel(ctx, x[1], ctx.args[1:5])
     shapes = _out_shapes(ctx.node)
     if len(shapes) == 1:
         return x
-    rest = [[x[1]] if sh == (shapes[0][1],) else ctx.frozen_dims(sh, "normalization statistics")
-            for sh in shapes[1:]]
+    rest = [
+        [x[1]] if sh == (shapes[0][1],) else ctx.frozen_dims(sh, "normalization statistics")
+        for sh in shapes[1:]
+    ]
     return tuple([x] + rest)
 
 
@@ -405,9 +453,15 @@ def _layer_norm(ctx: RuleContext) -> Any:
     shapes = _out_shapes(ctx.node)
     if len(shapes) == 1:
         return x
-    return tuple([x] + [x[: len(sh) - k] + [ctx.fresh(1) for _ in range(k)]
-                        if len(sh) == len(x) else ctx.frozen_dims(sh, "normalization statistics")
-                        for sh in shapes[1:]])
+    return tuple(
+        [x]
+        + [
+            x[: len(sh) - k] + [ctx.fresh(1) for _ in range(k)]
+            if len(sh) == len(x)
+            else ctx.frozen_dims(sh, "normalization statistics")
+            for sh in shapes[1:]
+        ]
+    )
 
 
 @_rule("group_norm", "native_group_norm")
@@ -445,12 +499,13 @@ def _pool(ctx: RuleContext) -> Any:
     shapes = _out_shapes(ctx.node)
     nspatial = len(shapes[0]) - (len(x) - len(shapes[0]) + 2)
     lead = x[: len(shapes[0]) - nspatial]
-    for t in x[len(lead):]:
+    for t in x[len(lead) :]:
         ctx.freeze(t, "spatial axis of a pooling")
-    outs = [lead + [ctx.fresh(s, "spatial axis of a pooling") for s in sh[len(lead):]]
-            for sh in shapes]
+    outs = [
+        lead + [ctx.fresh(s, "spatial axis of a pooling") for s in sh[len(lead) :]] for sh in shapes
+    ]
     if len(outs) > 1:
-        for t in x[len(lead):]:
+        for t in x[len(lead) :]:
             ctx.freeze(t, "pooling indices")
         outs[1:] = [ctx.frozen_dims(sh, "pooling indices") for sh in shapes[1:]]
         return tuple(outs)
@@ -462,7 +517,9 @@ def _reduce_dims(ctx: RuleContext, dims_arg: Any, keepdim: bool) -> Dims:
     if dims_arg is None or dims_arg == []:
         red = set(range(len(x)))
     else:
-        red = {_norm_dim(d, len(x)) for d in ([dims_arg] if isinstance(dims_arg, int) else dims_arg)}
+        red = {
+            _norm_dim(d, len(x)) for d in ([dims_arg] if isinstance(dims_arg, int) else dims_arg)
+        }
     out: Dims = []
     for k, t in enumerate(x):
         if k in red:
@@ -535,10 +592,14 @@ def reshape_dims(ctx: RuleContext, x: Dims, out_shape: tuple[int, ...]) -> Dims:
         src = x[i0:i]
         if j - j0 == 1:
             out.append(prod(*src))
-        elif i - i0 == 1 and all(ctx.table.term_size(t) == s
-                                 for t, s in zip(_split_hint(ctx, src[0]), out_shape[j0:j],
-                                                 strict=False)) and \
-                len(_split_hint(ctx, src[0])) == j - j0:
+        elif (
+            i - i0 == 1
+            and all(
+                ctx.table.term_size(t) == s
+                for t, s in zip(_split_hint(ctx, src[0]), out_shape[j0:j], strict=False)
+            )
+            and len(_split_hint(ctx, src[0])) == j - j0
+        ):
             out.extend(_split_hint(ctx, src[0]))
         else:
             new = [ctx.fresh(s) for s in out_shape[j0:j]]
@@ -551,8 +612,7 @@ def _split_hint(ctx: RuleContext, t: Term) -> list[Term]:
     return list(t[1]) if t[0] == "p" else [t]
 
 
-@_rule("view", "reshape", "_unsafe_view", "view_copy", "_reshape_alias", "reshape_as",
-       "view_as")
+@_rule("view", "reshape", "_unsafe_view", "view_copy", "_reshape_alias", "reshape_as", "view_as")
 def _view(ctx: RuleContext) -> Dims:
     return reshape_dims(ctx, ctx.dims(ctx.arg(0)), ctx.out_shape)
 
@@ -562,9 +622,11 @@ def _flatten(ctx: RuleContext) -> Dims:
     x = ctx.dims(ctx.arg(0))
     if not x:
         return [ctx.fresh(1)]
-    s, e = _norm_dim(ctx.arg(1, "start_dim", 0), len(x)), _norm_dim(ctx.arg(2, "end_dim", -1),
-                                                                     len(x))
-    return x[:s] + [prod(*x[s: e + 1])] + x[e + 1:]
+    s, e = (
+        _norm_dim(ctx.arg(1, "start_dim", 0), len(x)),
+        _norm_dim(ctx.arg(2, "end_dim", -1), len(x)),
+    )
+    return x[:s] + [prod(*x[s : e + 1])] + x[e + 1 :]
 
 
 @_rule("unflatten")
@@ -638,8 +700,9 @@ def _repeat(ctx: RuleContext) -> Dims:
 @_rule("cat", "concat", "concatenate")
 def _cat(ctx: RuleContext) -> Dims:
     parts = [ctx.dims(t) for t in ctx.arg(0)]
-    parts = [p for p in parts if p is not None and not (len(p) == 1 and
-                                                       ctx.table.term_size(p[0]) == 0)]
+    parts = [
+        p for p in parts if p is not None and not (len(p) == 1 and ctx.table.term_size(p[0]) == 0)
+    ]
     d = _norm_dim(ctx.arg(1, "dim", 0), len(parts[0]))
     out = list(parts[0])
     for p in parts[1:]:
@@ -696,7 +759,7 @@ def _select(ctx: RuleContext) -> Dims:
     size = ctx.table.term_size(x[d])
     i = _norm_dim(ctx.arg(2), size)
     ctx.slice_of(x[d], i, i + 1)
-    return x[:d] + x[d + 1:]
+    return x[:d] + x[d + 1 :]
 
 
 @_rule("split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split",
@@ -704,8 +767,9 @@ def _select(ctx: RuleContext) -> Dims:
 def _split(ctx: RuleContext) -> tuple[Dims, ...]:
     x = ctx.dims(ctx.arg(0))
     shapes = _out_shapes(ctx.node)
-    d = next((k for k in range(len(x)) if any(sh[k] != ctx.table.term_size(x[k])
-                                              for sh in shapes)), 0)
+    d = next(
+        (k for k in range(len(x)) if any(sh[k] != ctx.table.term_size(x[k]) for sh in shapes)), 0
+    )
     outs, pos = [], 0
     for sh in shapes:
         y = list(x)
@@ -722,7 +786,7 @@ def _unbind(ctx: RuleContext) -> tuple[Dims, ...]:
     n = ctx.table.term_size(x[d])
     for i in range(n):
         ctx.slice_of(x[d], i, i + 1)
-    return tuple(x[:d] + x[d + 1:] for _ in range(n))
+    return tuple(x[:d] + x[d + 1 :] for _ in range(n))
 
 
 @_rule("embedding")
@@ -755,8 +819,8 @@ def _index(ctx: RuleContext) -> Any:
     if used != list(range(used[0], used[-1] + 1)):
         return freeze_everything(ctx, "non-adjacent advanced indexing")
     shape = ctx.out_shape
-    tail = x[used[-1] + 1:]
-    mid = shape[used[0]: len(shape) - len(tail)]
+    tail = x[used[-1] + 1 :]
+    mid = shape[used[0] : len(shape) - len(tail)]
     return x[: used[0]] + ctx.frozen_dims(mid, "indexed by a tensor") + tail
 
 
@@ -771,8 +835,12 @@ def _pad(ctx: RuleContext) -> Dims:
     return x
 
 
-@_rule("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-       "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention")
+@_rule(
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention",
+)
 def _sdpa(ctx: RuleContext) -> Any:
     q, k, v = (ctx.dims(ctx.arg(i)) for i in range(3))
     batch = ctx.broadcast([q[:-2], k[:-2], v[:-2]], ctx.shape(ctx.arg(0))[:-2])
@@ -780,8 +848,10 @@ def _sdpa(ctx: RuleContext) -> Any:
     ctx.unify(k[-2], v[-2])
     mask = ctx.dims(ctx.arg(3, "attn_mask"))
     if mask:
-        ctx.broadcast([batch + [q[-2], k[-2]], mask], tuple(ctx.shape(ctx.arg(0))[:-1]) +
-                      (ctx.table.term_size(k[-2]),))
+        ctx.broadcast(
+            [batch + [q[-2], k[-2]], mask],
+            tuple(ctx.shape(ctx.arg(0))[:-1]) + (ctx.table.term_size(k[-2]),),
+        )
     out = batch + [q[-2], v[-1]]
     shapes = _out_shapes(ctx.node)
     if len(shapes) == 1:
@@ -835,4 +905,3 @@ def lookup(node: fx.Node) -> tuple[str, Rule | None]:
 
 def _ignore(ctx: RuleContext) -> None:
     return None
-

@@ -11,6 +11,7 @@ every group at random must leave the model's function unchanged.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from symmerge._axes import AtomTable, Term, atom
 
 __all__ = [
     "ActivationSite", "Factor", "FrozenAxis", "Group", "Member", "Segment", "SymmetrySpec",
-    "TraceError", "register_op_rule", "trace",
+    "TraceError", "VerifyResult", "register_op_rule", "trace",
 ]  # fmt: skip
 
 register_op_rule = _rules.register_op_rule
@@ -77,12 +78,17 @@ class Member:
 
 @dataclass(frozen=True)
 class ActivationSite:
-    """A graph value whose axis ``dim`` holds exactly one group's units (for statistics)."""
+    """A graph value whose axis ``dim`` holds exactly one group's units (for statistics).
+
+    ``module_output`` is True when the value is what ``module`` returns, so a forward hook on
+    that module observes it in the eager model.
+    """
 
     node: str
     module: str
     dim: int
     op: str
+    module_output: bool = False
 
 
 @dataclass
@@ -110,8 +116,9 @@ class Group:
     def is_valid_permutation(self, perm: torch.Tensor) -> bool:
         """True when ``perm`` is a permutation of range(size) that respects the blocks."""
         perm = torch.as_tensor(perm)
-        if perm.shape != (self.size,) or not torch.equal(perm.sort().values,
-                                                          torch.arange(self.size)):
+        if perm.shape != (self.size,) or not torch.equal(
+            perm.sort().values, torch.arange(self.size)
+        ):
             return False
         if not self.blocks:
             return True
@@ -128,6 +135,15 @@ class FrozenAxis:
     axis: int
     size: int
     reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of the invariance check of a spec."""
+
+    max_abs_diff: float
+    output_scale: float
+    ok: bool
 
 
 @dataclass
@@ -172,9 +188,11 @@ class SymmetrySpec:
             raise KeyError(f"unknown groups {sorted(unknown)}; the spec has {len(self.groups)}")
         for name, p in perms.items():
             if not self.groups[name].is_valid_permutation(torch.as_tensor(p)):
-                raise ValueError(f"perms['{name}'] is not a valid permutation of the group "
-                                 f"(size {self.groups[name].size}, blocks "
-                                 f"{self.groups[name].blocks})")
+                raise ValueError(
+                    f"perms['{name}'] is not a valid permutation of the group "
+                    f"(size {self.groups[name].size}, blocks "
+                    f"{self.groups[name].blocks})"
+                )
         out = dict(state_dict)
         for m in self.members():
             if not any(f.group in perms for s in m.segments for f in s.factors):
@@ -209,12 +227,27 @@ class SymmetrySpec:
     ) -> float:
         """Max |output difference| between ``model`` and a randomly permuted copy.
 
-        Runs in float64 by default, so a correct spec gives round-off (about 1e-12) and a wrong
-        one gives differences of the order of the outputs. ``jitter`` first adds small noise to
-        every parameter and to BatchNorm statistics of a copy: the symmetry is a property of the
-        architecture, and zero-initialised layers (heads, last norms of residual blocks) would
-        otherwise hide a wrong spec.
+        Runs in float64 by default, so a correct spec gives round-off (about 1e-12 relative to
+        the outputs) and a wrong one gives differences of the order of the outputs. ``jitter``
+        first adds small noise to every parameter and to BatchNorm statistics of a copy: the
+        symmetry is a property of the architecture, and zero-initialised layers (heads, last
+        norms of residual blocks) would otherwise hide a wrong spec.
         """
+        return self.check(
+            model, *example_inputs, seed=seed, dtype=dtype, jitter=jitter
+        ).max_abs_diff
+
+    def check(
+        self,
+        model: nn.Module,
+        *example_inputs: Any,
+        seed: int = 0,
+        dtype: torch.dtype | None = torch.float64,
+        jitter: bool = True,
+        tol: float = 1e-6,
+    ) -> VerifyResult:
+        """:meth:`verify` with the output scale and a verdict: ok when
+        max |diff| <= tol * max(1, max |output|)."""
         ref = copy.deepcopy(model).eval()
         if jitter:
             _jitter_(ref, seed)
@@ -229,8 +262,9 @@ class SymmetrySpec:
             a, b = _flat_tensors(ref(*example_inputs)), _flat_tensors(perm(*example_inputs))
         if len(a) != len(b) or not a:
             raise RuntimeError("the model's outputs contain no tensors to compare")
-        return max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b,
-                                                                                 strict=True))
+        diff = max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b, strict=True))
+        scale = max(float(x.double().abs().max()) for x in a)
+        return VerifyResult(diff, scale, diff <= tol * max(1.0, scale))
 
     # ---- reporting ----------------------------------------------------------------------
     @property
@@ -239,19 +273,26 @@ class SymmetrySpec:
 
     def free_fraction(self) -> float:
         """Share of hidden units (those not on a model input or output axis) left free."""
-        hidden = {(f.tensor, f.axis): f.size for f in self.frozen
-                  if not all(r.startswith(_NOT_UNITS) for r in f.reasons)}
+        hidden = {
+            (f.tensor, f.axis): f.size
+            for f in self.frozen
+            if not all(r.startswith(_NOT_UNITS) for r in f.reasons)
+        }
         frozen_units = sum(hidden.values())
         free = self.num_free_units
         return free / (free + frozen_units) if free + frozen_units else 1.0
 
     def show(self, members: bool = True) -> str:
-        lines = [f"{len(self.groups)} groups, {self.num_free_units} free units, "
-                 f"{self.free_fraction():.1%} of hidden units free"]
+        lines = [
+            f"{len(self.groups)} groups, {self.num_free_units} free units, "
+            f"{self.free_fraction():.1%} of hidden units free"
+        ]
         for g in self.groups.values():
             extra = f", {g.blocks} blocks x {g.size // g.blocks}" if g.blocks else ""
-            lines.append(f"group {g.name}: size {g.size}{extra}, {len(g.members)} members, "
-                         f"{len(g.sites)} activation sites")
+            lines.append(
+                f"group {g.name}: size {g.size}{extra}, {len(g.members)} members, "
+                f"{len(g.sites)} activation sites"
+            )
             if members:
                 for m in g.members:
                     lines.append(f"    {m.tensor}[axis {m.axis}]{_layout_str(m, g.name)}")
@@ -267,8 +308,10 @@ def _layout_str(m: Member, group: str) -> str:
         return ""
     segs = []
     for s in m.segments:
-        fs = " x ".join(f"<{f.group}>" if f.group == group else
-                        (f"{f.group}" if f.group else str(f.size)) for f in s.factors)
+        fs = " x ".join(
+            f"<{f.group}>" if f.group == group else (f"{f.group}" if f.group else str(f.size))
+            for f in s.factors
+        )
         segs.append(f"[{s.offset}:{s.offset + s.size}] {fs or '1'}")
     return "  layout: " + " | ".join(segs)
 
@@ -285,8 +328,9 @@ def _jitter_(model: nn.Module, seed: int) -> None:
             if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
                 n = m.running_mean.numel()
                 m.running_mean.add_(0.1 * torch.randn(n, generator=gen).to(m.running_mean))
-                m.running_var.mul_(torch.empty(n).uniform_(0.5, 1.5, generator=gen).to(
-                    m.running_var))
+                m.running_var.mul_(
+                    torch.empty(n).uniform_(0.5, 1.5, generator=gen).to(m.running_var)
+                )
 
 
 def _flat_tensors(out: Any) -> list[torch.Tensor]:
@@ -334,8 +378,10 @@ def trace(
         A :class:`SymmetrySpec`. Check it with ``spec.verify(model, *example_inputs)``.
     """
     if unknown_ops not in ("error", "freeze"):
-        raise ValueError(f"The 'unknown_ops' parameter of trace must be 'error' or 'freeze'. "
-                         f"Got {unknown_ops!r} instead.")
+        raise ValueError(
+            f"The 'unknown_ops' parameter of trace must be 'error' or 'freeze'. "
+            f"Got {unknown_ops!r} instead."
+        )
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     was_training = model.training
     model.eval()
@@ -357,7 +403,10 @@ def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
+    return _clean_path(list(stack.values())[-1][0])
+
+
+def _clean_path(path: str) -> str:
     return path.replace("L['self'].", "").replace("L__self___", "")
 
 
@@ -378,6 +427,8 @@ def _spec_from_export(ep: Any, model: nn.Module, unknown_ops: str) -> SymmetrySp
                 continue
             shape = tuple(int(s) for s in val.shape)
             if node.name in tensor_names:
+                if not node.users:  # unused (e.g. the second name of a tied weight)
+                    continue
                 name = tensor_names[node.name]
                 dims = [atom(table.new(s)) for s in shape]
                 member_terms[name], shapes[name] = dims, shape
@@ -387,17 +438,25 @@ def _spec_from_export(ep: Any, model: nn.Module, unknown_ops: str) -> SymmetrySp
                 dims = [atom(table.new(s, frozen=f"{reason} '{node.name}'")) for s in shape]
             values[node] = dims
         elif node.op == "call_function":
-            where = f"node '{node.name}'" + (f" in module '{m}'" if (m := _module_path(node))
-                                             else "")
+            where = f"node '{node.name}'" + (
+                f" in module '{m}'" if (m := _module_path(node)) else ""
+            )
             _run_rule(node, table, values, where, order, unknown_ops)
             result = values.get(node)
             if isinstance(result, list) and isinstance(val, torch.Tensor):
                 for k, t in enumerate(result):
                     segs = table.normalize(t)
                     if segs and len(segs) == 1 and len(segs[0]) == 1:
-                        sites.append((segs[0][0], ActivationSite(
-                            node.name, _module_path(node), k, _rules._op_name(node.target))))
+                        sites.append(
+                            (
+                                segs[0][0],
+                                ActivationSite(
+                                    node.name, _module_path(node), k, _rules._op_name(node.target)
+                                ),
+                            )
+                        )
         elif node.op == "output":
+
             def freeze_out(n: Any) -> Any:
                 d = values.get(n) if isinstance(n, fx.Node) else None
                 if isinstance(d, list):
@@ -408,13 +467,25 @@ def _spec_from_export(ep: Any, model: nn.Module, unknown_ops: str) -> SymmetrySp
 
             fx.node.map_aggregate(node.args, freeze_out)
         elif node.op == "get_attr":
-            raise TraceError(f"unexpected get_attr node '{node.name}' (submodule or "
-                             "higher-order op); this model needs a custom rule")
-    return _build_spec(table, member_terms, shapes, sites, model)
+            raise TraceError(
+                f"unexpected get_attr node '{node.name}' (submodule or "
+                "higher-order op); this model needs a custom rule"
+            )
+    module_last: dict[str, str] = {}  # module path -> name of the last node it computes
+    for node in ep.graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            module_last[_clean_path(path)] = node.name
+    return _build_spec(table, member_terms, shapes, sites, model, module_last)
 
 
-def _run_rule(node: fx.Node, table: AtomTable, values: dict[Any, Any], where: str,
-              order: int, unknown_ops: str) -> None:
+def _run_rule(
+    node: fx.Node,
+    table: AtomTable,
+    values: dict[Any, Any],
+    where: str,
+    order: int,
+    unknown_ops: str,
+) -> None:
     name, rule = _rules.lookup(node)
     if name == "getitem":
         src, idx = node.args
@@ -440,8 +511,9 @@ def _run_rule(node: fx.Node, table: AtomTable, values: dict[Any, Any], where: st
     except TraceError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with the node
-        raise TraceError(f"symmetry rule for op '{name}' failed at {where}: "
-                         f"{type(e).__name__}: {e}") from e
+        raise TraceError(
+            f"symmetry rule for op '{name}' failed at {where}: {type(e).__name__}: {e}"
+        ) from e
     if result is None:
         return
     _check_result(table, node, name, where, result, val)
@@ -452,11 +524,13 @@ def _has_tensor(val: Any) -> bool:
     return torch.is_tensor(val) or (isinstance(val, (list, tuple)) and any(map(_has_tensor, val)))
 
 
-def _check_result(table: AtomTable, node: fx.Node, name: str, where: str, result: Any,
-                  val: Any) -> None:
+def _check_result(
+    table: AtomTable, node: fx.Node, name: str, where: str, result: Any, val: Any
+) -> None:
     """Guard against a rule that returns layouts not matching the real output shapes."""
     pairs = (
-        [(result, val)] if isinstance(result, list)
+        [(result, val)]
+        if isinstance(result, list)
         else [(r, v) for r, v in zip(result, val, strict=False) if torch.is_tensor(v)]
     )
     for dims, v in pairs:
@@ -465,13 +539,20 @@ def _check_result(table: AtomTable, node: fx.Node, name: str, where: str, result
         shape = tuple(int(s) for s in v.shape)
         got = tuple(table.term_size(t) for t in dims)
         if got != shape:
-            raise TraceError(f"internal error: rule for op '{name}' at {where} gave a layout of "
-                             f"shape {got} for an output of shape {shape}")
+            raise TraceError(
+                f"internal error: rule for op '{name}' at {where} gave a layout of "
+                f"shape {got} for an output of shape {shape}"
+            )
 
 
-def _build_spec(table: AtomTable, member_terms: dict[str, list[Term]],
-                shapes: dict[str, tuple[int, ...]], sites: list[tuple[int, ActivationSite]],
-                model: nn.Module) -> SymmetrySpec:
+def _build_spec(
+    table: AtomTable,
+    member_terms: dict[str, list[Term]],
+    shapes: dict[str, tuple[int, ...]],
+    sites: list[tuple[int, ActivationSite]],
+    model: nn.Module,
+    module_last: dict[str, str],
+) -> SymmetrySpec:
     layouts: dict[tuple[str, int], list[list[int]]] = {}
     for name, dims in member_terms.items():
         for axis, t in enumerate(dims):
@@ -503,9 +584,14 @@ def _build_spec(table: AtomTable, member_terms: dict[str, list[Term]],
                     used.add(hint)
                     names[r] = hint
                     roots_in_order.append(r)
-    groups = {names[r]: Group(names[r], table.size[r],
-                              blocks=next(iter(table.blocks[r])) if table.blocks.get(r) else None)
-              for r in roots_in_order}
+    groups = {
+        names[r]: Group(
+            names[r],
+            table.size[r],
+            blocks=next(iter(table.blocks[r])) if table.blocks.get(r) else None,
+        )
+        for r in roots_in_order
+    }
     frozen: list[FrozenAxis] = []
     for (tensor, axis), segs in layouts.items():
         factors_by_seg, offset, touched = [], 0, set()
@@ -533,7 +619,8 @@ def _build_spec(table: AtomTable, member_terms: dict[str, list[Term]],
     for r, site in sites:
         r = table.find(r)
         if r in names:
-            groups[names[r]].sites.append(site)
+            is_out = bool(site.module) and module_last.get(site.module) == site.node
+            groups[names[r]].sites.append(dataclasses.replace(site, module_output=is_out))
     return SymmetrySpec(groups, frozen, shapes, _aliases(model))
 
 
@@ -541,8 +628,10 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
     """Other state-dict names of tied tensors, so permuting one permutes all of them."""
     by_id: dict[int, list[str]] = {}
     named = list(model.named_parameters(remove_duplicate=False)) + list(
-        model.named_buffers(remove_duplicate=False))
+        model.named_buffers(remove_duplicate=False)
+    )
     for name, t in named:
         by_id.setdefault(id(t), []).append(name)
-    return {n: [o for o in names if o != n] for names in by_id.values() if len(names) > 1
-            for n in names}
+    return {
+        n: [o for o in names if o != n] for names in by_id.values() if len(names) > 1 for n in names
+    }
