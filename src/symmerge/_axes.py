@@ -43,6 +43,7 @@ class AtomTable:
     blocks: dict[int, set[int]] = field(default_factory=dict)
     children: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
     hint: dict[int, tuple[int, str]] = field(default_factory=dict)
+    consumed: set[int] = field(default_factory=set)  # atoms contracted by a matmul
 
     def new(
         self, size: int, frozen: str | None = None, hint: str | None = None, order: int = 1 << 30

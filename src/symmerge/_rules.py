@@ -113,6 +113,12 @@ class RuleContext:
         fx.node.map_aggregate((tuple(self.args), tuple(self.kwargs.values())), visit)
         return out
 
+    def consume(self, *terms: Term) -> None:
+        """Mark axes that a matmul contracts: on a weight, these are its *input* axes."""
+        for t in terms:
+            if t[0] == "a":
+                self.table.consumed.add(t[1])
+
     def param_name(self, x: Any) -> str | None:
         return self.values.get(("param", x)) if isinstance(x, fx.Node) else None
 
@@ -262,6 +268,7 @@ def _hint_out(ctx: RuleContext, weight: Any, term: Term) -> None:
 def _linear(ctx: RuleContext) -> Dims:
     x, w, b = ctx.dims(ctx.arg(0)), ctx.dims(ctx.arg(1)), ctx.dims(ctx.arg(2, "bias"))
     ctx.unify(x[-1], w[1])
+    ctx.consume(w[1])
     if b:
         ctx.unify(b[0], w[0])
     _hint_out(ctx, ctx.arg(1), w[0])
@@ -280,6 +287,7 @@ def _matmul_dims(ctx: RuleContext, a: Dims, b: Dims) -> Dims:
     if b1:
         b = b + [ctx.fresh(1)]
     ctx.unify(a[-1], b[-2])
+    ctx.consume(a[-1], b[-2])
     batch_shape = ctx.out_shape[: max(len(a), len(b)) - 2] if not (a1 or b1) else None
     if batch_shape is None:
         nb = max(len(a), len(b)) - 2
@@ -328,6 +336,8 @@ def _einsum(ctx: RuleContext) -> Dims:
                 ctx.unify(letters[ch], t)
             else:
                 letters[ch] = t
+    for spec, dims in zip(lhs.split(","), operands, strict=True):
+        ctx.consume(*(t for ch, t in zip(spec, dims, strict=True) if ch not in rhs))
     return [letters[ch] for ch in rhs]
 
 
@@ -346,21 +356,25 @@ def _conv_core(
         c_out = ctx.table.term_size(w_out_g) * groups
         if groups == 1:
             ctx.unify(x[1], w_in)
+            ctx.consume(w_in)
             out_c = w_out_g
         else:
             g, ci = ctx.fresh(groups), ctx.fresh(ctx.table.term_size(w_in) // groups)
             ctx.unify(x[1], prod(g, ci))
             ctx.unify(w_in, prod(g, ci))
+            ctx.consume(w_in)
             out_c = prod(g, w_out_g)
     else:  # weight is (Cout, Cin/G, k...)
         c_out = ctx.table.term_size(w[0])
         if groups == 1:
             ctx.unify(x[1], w[1])
+            ctx.consume(w[1])
             out_c = w[0]
         else:
             g = ctx.fresh(groups)
             co = ctx.fresh(c_out // groups)
             ctx.unify(x[1], prod(g, w[1]))
+            ctx.consume(w[1])
             ctx.unify(w[0], prod(g, co))
             out_c = w[0]
     if b:

@@ -64,12 +64,15 @@ class Member:
 
     Most members are plain (one segment, one factor). A Linear after a flatten of (C, H, W)
     features has one segment with factors (C-group, H, W); an axis built by ``cat`` has one
-    segment per concatenated part.
+    segment per concatenated part. ``role`` is ``"in"`` for an axis a matmul or convolution
+    contracts (a weight's input axis: merge maps act on it by *unmerging*) and ``"out"`` for
+    every other axis (outputs, biases, norm parameters, embeddings).
     """
 
     tensor: str
     axis: int
     segments: tuple[Segment, ...]
+    role: str = "out"
 
     @property
     def is_plain(self) -> bool:
@@ -611,7 +614,9 @@ def _build_spec(
                         reasons += [x for x in table.frozen.get(r, []) if x not in reasons]
             factors_by_seg.append(Segment(offset, tuple(factors)))
             offset += math.prod(table.size[table.find(a)] for a in seg)
-        member = Member(tensor, axis, tuple(factors_by_seg))
+        term = member_terms[tensor][axis]
+        role = "in" if term[0] == "a" and term[1] in table.consumed else "out"
+        member = Member(tensor, axis, tuple(factors_by_seg), role)
         for gname in touched:
             groups[gname].members.append(member)
         if reasons:
