@@ -136,20 +136,30 @@ class AtomTable:
         sizes = [self.term_size(t) for t in term[1]]
         return math.prod(sizes) if term[0] == "p" else sum(sizes)
 
-    def normalize(self, term: Term) -> list[list[int]] | None:
+    def normalize(self, term: Term, opaque: bool = False) -> list[list[int]] | None:
         """Layout as a concatenation of row-major products of leaf atoms.
 
         Size-1 atoms are dropped from products (an empty product is a segment of size 1).
         Returns None when the layout is not of that form (a concatenation nested at a minor
-        position of a product), which callers treat as 'cannot align'.
+        position of a product), which callers treat as 'cannot align'. With ``opaque`` (for
+        the final spec, once nothing changes any more), such a minor concatenation made only
+        of frozen atoms becomes one frozen atom: the head dims of a RoPE query, split in
+        halves by rotate_half and frozen, still let the heads permute.
         """
         if term[0] == "a":
             r = self.find(term[1])
             if r in self.children:
                 kind, kids = self.children[r]
-                return self.normalize(("p" if kind == "p" else "s", tuple(atom(c) for c in kids)))
+                return self.normalize(
+                    ("p" if kind == "p" else "s", tuple(atom(c) for c in kids)), opaque
+                )
             return [[r]] if self.size[r] != 1 else [[]]
-        parts = [self.normalize(t) for t in term[1]]
+        parts = [self.normalize(t, opaque) for t in term[1]]
+        if opaque and term[0] == "p":
+            parts = [
+                self._opaque(p) if p is not None and len(p) > 1 and k > 0 else p
+                for k, p in enumerate(parts)
+            ]
         if any(p is None for p in parts):
             return None
         if term[0] == "s":
@@ -165,6 +175,13 @@ class AtomTable:
             else:
                 return None
         return result
+
+    def _opaque(self, segs: list[list[int]]) -> list[list[int]] | None:
+        if any(self.size[a] > 1 and not self.frozen.get(a) for seg in segs for a in seg):
+            return None
+        reasons = sorted({r for seg in segs for a in seg for r in self.frozen.get(a, [])})
+        blob = self.new(sum(self._seg_size(s) for s in segs), frozen="; ".join(reasons))
+        return [[blob]]
 
     def _seg_size(self, seg: list[int]) -> int:
         return math.prod(self.size[a] for a in seg)

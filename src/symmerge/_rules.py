@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ _IGNORED = {
 # way we model: freeze every axis they touch. Freezing is always safe (it only removes
 # symmetries); the reason is reported.
 _FREEZE_ALL = {
-    "sort", "argsort", "topk", "argmax", "argmin", "cumsum", "cumprod", "flip", "roll",
+    "sort", "argsort", "topk", "diff", "argmax", "argmin", "cumsum", "cumprod", "flip", "roll",
     "nonzero", "unique", "searchsorted", "bucketize", "item", "_local_scalar_dense",
     "index_put", "scatter", "scatter_add", "scatter_reduce", "index_add", "masked_scatter",
     "gather", "take_along_dim", "repeat_interleave", "tril", "triu", "diagonal", "diag",
@@ -69,6 +70,70 @@ def _op_name(target: Any) -> str:
     return getattr(target, "__name__", str(target))
 
 
+@dataclass
+class _FamilyRecord:
+    """A pending reshape split: ``src`` = base[0] x base[1] x ... (row-major), not yet unified.
+
+    Indexing the major axis (select/unbind) *decouples*: the source becomes the concatenation
+    of per-index copies of the minor atoms. Any other use *collapses*: the source becomes the
+    plain product. Both may happen; each at most once.
+    """
+
+    src: Term
+    base: list[Term]
+    subs: list[dict[int, int]]
+    collapsed: bool = False
+    decoupled: bool = False
+
+
+class Family(list):
+    """Layout of a tensor whose leading split axis is a family of independent slices.
+
+    ``qkv.reshape(B, N, 3, H, D)`` splits one projection axis into (3, H, D). If the result is
+    only ever indexed along the 3-axis (``q, k, v = qkv.unbind(...)``), q, k and v may carry
+    different head-dim permutations; a plain product layout would force one for all three.
+    Family-aware rules (permute, transpose, squeeze, select, unbind, identity ops) carry the
+    pending split along; any other rule sees the collapsed (product) layout.
+    """
+
+    axis: int
+    rec: _FamilyRecord
+
+
+def _substitute(term: Term, sub: dict[int, int]) -> Term:
+    if term[0] == "a":
+        return atom(sub.get(term[1], term[1]))
+    return (term[0], tuple(_substitute(t, sub) for t in term[1]))
+
+
+def _family(dims: Dims, axis: int, rec: _FamilyRecord) -> Family:
+    fam = Family(dims)
+    fam.axis, fam.rec = axis, rec
+    return fam
+
+
+def collapse(table: AtomTable, rec: _FamilyRecord) -> None:
+    if not rec.collapsed:
+        rec.collapsed = True
+        table.unify(rec.src, prod(*rec.base), "reshape")
+
+
+def _decouple(ctx: RuleContext, fam: Family) -> list[dict[int, int]]:
+    rec = fam.rec
+    if not rec.decoupled:
+        rec.decoupled = True
+        ctx.unify(rec.src, concat(*[prod(*(atom(c) for c in sub.values())) for sub in rec.subs]))
+    return rec.subs
+
+
+def _rearranged(value: Dims, order: list[int | None], fresh: Any) -> Dims:
+    """Output axes picked from input axes (None: a new size-1 axis), keeping a Family."""
+    out = [value[k] if k is not None else fresh(1) for k in order]
+    if isinstance(value, Family) and value.axis in order:
+        return _family(out, order.index(value.axis), value.rec)
+    return out
+
+
 class RuleContext:
     """What a rule sees of one node: its arguments' layouts, shapes and the atom table."""
 
@@ -87,11 +152,24 @@ class RuleContext:
         return self.kwargs.get(name, default) if name else default
 
     def dims(self, x: Any) -> Dims | None:
-        """Layout of a tensor argument (None for non-tensors)."""
+        """Layout of a tensor argument (None for non-tensors); collapses a :class:`Family`."""
         if isinstance(x, fx.Node):
             v = self.values.get(x)
+            if isinstance(v, Family):
+                collapse(self.table, v.rec)
             return list(v) if isinstance(v, list) else None
         return None
+
+    def family(self, x: Any) -> Family | None:
+        v = self.values.get(x) if isinstance(x, fx.Node) else None
+        return v if isinstance(v, Family) else None
+
+    def raw(self, x: Any) -> Dims:
+        """Layout of a tensor argument without collapsing a Family (for axis-moving rules)."""
+        v = self.values.get(x)
+        if not isinstance(v, list):
+            raise NotImplementedError("argument is not a tensor")
+        return v
 
     def shape(self, x: Any) -> tuple[int, ...]:
         val = x.meta.get("val") if isinstance(x, fx.Node) else None
@@ -197,9 +275,7 @@ def _out_shapes(node: fx.Node) -> list[tuple[int, ...]]:
        "type_as", "dropout", "feature_dropout", "alpha_dropout", "softmax", "_softmax",
        "log_softmax", "_log_softmax", "_safe_softmax", "copy", "native_dropout")  # fmt: skip
 def _identity(ctx: RuleContext) -> Any:
-    dims = ctx.dims(ctx.arg(0))
-    if dims is None:
-        raise NotImplementedError("first argument is not a tensor")
+    dims = ctx.raw(ctx.arg(0))
     n_out = len(_out_shapes(ctx.node))
     return dims if not isinstance(ctx.node.meta.get("val"), (list, tuple)) else (dims,) * n_out
 
@@ -209,35 +285,14 @@ def pointwise(ctx: RuleContext) -> Dims:
 
 
 # elementwise ops that PyTorch does not tag as pointwise
-for _name in (
-    "hardswish",
-    "hardsigmoid",
-    "mish",
-    "softplus",
-    "elu",
-    "selu",
-    "celu",
-    "gelu",
-    "silu",
-    "leaky_relu",
-    "rrelu",
-    "glu_jvp",
-    "threshold",
-    "softshrink",
-    "hardshrink",
-    "logit",
-    "log_sigmoid",
-    "log_sigmoid_forward",
-    "nan_to_num",
-    "clamp",
-    "clip",
-    "masked_fill",
-    "lerp",
-    "addcmul",
-    "addcdiv",
-    "where",
-    "fill",
-):
+_POINTWISE_UNTAGGED = """
+    hardswish hardsigmoid mish softplus elu selu celu gelu silu leaky_relu rrelu threshold
+    softshrink hardshrink logit log_sigmoid log_sigmoid_forward nan_to_num clamp clip
+    masked_fill lerp addcmul addcdiv where fill __and__ __or__ __xor__ __invert__ __lshift__
+    __rshift__ logical_and logical_or logical_xor logical_not bitwise_and bitwise_or bitwise_xor
+    bitwise_not eq ne lt le gt ge isnan isinf isfinite sign floor_divide remainder fmod
+""".split()
+for _name in _POINTWISE_UNTAGGED:
     register_op_rule(_name, pointwise)
 
 
@@ -584,6 +639,7 @@ def reshape_dims(ctx: RuleContext, x: Dims, out_shape: tuple[int, ...]) -> Dims:
     """Match runs of input and output axes with equal products; unify their layouts."""
     in_sizes = [ctx.table.term_size(t) for t in x]
     out: Dims = []
+    family: tuple[int, _FamilyRecord] | None = None
     i = j = 0
     while i < len(x) or j < len(out_shape):
         if j < len(out_shape) and out_shape[j] == 1 and (i >= len(x) or in_sizes[i] != 1):
@@ -615,11 +671,21 @@ def reshape_dims(ctx: RuleContext, x: Dims, out_shape: tuple[int, ...]) -> Dims:
             and len(_split_hint(ctx, src[0])) == j - j0
         ):
             out.extend(_split_hint(ctx, src[0]))
+        elif i - i0 == 1 and out_shape[j0] > 1 and family is None:
+            # one axis split into (n, ...): maybe a family of n slices (see Family)
+            base = [ctx.fresh(s) for s in out_shape[j0:j]]
+            subs = [
+                {b[1]: ctx.table.new(ctx.table.term_size(b)) for b in base[1:]}
+                for _ in range(out_shape[j0])
+            ]
+            family = (len(out), _FamilyRecord(src[0], base, subs))
+            ctx.values.setdefault("__families__", []).append(family[1])
+            out.extend(base)
         else:
             new = [ctx.fresh(s) for s in out_shape[j0:j]]
             ctx.unify(prod(*src), prod(*new))
             out.extend(new)
-    return out
+    return _family(out, *family) if family else out
 
 
 def _split_hint(ctx: RuleContext, t: Term) -> list[Term]:
@@ -650,28 +716,38 @@ def _unflatten(ctx: RuleContext) -> Dims:
 
 @_rule("squeeze")
 def _squeeze(ctx: RuleContext) -> Dims:
-    return reshape_dims(ctx, ctx.dims(ctx.arg(0)), ctx.out_shape)
+    x = ctx.raw(ctx.arg(0))
+    shape = ctx.shape(ctx.arg(0))
+    dims = ctx.arg(1, "dim")
+    if dims is None:
+        dims = [k for k, n in enumerate(shape) if n == 1]
+    dims = {_norm_dim(d, len(x)) for d in ([dims] if isinstance(dims, int) else dims)}
+    order = [k for k in range(len(x)) if not (k in dims and shape[k] == 1)]
+    return _rearranged(x, order, ctx.fresh)
 
 
 @_rule("unsqueeze")
 def _unsqueeze(ctx: RuleContext) -> Dims:
-    x = ctx.dims(ctx.arg(0))
+    x = ctx.raw(ctx.arg(0))
     d = _norm_dim(ctx.arg(1), len(x) + 1)
-    return x[:d] + [ctx.fresh(1)] + x[d:]
+    order: list[int | None] = list(range(len(x)))
+    order.insert(d, None)
+    return _rearranged(x, order, ctx.fresh)
 
 
 @_rule("permute")
 def _permute(ctx: RuleContext) -> Dims:
-    x = ctx.dims(ctx.arg(0))
-    return [x[_norm_dim(d, len(x))] for d in ctx.arg(1)]
+    x = ctx.raw(ctx.arg(0))
+    return _rearranged(x, [_norm_dim(d, len(x)) for d in ctx.arg(1)], ctx.fresh)
 
 
 @_rule("transpose", "swapaxes", "swapdims")
 def _transpose(ctx: RuleContext) -> Dims:
-    x = list(ctx.dims(ctx.arg(0)))
+    x = ctx.raw(ctx.arg(0))
+    order: list[int | None] = list(range(len(x)))
     a, b = _norm_dim(ctx.arg(1), len(x)), _norm_dim(ctx.arg(2), len(x))
-    x[a], x[b] = x[b], x[a]
-    return x
+    order[a], order[b] = order[b], order[a]
+    return _rearranged(x, order, ctx.fresh)
 
 
 @_rule("movedim")
@@ -694,9 +770,10 @@ def _expand(ctx: RuleContext) -> Dims:
     x = ctx.dims(ctx.arg(0))
     shape = ctx.out_shape
     lead = len(shape) - len(x)
-    out = [ctx.fresh(s, "axis created by expand") for s in shape[:lead]]
+    # copies along a new axis are all equal, so any permutation of that axis keeps them: free
+    out = [ctx.fresh(s) for s in shape[:lead]]
     for t, s in zip(x, shape[lead:], strict=True):
-        out.append(t if ctx.table.term_size(t) == s else ctx.fresh(s, "axis created by expand"))
+        out.append(t if ctx.table.term_size(t) == s else ctx.fresh(s))
     return out
 
 
@@ -705,9 +782,9 @@ def _repeat(ctx: RuleContext) -> Dims:
     x = ctx.dims(ctx.arg(0))
     reps = list(ctx.arg(1))
     lead = len(reps) - len(x)
-    out = [ctx.fresh(s, "axis created by repeat") for s in ctx.out_shape[:lead]]
+    out = [ctx.fresh(s) for s in ctx.out_shape[:lead]]
     for t, r in zip(x, reps[lead:], strict=True):
-        out.append(t if r == 1 else prod(ctx.fresh(r, "axis created by repeat"), t))
+        out.append(t if r == 1 else prod(ctx.fresh(r), t))
     return out
 
 
@@ -768,12 +845,14 @@ def _narrow(ctx: RuleContext) -> Dims:
 
 @_rule("select")
 def _select(ctx: RuleContext) -> Dims:
-    x = list(ctx.dims(ctx.arg(0)))
+    x = ctx.raw(ctx.arg(0))
     d = _norm_dim(ctx.arg(1), len(x))
-    size = ctx.table.term_size(x[d])
-    i = _norm_dim(ctx.arg(2), size)
+    i = _norm_dim(ctx.arg(2), ctx.table.term_size(x[d]))
+    if isinstance(x, Family) and x.axis == d:  # q = qkv[0]: q's own copies of the atoms
+        sub = _decouple(ctx, x)[i]
+        return [_substitute(t, sub) for k, t in enumerate(x) if k != d]
     ctx.slice_of(x[d], i, i + 1)
-    return x[:d] + x[d + 1 :]
+    return _rearranged(x, [k for k in range(len(x)) if k != d], ctx.fresh)
 
 
 @_rule("split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split",
@@ -795,8 +874,12 @@ def _split(ctx: RuleContext) -> tuple[Dims, ...]:
 
 @_rule("unbind")
 def _unbind(ctx: RuleContext) -> tuple[Dims, ...]:
+    fam = ctx.family(ctx.arg(0))
+    d = _norm_dim(ctx.arg(1, "dim", 0), len(fam or ctx.raw(ctx.arg(0))))
+    if fam is not None and fam.axis == d:
+        subs = _decouple(ctx, fam)
+        return tuple([_substitute(t, sub) for k, t in enumerate(fam) if k != d] for sub in subs)
     x = ctx.dims(ctx.arg(0))
-    d = _norm_dim(ctx.arg(1, "dim", 0), len(x))
     n = ctx.table.term_size(x[d])
     for i in range(n):
         ctx.slice_of(x[d], i, i + 1)

@@ -37,6 +37,8 @@ def resolve_model(
     torch.manual_seed(seed)
     if ref.startswith("timm:"):
         return _timm_model(ref[5:], input_shape, seed)
+    if ref.startswith("hf:"):
+        return _hf_model(ref[3:], seed)
     path = Path(ref)
     if path.exists():
         from symmerge.io import load_checkpoint
@@ -74,3 +76,66 @@ def _timm_model(name: str, input_shape: tuple[int, ...] | None, seed: int) -> Re
         raise ValueError(f"timm has no model '{name}': {e}") from e
     shape = input_shape or tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     return ResolvedModel(model.eval(), (example_input(tuple(shape), seed=seed),), f"timm {name}")
+
+
+#: Small sizes for random-init Hugging Face models (names as in most configs; a config's
+#: attribute_map translates them, e.g. n_embd for GPT-2).
+HF_SMALL = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "intermediate_size": 128, "vocab_size": 128, "max_position_embeddings": 64,
+    "num_key_value_heads": 2, "head_dim": 16, "use_cache": False,
+}  # fmt: skip
+
+
+def hf_small_config(model_type: str, **overrides: Any) -> Any:
+    """A small random-init config of a Hugging Face model type (few layers, small widths)."""
+    try:
+        from transformers import AutoConfig
+    except ImportError as e:
+        raise ValueError("hf:TYPE needs transformers: pip install 'symmerge[hf]'") from e
+    try:
+        config = AutoConfig.for_model(model_type)
+    except ValueError as e:
+        raise ValueError(f"transformers has no model type '{model_type}': {e}") from e
+    for key, value in {**HF_SMALL, **overrides}.items():
+        if key == "num_key_value_heads" and not hasattr(config, key):
+            continue
+        if key == "head_dim" and not hasattr(config, key):
+            continue
+        setattr(config, key, value)
+    return config
+
+
+def _hf_model(model_type: str, seed: int) -> ResolvedModel:
+    import transformers
+
+    config = hf_small_config(model_type)
+    torch.manual_seed(seed)
+    model = None
+    # a model with its head, so the residual stream is hidden (logits are the output)
+    for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM",
+                 "AutoModelForSequenceClassification", "AutoModel"):  # fmt: skip
+        try:
+            model = getattr(transformers, auto).from_config(config, attn_implementation="sdpa")
+            break
+        except ValueError:
+            continue
+    assert model is not None
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=gen)
+    return ResolvedModel(_IdsOnly(model), (ids,), f"hf {model_type} (small random init)")
+
+
+class _IdsOnly(nn.Module):
+    """Calls a Hugging Face model on token ids alone, with caches off, returning tensors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids=input_ids, use_cache=False, return_dict=True)
+        if torch.is_tensor(out.get("logits")):
+            return (out["logits"],)
+        return tuple(v for v in out.values() if torch.is_tensor(v))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,8 +99,10 @@ class ActivationSite:
 class Group:
     """Units that must be permuted together.
 
-    ``blocks`` (GroupNorm groups; attention heads later) means a permutation must map each
-    block of ``size // blocks`` consecutive units onto a block.
+    ``blocks`` (GroupNorm groups, attention heads) means a permutation must map each block of
+    ``size // blocks`` consecutive units onto a block, in any order inside. With
+    ``block_group`` (attention: heads x head dim), the blocks move as that group's permutation
+    says, so q/k and v/o head dims of one attention share one head permutation.
     """
 
     name: str
@@ -107,12 +110,21 @@ class Group:
     members: list[Member] = field(default_factory=list)
     sites: list[ActivationSite] = field(default_factory=list)
     blocks: int | None = None
+    block_group: str | None = None
 
-    def random_permutation(self, generator: torch.Generator) -> torch.Tensor:
+    def random_permutation(
+        self, generator: torch.Generator, block_perm: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A random permutation allowed by the group; ``block_perm`` fixes how blocks move
+        (the shared head permutation of a ``block_group``)."""
         if not self.blocks:
             return torch.randperm(self.size, generator=generator)
         width = self.size // self.blocks
-        order = torch.randperm(self.blocks, generator=generator)
+        order = (
+            torch.randperm(self.blocks, generator=generator)
+            if block_perm is None
+            else (torch.as_tensor(block_perm))
+        )
         inner = [torch.randperm(width, generator=generator) for _ in range(self.blocks)]
         return torch.cat([order[b] * width + inner[b] for b in range(self.blocks)])
 
@@ -161,7 +173,16 @@ class SymmetrySpec:
     # ---- permutations -------------------------------------------------------------------
     def random_permutations(self, seed: int = 0) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
-        return {name: g.random_permutation(gen) for name, g in self.groups.items()}
+        perms: dict[str, torch.Tensor] = {}
+        for name, g in self.groups.items():  # block groups come before the groups they steer
+            perms[name] = g.random_permutation(gen, perms.get(g.block_group or ""))
+        return perms
+
+    def block_permutation(self, group: str, perm: torch.Tensor) -> torch.Tensor:
+        """How a permutation of a blocked group moves its blocks."""
+        g = self.groups[group]
+        width = g.size // g.blocks
+        return torch.as_tensor(perm).view(g.blocks, width)[:, 0] // width
 
     def identity_permutations(self) -> dict[str, torch.Tensor]:
         return {name: torch.arange(g.size) for name, g in self.groups.items()}
@@ -196,6 +217,19 @@ class SymmetrySpec:
                     f"(size {self.groups[name].size}, blocks "
                     f"{self.groups[name].blocks})"
                 )
+        for name, p in perms.items():
+            head = self.groups[name].block_group
+            if head and head in perms:
+                if not torch.equal(self.block_permutation(name, p), torch.as_tensor(perms[head])):
+                    raise ValueError(
+                        f"perms['{name}'] moves its blocks differently from "
+                        f"perms['{head}'], the head permutation it must share"
+                    )
+        perms = dict(perms)
+        for name, p in list(perms.items()):  # a head permutation follows from its blocks
+            head = self.groups[name].block_group
+            if head and head not in perms:
+                perms[head] = self.block_permutation(name, p)
         out = dict(state_dict)
         for m in self.members():
             if not any(f.group in perms for s in m.segments for f in s.factors):
@@ -291,7 +325,11 @@ class SymmetrySpec:
             f"{self.free_fraction():.1%} of hidden units free"
         ]
         for g in self.groups.values():
-            extra = f", {g.blocks} blocks x {g.size // g.blocks}" if g.blocks else ""
+            extra = ""
+            if g.block_group:
+                extra = f", {g.blocks} heads x {g.size // g.blocks} head dims ({g.block_group})"
+            elif g.blocks:
+                extra = f", {g.blocks} blocks x {g.size // g.blocks}"
             lines.append(
                 f"group {g.name}: size {g.size}{extra}, {len(g.members)} members, "
                 f"{len(g.sites)} activation sites"
@@ -417,6 +455,9 @@ def _spec_from_export(ep: Any, model: nn.Module, unknown_ops: str) -> SymmetrySp
     sig = ep.graph_signature
     tensor_names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     constants = set(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
+    non_persistent = {
+        spec.target for spec in sig.input_specs if getattr(spec, "persistent", True) is False
+    }
     table = AtomTable()
     values: dict[Any, Any] = {}
     member_terms: dict[str, list[Term]] = {}
@@ -433,7 +474,12 @@ def _spec_from_export(ep: Any, model: nn.Module, unknown_ops: str) -> SymmetrySp
                 if not node.users:  # unused (e.g. the second name of a tied weight)
                     continue
                 name = tensor_names[node.name]
-                dims = [atom(table.new(s)) for s in shape]
+                fixed = None
+                if not (val.is_floating_point() or val.is_complex()):
+                    fixed = f"integer tensor '{name}' (indices or counters)"
+                elif name in non_persistent:
+                    fixed = f"non-persistent buffer '{name}' (a constant of the architecture)"
+                dims = [atom(table.new(s, frozen=fixed)) for s in shape]
                 member_terms[name], shapes[name] = dims, shape
                 values[("param", node)] = name
             else:
@@ -474,11 +520,22 @@ def _spec_from_export(ep: Any, model: nn.Module, unknown_ops: str) -> SymmetrySp
                 f"unexpected get_attr node '{node.name}' (submodule or "
                 "higher-order op); this model needs a custom rule"
             )
+    for rec in values.get("__families__", []):  # pending reshape splits nobody indexed
+        if not rec.decoupled:
+            _rules.collapse(table, rec)
     module_last: dict[str, str] = {}  # module path -> name of the last node it computes
     for node in ep.graph.nodes:
         for path, _ in (node.meta.get("nn_module_stack") or {}).values():
             module_last[_clean_path(path)] = node.name
-    return _build_spec(table, member_terms, shapes, sites, model, module_last)
+    activations = [v for k, v in values.items() if isinstance(k, fx.Node) and isinstance(v, list)]
+    activations += [
+        d
+        for k, v in values.items()
+        if isinstance(k, fx.Node) and isinstance(v, tuple)
+        for d in v
+        if isinstance(d, list)
+    ]
+    return _build_spec(table, member_terms, shapes, sites, model, module_last, activations)
 
 
 def _run_rule(
@@ -555,11 +612,12 @@ def _build_spec(
     sites: list[tuple[int, ActivationSite]],
     model: nn.Module,
     module_last: dict[str, str],
+    activations: list[list[Term]],
 ) -> SymmetrySpec:
     layouts: dict[tuple[str, int], list[list[int]]] = {}
     for name, dims in member_terms.items():
         for axis, t in enumerate(dims):
-            segs = table.normalize(t)
+            segs = table.normalize(t, opaque=True)
             if segs is None:
                 for a in table.leaves(t):
                     table.freeze(a, "axis layout is not a concatenation of products")
@@ -572,48 +630,78 @@ def _build_spec(
     def is_free(r: int) -> bool:
         return table.size[r] > 1 and not table.frozen.get(r)
 
+    roots = {k: [[table.find(a) for a in seg] for seg in segs] for k, segs in layouts.items()}
+    fused = _find_head_blocks(table, roots, member_terms, activations, is_free)
+
     names: dict[int, str] = {}
     used: set[str] = set()
-    roots_in_order: list[int] = []
-    for (tensor, axis), segs in layouts.items():
-        for seg in segs:
-            for a in seg:
-                r = table.find(a)
-                if is_free(r) and r not in names:
-                    hint = table.hint.get(r, (0, f"{tensor}:{axis}"))[1]
-                    base, k = hint, 2
-                    while hint in used:
-                        hint, k = f"{base}#{k}", k + 1
-                    used.add(hint)
-                    names[r] = hint
-                    roots_in_order.append(r)
-    groups = {
-        names[r]: Group(
-            names[r],
-            table.size[r],
-            blocks=next(iter(table.blocks[r])) if table.blocks.get(r) else None,
-        )
-        for r in roots_in_order
+    contracted = {  # head-dim atoms that a weight contracts (v/out-proj, not q/k)
+        r
+        for key, segs in roots.items()
+        if (t := member_terms[key[0]][key[1]])[0] == "a" and t[1] in table.consumed
+        for seg in segs
+        for r in seg
+        if r in fused
     }
+
+    def name_of(r: int, fallback: str, suffix: str = "") -> str:
+        if r not in names:
+            hint = table.hint.get(r, (0, fallback))[1] + suffix
+            base, k = hint, 2
+            while hint in used:
+                hint, k = f"{base}#{k}", k + 1
+            used.add(hint)
+            names[r] = hint
+        return names[r]
+
+    groups: dict[str, Group] = {}
+    for (tensor, axis), segs in roots.items():
+        for seg in segs:
+            for r in seg:
+                if not is_free(r) or r in names:
+                    continue
+                if r in fused:  # a head-dim atom: the group is heads x head dim, blocked
+                    h = fused[r]
+                    if h not in names:
+                        names[h] = _unique(_base(table, h, tensor) + ".heads", used)
+                    heads = names[h]
+                    groups.setdefault(heads, Group(heads, table.size[h]))
+                    kind = ".vo" if r in contracted else ".qk"
+                    names[r] = name = _unique(_base(table, r, tensor) + kind, used)
+                    groups[name] = Group(
+                        name, table.size[h] * table.size[r], blocks=table.size[h], block_group=heads
+                    )
+                elif r not in fused.values():
+                    name = name_of(r, f"{tensor}:{axis}")
+                    blocks = table.blocks.get(r)
+                    groups[name] = Group(
+                        name, table.size[r], blocks=next(iter(blocks)) if blocks else None
+                    )
     frozen: list[FrozenAxis] = []
-    for (tensor, axis), segs in layouts.items():
+    for (tensor, axis), segs in roots.items():
         factors_by_seg, offset, touched = [], 0, set()
         reasons: list[str] = []
-        frozen_units = 0
         for seg in segs:
-            factors = []
-            for a in seg:
-                r = table.find(a)
+            factors: list[Factor] = []
+            k = 0
+            while k < len(seg):
+                r = seg[k]
+                if k + 1 < len(seg) and fused.get(seg[k + 1]) == r:
+                    d = seg[k + 1]
+                    factors.append(Factor(names[d], table.size[r] * table.size[d]))
+                    touched.add(names[d])
+                    k += 2
+                    continue
                 if is_free(r):
                     factors.append(Factor(names[r], table.size[r]))
                     touched.add(names[r])
                 else:
                     factors.append(Factor(None, table.size[r]))
                     if table.size[r] > 1:
-                        frozen_units += table.size[r]
                         reasons += [x for x in table.frozen.get(r, []) if x not in reasons]
+                k += 1
             factors_by_seg.append(Segment(offset, tuple(factors)))
-            offset += math.prod(table.size[table.find(a)] for a in seg)
+            offset += math.prod(table.size[a] for a in seg)
         term = member_terms[tensor][axis]
         role = "in" if term[0] == "a" and term[1] in table.consumed else "out"
         member = Member(tensor, axis, tuple(factors_by_seg), role)
@@ -623,10 +711,83 @@ def _build_spec(
             frozen.append(FrozenAxis(tensor, axis, shapes[tensor][axis], tuple(reasons)))
     for r, site in sites:
         r = table.find(r)
-        if r in names:
+        if r in names and names[r] in groups:
             is_out = bool(site.module) and module_last.get(site.module) == site.node
             groups[names[r]].sites.append(dataclasses.replace(site, module_output=is_out))
-    return SymmetrySpec(groups, frozen, shapes, _aliases(model))
+    # heads groups first, so that blocked groups can use their permutation
+    ordered = dict(sorted(groups.items(), key=lambda kv: kv[1].block_group is not None))
+    return SymmetrySpec(ordered, frozen, shapes, _aliases(model))
+
+
+def _base(table: AtomTable, r: int, fallback: str) -> str:
+    """Module path of the projection whose output axis an atom was split from."""
+    hint = table.hint.get(r, (0, fallback))[1]
+    return re.sub(r"(\.out)?(\[\d+\])*$", "", hint)
+
+
+def _unique(name: str, used: set[str]) -> str:
+    base, k = name, 2
+    while name in used:
+        name, k = f"{base}#{k}", k + 1
+    used.add(name)
+    return name
+
+
+def _find_head_blocks(
+    table: AtomTable,
+    param_roots: dict[tuple[str, int], list[list[int]]],
+    member_terms: dict[str, list[Term]],
+    activations: list[list[Term]],
+    is_free: Any,
+) -> dict[int, int]:
+    """Find (head, head-dim) atom pairs whose product may take a *different* head-dim
+    permutation in every head: returns {head_dim_root: head_root}.
+
+    Attention reshapes a projection's output axis into heads x head dim. The atoms then carry a
+    product permutation (one head-dim permutation for all heads), but the true symmetry is
+    wider: heads permute as wholes and each head permutes its own dims, as long as nothing
+    mixes heads at a fixed head dim. That holds when every tensor that carries the head-dim
+    atom d also carries the head atom h: in parameters as the factor just before d (h x d on
+    one axis), in activations either so or on another axis (B, H, N, D). A parameter or
+    activation with d but without h (a norm over the head dim shared by all heads, a sum over
+    heads) rules the pair out.
+    """
+    tensors: list[tuple[bool, list[list[list[int]]]]] = []
+    by_param: dict[str, list[list[list[int]]]] = {}
+    for (tensor, _axis), segs in param_roots.items():
+        by_param.setdefault(tensor, []).append(segs)
+    tensors += [(True, dims) for dims in by_param.values()]
+    bad: set[int] = set()
+    for dims in activations:
+        norm = [table.normalize(t, opaque=True) for t in dims]
+        if all(n is not None for n in norm):
+            tensors.append((False, [[[table.find(a) for a in seg] for seg in n] for n in norm]))
+        else:  # a layout we cannot read: none of its atoms may take per-head permutations
+            bad.update(table.find(a) for t in dims for a in table.leaves(t))
+    preds: dict[int, set[int | None]] = {}
+    alone: dict[int, list[set[int]]] = {}  # activations where d leads its axis
+    for is_param, dims in tensors:
+        present = {r for segs in dims for seg in segs for r in seg}
+        for segs in dims:
+            for seg in segs:
+                for k, d in enumerate(seg):
+                    if not is_free(d):
+                        continue
+                    if k > 0:
+                        preds.setdefault(d, set()).add(seg[k - 1] if is_free(seg[k - 1]) else None)
+                    elif is_param:
+                        bad.add(d)  # a parameter with d but no head: shared by all heads
+                    else:
+                        alone.setdefault(d, []).append(present)
+    pairs = {}
+    for d, ps in preds.items():
+        if d in bad or len(ps) != 1 or None in ps:
+            continue
+        h = next(iter(ps))
+        if all(h in present for present in alone.get(d, [])):
+            pairs[d] = h
+    heads = set(pairs.values())
+    return {d: h for d, h in pairs.items() if d not in heads and h not in pairs}
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:

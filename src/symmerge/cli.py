@@ -1,0 +1,644 @@
+"""Command-line interface: ``symmerge train | eval | demo``.
+
+Commands share option decorators (``data_root_option``, ``dataset_option``, ...) and the
+table formatter so new subcommands (e.g. ``check-symmetry``) stay consistent: add a
+function decorated with ``@main.command()`` and reuse them. Heavy imports (torch, models)
+happen inside commands so ``symmerge --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from symmerge import __version__
+
+__all__ = [
+    "ALL_CLASSES",
+    "ClassSpec",
+    "classes_option",
+    "data_root_option",
+    "dataset_option",
+    "device_option",
+    "format_table",
+    "main",
+    "parse_class_spec",
+]
+
+#: What ``--classes all`` converts to, distinct from "option not given" (``None``).
+ALL_CLASSES = "all"
+
+#: The demo's default MLP: 784-512-512-512-10 (Git Re-Basin's MNIST MLP) for 2 epochs.
+DEMO_WIDTH = 512
+DEMO_DEPTH = 3
+DEMO_EPOCHS = 2
+DEMO_DATASETS = ("mnist", "fashion-mnist")
+
+
+# --------------------------------------------------------------------------------------
+# shared parsing helpers and option decorators
+# --------------------------------------------------------------------------------------
+
+
+def parse_class_spec(spec: str | None) -> list[int] | None:
+    """Parse ``"0-4"``, ``"5-9"``, ``"0,2,4"``, ``"0-2,7"`` or ``"all"`` into sorted labels.
+
+    ``"all"``, an empty string and ``None`` mean every class (``None``). Raises
+    ``ValueError`` with a readable message for anything else.
+    """
+    if spec is None:
+        return None
+    text = spec.strip().lower()
+    if text in ("", "all", "*"):
+        return None
+    labels: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"empty item in class spec {spec!r}")
+        lo_text, dash, hi_text = part.partition("-")
+        try:
+            lo = int(lo_text)
+            hi = int(hi_text) if dash else lo
+        except ValueError:
+            raise ValueError(
+                f"bad class spec item {part!r} in {spec!r}; use e.g. '0-4', '5-9', '0,2,4' or 'all'"
+            ) from None
+        if lo < 0 or hi < lo:
+            raise ValueError(f"bad class range {part!r} in {spec!r}: need 0 <= start <= end")
+        labels.update(range(lo, hi + 1))
+    return sorted(labels)
+
+
+class ClassSpec(click.ParamType):
+    """Click type for class specs; converts to ``list[int]`` or :data:`ALL_CLASSES`."""
+
+    name = "CLASSES"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or isinstance(value, list) or value == ALL_CLASSES:
+            return value
+        try:
+            parsed = parse_class_spec(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return ALL_CLASSES if parsed is None else parsed
+
+
+def _classes_arg(value: list[int] | str | None) -> list[int] | None:
+    return None if value in (None, ALL_CLASSES) else list(value)  # type: ignore[arg-type]
+
+
+def _describe_classes(classes: Sequence[int] | None) -> str:
+    if not classes:
+        return "all"
+    classes = list(classes)
+    if classes == list(range(classes[0], classes[-1] + 1)) and len(classes) > 2:
+        return f"{classes[0]}-{classes[-1]}"
+    return ",".join(str(c) for c in classes)
+
+
+def _dataset_info(name: str, param_hint: str = "--dataset") -> dict[str, Any]:
+    """Dataset description, or a usage error that says which names exist."""
+    from symmerge import data
+
+    try:
+        return data.dataset_info(name)
+    except (KeyError, ValueError) as exc:
+        message = exc.args[0] if exc.args else str(exc)
+        raise click.BadParameter(str(message), param_hint=param_hint) from None
+
+
+def _validate_dataset(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(_validate_dataset(ctx, param, v) for v in value)
+    _dataset_info(value)
+    return value
+
+
+def _check_classes(classes: Sequence[int] | None, dataset: str) -> None:
+    if classes is None:
+        return
+    n = int(_dataset_info(dataset)["num_classes"])
+    bad = [c for c in classes if c >= n]
+    if bad:
+        raise click.BadParameter(
+            f"{dataset} has classes 0-{n - 1}; got {', '.join(map(str, bad))}",
+            param_hint="--classes",
+        )
+
+
+def _validate_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except RuntimeError as exc:
+        raise click.BadParameter(f"{value!r} is not a torch device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA was requested but no CUDA device is available")
+    return value
+
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def data_root_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--data-root`` (env ``SYMMERGE_DATA``): where datasets are read or downloaded."""
+    return click.option(
+        "--data-root",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="SYMMERGE_DATA",
+        show_envvar=True,
+        default=None,
+        help="Dataset folder (default: ~/.cache/symmerge/data).",
+    )(fn)
+
+
+def dataset_option(*, required: bool = True, multiple: bool = False) -> Decorator:
+    """``--dataset/-d NAME``, validated against :func:`symmerge.data.dataset_info`."""
+    return click.option(
+        "--dataset",
+        "-d",
+        "datasets" if multiple else "dataset",
+        required=required,
+        multiple=multiple,
+        callback=_validate_dataset,
+        help="Dataset name, e.g. mnist, fashion-mnist, cifar10."
+        + (" Repeat to evaluate on several." if multiple else ""),
+    )
+
+
+def classes_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--classes SPEC``: class subset such as 0-4, 5-9, 0,2,4 or all."""
+    return click.option(
+        "--classes",
+        type=ClassSpec(),
+        default=None,
+        help="Class subset: 0-4, 5-9, 0,2,4 or all (labels keep their original values).",
+    )(fn)
+
+
+def device_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--device``: torch device; default CUDA when available, else CPU."""
+    return click.option(
+        "--device",
+        default=None,
+        callback=_validate_device,
+        help="Torch device (cpu, cuda, cuda:1); default: cuda if available, else cpu.",
+    )(fn)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        parts = [
+            row[i].ljust(widths[i]) if i == 0 else row[i].rjust(widths[i]) for i in range(len(row))
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+# --------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="symmerge")
+def main() -> None:
+    """symmerge: merge independently trained networks through permutation symmetry."""
+
+
+@main.command()
+@click.argument("model")
+@dataset_option()
+@classes_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Init/shuffle seed.")
+@click.option(
+    "--epochs", type=click.IntRange(min=0), default=None, help="Default: the arch's recipe."
+)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak LR.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@data_root_option
+@device_option
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Checkpoint path (.safetensors); metadata also goes to <path>.json.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint.")
+@click.option("--limit-train", type=click.IntRange(min=1), default=None, hidden=True)
+@click.option("--limit-test", type=click.IntRange(min=1), default=None, hidden=True)
+@click.option("--progress/--no-progress", default=True, help="Per-epoch progress bars.")
+def train(
+    model: str,
+    dataset: str,
+    classes: list[int] | str | None,
+    seed: int,
+    epochs: int | None,
+    lr: float | None,
+    batch_size: int | None,
+    data_root: Path | None,
+    device: str | None,
+    output: Path,
+    overwrite: bool,
+    limit_train: int | None,
+    limit_test: int | None,
+    progress: bool,
+) -> None:
+    """Train MODEL (e.g. mlp, vgg11, resnet20x4-ln) on a dataset and save a checkpoint."""
+    from symmerge.io import save_checkpoint, sidecar_path
+    from symmerge.train import resolve_config, train_model
+
+    class_list = _classes_arg(classes)
+    _check_classes(class_list, dataset)
+    if not overwrite:
+        for p in (output, sidecar_path(output)):
+            if p.exists():
+                raise click.BadParameter(
+                    f"{p} already exists; pass --overwrite to replace it",
+                    param_hint="'-o' / '--output'",
+                )
+    try:
+        config = resolve_config(model, dataset)
+    except (KeyError, ValueError, TypeError) as exc:
+        message = exc.args[0] if exc.args else str(exc)
+        raise click.BadParameter(str(message), param_hint="MODEL") from None
+    try:
+        net, info = train_model(
+            config,
+            dataset,
+            classes=class_list,
+            epochs=epochs,
+            seed=seed,
+            lr=lr,
+            batch_size=batch_size,
+            device=device,
+            data_root=None if data_root is None else str(data_root),
+            progress=progress,
+            limit_train=limit_train,
+            limit_test=limit_test,
+        )
+    except (ValueError, FloatingPointError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    info["model_name"] = model
+    save_checkpoint(output, net, config, info, overwrite=overwrite)
+    click.echo(
+        f"saved {output}: {model} on {dataset} (classes {_describe_classes(class_list)}), "
+        f"seed {seed}, {info['epochs']} epochs, test accuracy {_pct(info['test_accuracy'])} "
+        f"(n={info['n_test']}), trained in {info['train_time_s']:.1f} s on {info['device']}"
+    )
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@dataset_option(required=False, multiple=True)
+@classes_option
+@data_root_option
+@device_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--split", default="test", show_default=True, help="Dataset split.")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    default=None,
+    help="Also write results as JSON to this file ('-' for stdout).",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, hidden=True)
+def eval_(
+    checkpoint: Path,
+    datasets: tuple[str, ...],
+    classes: list[int] | str | None,
+    data_root: Path | None,
+    device: str | None,
+    batch_size: int,
+    split: str,
+    json_out: Path | None,
+    limit: int | None,
+) -> None:
+    """Evaluate CHECKPOINT (symmerge .safetensors or a torch.save'd module).
+
+    Without --dataset, the checkpoint's training dataset and class subset are used.
+    """
+    from symmerge.io import CheckpointError, load_checkpoint
+    from symmerge.train import evaluate, resolve_device
+
+    try:
+        model, meta = load_checkpoint(checkpoint, device=resolve_device(device))
+    except (CheckpointError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    trained_on = meta.get("dataset")
+    if not datasets:
+        if not trained_on:
+            raise click.UsageError(
+                f"{checkpoint} does not record a training dataset; pass --dataset"
+            )
+        datasets = (trained_on,)
+    results = []
+    for name in datasets:
+        name = str(_dataset_info(name)["name"])  # canonical spelling
+        if classes is not None:
+            class_list = _classes_arg(classes)
+        elif name == trained_on:
+            class_list = meta.get("classes")  # default: the subset the model was trained on
+        else:
+            class_list = None
+        _check_classes(class_list, name)
+        try:
+            res = evaluate(
+                model,
+                name,
+                split=split,
+                classes=class_list,
+                data_root=None if data_root is None else str(data_root),
+                device=device,
+                batch_size=batch_size,
+                limit=limit,
+            )
+        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+            raise click.ClickException(f"evaluating on {name}: {exc}") from None
+        results.append(res)
+
+    arch = meta.get("model_name") or meta.get("config", {}).get("arch") or type(model).__name__
+    click.echo(f"checkpoint: {checkpoint} ({arch}; trained on {trained_on or 'unknown'})")
+    has_subset = any("subset_accuracy" in r for r in results)
+    headers = ["dataset", "classes", "split", "n", "accuracy", "loss"]
+    if has_subset:
+        headers.append("acc. within classes")
+    rows = []
+    for r in results:
+        row = [
+            r["dataset"],
+            _describe_classes(r["classes"]),
+            r["split"],
+            r["n"],
+            _pct(r["accuracy"]),
+            r["loss"],
+        ]
+        if has_subset:
+            row.append(_pct(r["subset_accuracy"]) if "subset_accuracy" in r else None)
+        rows.append(row)
+    click.echo(format_table(headers, rows))
+    if json_out is not None:
+        payload = {"checkpoint": str(checkpoint), "config": meta.get("config"), "results": results}
+        text = json.dumps(payload, indent=2)
+        if str(json_out) == "-":
+            click.echo(text)
+        else:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(text + "\n")
+            click.echo(f"wrote {json_out}")
+
+
+# --------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------
+
+
+def _demo_settings(config: dict, epochs: int, seed: int, limit: int | None) -> dict[str, Any]:
+    return {"config": config, "epochs": epochs, "seed": seed, "limit_train": limit}
+
+
+def _demo_dir(base: Path, wanted: dict[str, dict[str, Any]]) -> tuple[Path, str]:
+    """Pick an output folder without clobbering: reuse one whose checkpoints match, else a
+    fresh ``<base>-N``. Returns the folder and a sentence saying what was chosen."""
+    from symmerge.io import CheckpointError, read_checkpoint_metadata
+
+    def state(folder: Path) -> str:
+        present = [folder / f"{ds}.safetensors" for ds in wanted]
+        present = [p for p in present if p.exists()]
+        if not present:
+            return "empty"
+        for p in present:
+            try:
+                meta = read_checkpoint_metadata(p)
+            except (CheckpointError, OSError):
+                return "different"
+            settings = wanted[p.name.removesuffix(".safetensors")]
+            if any(meta.get(k) != v for k, v in settings.items()):
+                return "different"
+        return "match"
+
+    n = 1
+    folder = base
+    while True:
+        s = state(folder)
+        if s == "empty":
+            note = "" if folder == base else f" ({base} holds a different demo run)"
+            return folder, f"writing checkpoints to {folder}{note}"
+        if s == "match":
+            return folder, f"reusing matching checkpoints in {folder} (delete them to retrain)"
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+
+
+@main.command()
+@data_root_option
+@click.option("--epochs", type=click.IntRange(min=0), default=DEMO_EPOCHS, show_default=True)
+@click.option(
+    "--width",
+    type=click.IntRange(min=1),
+    default=DEMO_WIDTH,
+    show_default=True,
+    help="Hidden units per layer of the MLPs.",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@device_option
+@click.option("--limit-train", type=click.IntRange(min=1), default=None, hidden=True)
+@click.option("--progress/--no-progress", default=True)
+def demo(
+    data_root: Path | None,
+    epochs: int,
+    width: int,
+    out_dir: Path,
+    seed: int,
+    device: str | None,
+    limit_train: int | None,
+    progress: bool,
+) -> None:
+    """Train an MLP on MNIST and one on Fashion-MNIST, then cross-evaluate them.
+
+    Takes about a minute on two CPU cores with the defaults. Checkpoints are reused when
+    the out-dir already holds a matching run, and never overwritten.
+    """
+    from symmerge.io import load_checkpoint, save_checkpoint
+    from symmerge.train import evaluate, resolve_config, resolve_device, train_model
+
+    root = None if data_root is None else str(data_root)
+    dev = resolve_device(device)
+    configs = {ds: resolve_config("mlp", ds, width=width, depth=DEMO_DEPTH) for ds in DEMO_DATASETS}
+    wanted = {ds: _demo_settings(configs[ds], epochs, seed, limit_train) for ds in DEMO_DATASETS}
+    folder, note = _demo_dir(out_dir, wanted)
+    click.echo(note)
+
+    models = {}
+    for ds in DEMO_DATASETS:
+        path = folder / f"{ds}.safetensors"
+        if path.exists():
+            models[ds], _ = load_checkpoint(path, device=dev)
+            click.echo(f"  {ds}: reused {path}")
+            continue
+        try:
+            net, info = train_model(
+                configs[ds],
+                ds,
+                epochs=epochs,
+                seed=seed,
+                device=dev,
+                data_root=root,
+                progress=progress,
+                limit_train=limit_train,
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            raise click.ClickException(f"training on {ds}: {exc}") from None
+        info["model_name"] = "mlp"
+        save_checkpoint(path, net, configs[ds], info)
+        models[ds] = net
+        click.echo(
+            f"  {ds}: test accuracy {_pct(info['test_accuracy'])} after {epochs} epochs "
+            f"({info['train_time_s']:.1f} s) -> {path}"
+        )
+
+    names = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+    results: dict[str, dict[str, float]] = {}
+    for ds_model, net in models.items():
+        results[ds_model] = {
+            ds: evaluate(net, ds, "test", data_root=root, device=dev)["accuracy"]
+            for ds in DEMO_DATASETS
+        }
+    headers = ["model", *(f"{names[ds]} test" for ds in DEMO_DATASETS), "mean"]
+    rows = []
+    for ds_model, accs in results.items():
+        mean = sum(accs.values()) / len(accs)
+        rows.append(
+            [
+                f"MLP trained on {names[ds_model]}",
+                *(_pct(accs[ds]) for ds in DEMO_DATASETS),
+                _pct(mean),
+            ]
+        )
+    kw = configs[DEMO_DATASETS[0]]["kwargs"]
+    layout = [math.prod(kw["input_shape"]), *[width] * DEMO_DEPTH, kw["num_classes"]]
+    click.echo("")
+    click.echo(
+        f"MLP {'-'.join(map(str, layout))}, {epochs} epochs, seed {seed}; "
+        "test accuracy of each model on each dataset:"
+    )
+    click.echo(format_table(headers, rows))
+    (folder / "results.json").write_text(
+        json.dumps(
+            {"test_accuracy": results, "settings": wanted, "checkpoints": str(folder)}, indent=2
+        )
+        + "\n"
+    )
+    click.echo(f"results written to {folder / 'results.json'}")
+    click.echo(
+        "Merging the two models (align hidden units, then average) will be added to this "
+        "demo by the alignment engine."
+    )
+
+
+def _parse_shape(value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected C,H,W (e.g. 3,32,32), got {value!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise click.BadParameter(f"expected positive sizes, got {value!r}")
+    return shape
+
+
+@main.command("check-symmetry")
+@click.argument("model")
+@click.option("--seed", type=int, default=0, show_default=True, help="Permutation seed.")
+@click.option("--show", is_flag=True, help="List every group, its members and frozen axes.")
+@click.option("--input-shape", default=None, help="Example input shape C,H,W (no batch).")
+@click.option(
+    "--unknown-ops",
+    type=click.Choice(["error", "freeze"]),
+    default="error",
+    show_default=True,
+    help="What to do with an op that has no symmetry rule.",
+)
+@click.option(
+    "--tol",
+    type=click.FloatRange(min=0),
+    default=1e-6,
+    show_default=True,
+    help="Pass when max |diff| <= tol * max(1, max |output|) (float64).",
+)
+def check_symmetry(
+    model: str, seed: int, show: bool, input_shape: str | None, unknown_ops: str, tol: float
+) -> None:
+    """Trace MODEL's permutation symmetry and verify it: a random permutation of every group
+    must leave the outputs unchanged.
+
+    MODEL is a zoo name (mlp, vgg11, vgg16, resnet20x4, resnet20x4-ln, resnet20x4-gn,
+    resnet18), timm:NAME (random init) or a checkpoint path. Exit status 0 only when the
+    function is preserved.
+    """
+    from symmerge.resolve import resolve_model
+    from symmerge.spec import TraceError, trace
+
+    try:
+        resolved = resolve_model(model, input_shape=_parse_shape(input_shape), seed=seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from e
+    net, inputs = resolved.model, resolved.example_inputs
+    click.echo(f"model: {resolved.description}, input {tuple(inputs[0].shape)}")
+    try:
+        spec = trace(net, inputs, unknown_ops=unknown_ops)
+    except TraceError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(spec.show(members=True) if show else spec.show(members=False).splitlines()[0])
+    click.echo(f"groups: {len(spec.groups)}")
+    result = spec.check(net, *inputs, seed=seed, tol=tol)
+    click.echo(
+        f"output scale (max |output|): {result.output_scale:.3e}; "
+        f"{'function preserved' if result.ok else 'FUNCTION CHANGED'}"
+    )
+    click.echo(f"max |diff| = {result.max_abs_diff:.3e}")
+    if not result.ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

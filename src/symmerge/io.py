@@ -1,0 +1,343 @@
+"""Checkpoint files: safetensors weights plus the metadata needed to rebuild the model.
+
+Format (``format_version`` 1)
+-----------------------------
+``<path>`` is a plain safetensors file holding the model's ``state_dict`` (contiguous CPU
+tensors). Its header metadata has one key, ``"symmerge"``, whose value is a JSON document::
+
+    {"format": "symmerge.checkpoint", "format_version": 1,
+     "config": {"arch": ..., "kwargs": {...}},        # what build_model needs
+     "aliases": {"tied.name": "kept.name", ...},      # tied tensors stored once
+     "metadata": {"dataset": ..., "seed": ..., ..., "symmerge_version": ..., "date": ...}}
+
+The header copy is authoritative, so a checkpoint is one self-contained file that any
+safetensors reader can open. For people (and ``jq``) a pretty-printed copy of the same
+document is also written beside it as ``<path>.json``; it is only read back when the
+header has no symmerge entry (for example if a tool rewrote the file without metadata).
+
+Users can also bring their own checkpoints: a whole ``nn.Module`` saved with ``torch.save``
+is accepted by :func:`load_checkpoint` (see the note there about pickle).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT_NAME = "symmerge.checkpoint"
+FORMAT_VERSION = 1
+HEADER_KEY = "symmerge"
+
+__all__ = [
+    "CheckpointError",
+    "FORMAT_VERSION",
+    "load_checkpoint",
+    "read_checkpoint_metadata",
+    "save_checkpoint",
+    "sidecar_path",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file exists but cannot be used (bad metadata, mismatched weights...)."""
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """Path of the human-readable JSON copy of a checkpoint's metadata (``<path>.json``)."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+# --------------------------------------------------------------------------------------
+# saving
+# --------------------------------------------------------------------------------------
+
+
+def _tensors_for_saving(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Make a state dict safetensors can store.
+
+    safetensors refuses tensors that share memory, but tied weights (an embedding reused as
+    the output layer, say) appear under several names pointing at one tensor. Exact
+    duplicates are stored once and recorded as aliases so loading can restore every name;
+    tensors that only partly overlap (views of a bigger buffer) are copied.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    exact: dict[tuple, str] = {}
+    seen_storage: set[tuple[str, int]] = set()
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"state_dict entry {name!r} is a {type(value).__name__}, not a tensor; "
+                "only tensor state can be stored in a safetensors checkpoint"
+            )
+        t = value.detach()
+        if t.numel() > 0:
+            storage = (str(t.device), t.untyped_storage().data_ptr())
+            key = (*storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if key in exact:
+                aliases[name] = exact[key]
+                continue
+            exact[key] = name
+            shares = storage in seen_storage
+            seen_storage.add(storage)
+        else:
+            shares = False
+        t = t.to("cpu").contiguous()
+        if shares:  # overlaps a tensor stored earlier: store an independent copy
+            t = t.clone()
+        tensors[name] = t
+    return tensors, aliases
+
+
+def _json_document(config: Mapping[str, Any], metadata: Mapping[str, Any], aliases: dict) -> str:
+    """Validate and serialise the metadata document; errors name the offending field."""
+    if not isinstance(config, Mapping) or "arch" not in config:
+        raise ValueError("config must be a dict with at least an 'arch' key (and 'kwargs')")
+    config = {"arch": str(config["arch"]), "kwargs": dict(config.get("kwargs") or {})}
+    meta = {k: v for k, v in dict(metadata).items() if k != "config"}
+    meta.setdefault("symmerge_version", _package_version())
+    meta.setdefault("torch_version", torch.__version__)
+    meta.setdefault("python_version", platform.python_version())
+    meta.setdefault("date", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "aliases": aliases,
+        "metadata": meta,
+    }
+    for section in ("config", "metadata"):
+        for key, value in doc[section].items():
+            try:
+                json.dumps(value, allow_nan=True)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"checkpoint {section} field {key!r} is not JSON-serialisable: {exc}"
+                ) from exc
+    return json.dumps(doc, sort_keys=True)
+
+
+def _package_version() -> str:
+    try:
+        from symmerge import __version__
+    except Exception:  # pragma: no cover - only if the package itself is broken
+        return "unknown"
+    return __version__
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    config: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model``'s weights and metadata to ``path`` (safetensors) and ``<path>.json``.
+
+    ``config`` is the ``{"arch", "kwargs"}`` dict from :func:`symmerge.models.create_model`;
+    ``metadata`` is free-form JSON-serialisable information (dataset, classes, seed, epochs,
+    test accuracy, ...). Package/torch versions and the date are added when absent.
+    Existing files are never replaced silently: pass ``overwrite=True`` to do so.
+    Returns the path written.
+    """
+    path = Path(path)
+    side = sidecar_path(path)
+    if not overwrite:
+        existing = [str(p) for p in (path, side) if p.exists()]
+        if existing:
+            raise FileExistsError(
+                f"refusing to overwrite existing checkpoint file(s): {', '.join(existing)} "
+                "(pass overwrite=True, or --overwrite on the command line)"
+            )
+    tensors, aliases = _tensors_for_saving(model.state_dict())
+    document = _json_document(config, metadata or {}, aliases)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # write to temporary names first so an interrupted save never leaves a half file
+    tmp = path.with_name(path.name + ".tmp")
+    tmp_side = side.with_name(side.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={HEADER_KEY: document})
+        tmp_side.write_text(json.dumps(json.loads(document), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+        tmp_side.replace(side)
+    finally:
+        for p in (tmp, tmp_side):
+            if p.exists():
+                p.unlink()
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Sniff the file: safetensors = u64 header length followed by a JSON object."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < n <= path.stat().st_size - 8
+
+
+def _parse_document(text: str, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"invalid symmerge metadata JSON in {where}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{where} does not contain a symmerge checkpoint document")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where} has checkpoint format_version {version!r}; this symmerge "
+            f"({_package_version()}) reads up to {FORMAT_VERSION}. Upgrade symmerge."
+        )
+    config = doc.get("config")
+    if (
+        not isinstance(config, dict)
+        or not isinstance(config.get("arch"), str)
+        or not isinstance(config.get("kwargs", {}), dict)
+    ):
+        raise CheckpointError(f"{where}: 'config' must be {{'arch': str, 'kwargs': dict}}")
+    if not isinstance(doc.get("metadata", {}), dict) or not isinstance(
+        doc.get("aliases", {}), dict
+    ):
+        raise CheckpointError(f"{where}: 'metadata' and 'aliases' must be JSON objects")
+    return doc
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    """The metadata document of a symmerge safetensors checkpoint (header, else sidecar)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if HEADER_KEY in header:
+        return _parse_document(header[HEADER_KEY], f"the header of {path}")
+    side = sidecar_path(path)
+    if side.exists():
+        return _parse_document(side.read_text(), str(side))
+    raise CheckpointError(
+        f"{path} has no symmerge metadata (no '{HEADER_KEY}' header entry and no {side.name}); "
+        "the architecture cannot be rebuilt. Save with symmerge.io.save_checkpoint, or "
+        "torch.save the whole nn.Module as a .pt file instead."
+    )
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """Metadata of a checkpoint without loading weights; ``{}`` for a torch.save'd module.
+
+    The result is the training metadata plus ``"config"`` (the ``{"arch", "kwargs"}`` dict).
+    """
+    path = _existing(path)
+    if not _is_safetensors(path):
+        return {}
+    doc = _read_document(path)
+    return {**doc.get("metadata", {}), "config": doc["config"]}
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint path is a directory, not a file: {path}")
+    return path
+
+
+def _check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Compare before loading so a mismatch reads as a list of differences, not a traceback."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{label}: {', '.join(items[:5])}{more}")
+        raise CheckpointError(
+            f"weights in {path} do not match the architecture in its metadata; " + "; ".join(parts)
+        )
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint; returns ``(model in eval mode, metadata)``.
+
+    For a symmerge safetensors checkpoint the model is rebuilt with
+    :func:`symmerge.models.build_model` from the stored config and weights are loaded
+    strictly; metadata is the training metadata plus ``"config"``.
+
+    A file that is not safetensors is treated as a user's own ``torch.save(model, path)``
+    of a whole ``nn.Module`` (``.pt``/``.pth``) and returned with metadata ``{}``.
+    Note: that path uses ``torch.load(weights_only=False)``, i.e. unpickling, which can run
+    arbitrary code. Only load such files from sources you trust.
+    """
+    path = _existing(path)
+    device = torch.device(device)
+    if not _is_safetensors(path):
+        return _load_pickled_module(path, device), {}
+
+    doc = _read_document(path)
+    config = doc["config"]
+    from symmerge import models  # deferred: models pulls in optional heavy dependencies
+
+    try:
+        model = models.build_model(config["arch"], **config.get("kwargs", {}))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"cannot rebuild architecture {config['arch']!r} from {path}: {exc}"
+        ) from exc
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"cannot read tensors from {path}: {exc}") from exc
+    for alias, target in doc.get("aliases", {}).items():
+        if target not in state:
+            raise CheckpointError(f"{path}: tied tensor {alias!r} refers to missing {target!r}")
+        state[alias] = state[target]
+    _check_state_dict(model, state, path)
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    return model, {**doc.get("metadata", {}), "config": config}
+
+
+def _load_pickled_module(path: Path, device: torch.device) -> nn.Module:
+    try:
+        obj = torch.load(str(path), map_location=device, weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is neither a safetensors checkpoint nor a torch.save'd file: {exc}"
+        ) from exc
+    if isinstance(obj, nn.Module):
+        return obj.to(device).eval()
+    if isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__} (probably a state_dict), not a whole model; "
+            "a state_dict does not say which architecture to build. Save the module itself "
+            "(torch.save(model, path)) or use symmerge.io.save_checkpoint."
+        )
+    raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected an nn.Module")
