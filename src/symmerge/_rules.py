@@ -369,7 +369,9 @@ def _mm(ctx: RuleContext) -> Dims:
 
 @_rule("addmm", "baddbmm", "addbmm")
 def _addmm(ctx: RuleContext) -> Dims:
-    out = _matmul_dims(ctx, ctx.dims(ctx.arg(1)), ctx.dims(ctx.arg(2)))
+    b = ctx.dims(ctx.arg(2))
+    _hint_out(ctx, ctx.arg(2), b[-1])  # x @ W + bias with W (in, out), as HF's Conv1D
+    out = _matmul_dims(ctx, ctx.dims(ctx.arg(1)), b)
     return ctx.broadcast([out, ctx.dims(ctx.arg(0))], ctx.out_shape)
 
 
@@ -890,6 +892,7 @@ def _unbind(ctx: RuleContext) -> tuple[Dims, ...]:
 def _embedding(ctx: RuleContext) -> Dims:
     w, idx = ctx.dims(ctx.arg(0)), ctx.dims(ctx.arg(1))
     ctx.freeze(w[0], "embedding rows are indexed by input values")
+    _hint_out(ctx, ctx.arg(0), w[1])
     return idx + [w[1]]
 
 

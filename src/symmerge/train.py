@@ -42,6 +42,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "mlp": {"lr": 0.05, "batch_size": 128, "epochs": 10},
     "resnet": {"lr": 0.1, "batch_size": 128, "epochs": 50},
     "vgg": {"lr": 0.05, "batch_size": 128, "epochs": 50},
+    "vit": {"lr": 0.02, "batch_size": 128, "epochs": 50},
     "other": {"lr": 0.05, "batch_size": 128, "epochs": 20},
 }
 
@@ -52,7 +53,7 @@ WARMUP_FRACTION = 0.05  # of all optimisation steps, at least one step
 
 def _family(arch: str) -> str:
     arch = arch.lower()
-    for family in ("mlp", "resnet", "vgg"):
+    for family in ("mlp", "resnet", "vgg", "vit"):
         if arch.startswith(family):
             return family
     return "other"

@@ -30,11 +30,13 @@ from symmerge.models.resnet import (
     resnet20,
 )
 from symmerge.models.vgg import VGG, vgg11, vgg16
+from symmerge.models.vit import ViT, vit_tiny
 
 __all__ = [
     "MLP",
     "NORMS",
     "VGG",
+    "ViT",
     "ZOO_NAMES",
     "BasicBlock",
     "LayerNorm2d",
@@ -62,10 +64,11 @@ ZOO_NAMES: tuple[str, ...] = (
     "resnet20x4-ln",
     "resnet20x4-gn",
     "resnet18",
+    "vit-tiny",
 )
 
 _GRAMMAR = (
-    "mlp | (vgg11|vgg16|resnet18|resnet20)[x<K>][-bn|-ln|-gn], e.g. 'resnet20x4-ln' "
+    "mlp | vit-tiny | (vgg11|vgg16|resnet18|resnet20)[x<K>][-bn|-ln|-gn], e.g. 'resnet20x4-ln' "
     "(x<K>: integer width multiplier >= 1, default 1; norm default bn)"
 )
 _CONV_RE = re.compile(r"^(vgg11|vgg16|resnet18|resnet20)(?:x(\d+))?(?:-(bn|ln|gn))?$")
@@ -210,3 +213,4 @@ register_model("vgg11")(vgg11)
 register_model("vgg16")(vgg16)
 register_model("resnet20")(resnet20)
 register_model("resnet18")(resnet18)
+register_model("vit-tiny")(vit_tiny)
