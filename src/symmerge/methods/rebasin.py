@@ -1,0 +1,287 @@
+"""Git Re-Basin recipes: plain averaging, weight matching, activation matching, MergeMany.
+
+Each recipe aligns the models (a GroupMap per group), then builds the merged weights with
+:func:`symmerge.groupmap.build_state_dict`. For two models the interpolation weight ``lam`` gives
+model weights ``(1 - lam, lam)``; for more models pass ``weights=`` (uniform by default).
+Renormalisation (BN reset, REPAIR) is a separate step, not done here.
+
+Reference: Ainsworth, Hayase, Srinivasa, "Git Re-Basin: Merging Models modulo Permutation
+Symmetries", ICLR 2023, https://arxiv.org/abs/2209.04836
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from symmerge.groupmap import GroupMap, build_state_dict
+from symmerge.methods import MergeResult, register_method
+from symmerge.similarity import activation_similarity
+from symmerge.solvers.coordinate import (
+    coordinates,
+    merge_many,
+    solve_coordinate,
+    weight_matching,
+)
+from symmerge.solvers.lap import lap_objective
+from symmerge.spec import SymmetrySpec
+
+__all__ = ["activation", "mergemany", "naive", "weight"]
+
+_PAPER = "Ainsworth et al., Git Re-Basin, ICLR 2023"
+_URL = "https://arxiv.org/abs/2209.04836"
+
+Models = Sequence[nn.Module | Mapping[str, torch.Tensor]]
+
+
+@register_method("naive", paper="weight averaging (baseline)", url=_URL)
+def naive(
+    spec: SymmetrySpec,
+    models: Models,
+    *,
+    data: Any = None,
+    lam: float = 0.5,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+) -> MergeResult:
+    """Plain (weighted) average of the weights, without any alignment."""
+    t0 = time.perf_counter()
+    sds = _state_dicts(models)
+    w = _model_weights(len(sds), lam, weights, "naive")
+    maps = {g: GroupMap.identity(grp.size, len(sds), w) for g, grp in spec.groups.items()}
+    merged = build_state_dict(spec, sds, maps)
+    seconds = time.perf_counter() - t0
+    return MergeResult(
+        merged, maps, other_seconds=seconds, method="naive", timings={"build": seconds}
+    )
+
+
+@register_method("weight", paper=_PAPER, url=_URL)
+def weight(
+    spec: SymmetrySpec,
+    models: Models,
+    *,
+    data: Any = None,
+    lam: float = 0.5,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+    kind: str = "inner",
+    max_sweeps: int = 100,
+    init: Mapping[str, torch.Tensor] | None = None,
+    backend: str = "scipy",
+) -> MergeResult:
+    """Weight matching (data-free): align model 1 to model 0 by coordinate descent, then average.
+
+    Args:
+        kind: weight similarity, ``"inner"`` (the paper), ``"corr"`` or ``"cos"``.
+        max_sweeps: bound on sweeps over all groups.
+        init: warm-start permutations of model 1.
+        backend: LAP backend (see :func:`symmerge.solvers.solve_lap`).
+    """
+    sds = _state_dicts(models)
+    if len(sds) != 2:
+        raise ValueError(
+            f"the 'weight' method merges 2 models, got {len(sds)}; use 'mergemany' for more"
+        )
+    w = _model_weights(2, lam, weights, "weight")
+    res = weight_matching(
+        spec, sds[0], sds[1], init=init, kind=kind, max_sweeps=max_sweeps, seed=seed,
+        backend=backend,
+    )  # fmt: skip
+    ident = spec.identity_permutations()
+    maps = {g: GroupMap.permutations([ident[g], res.perms[g]], w) for g in spec.groups}
+    return _finish(
+        "weight", spec, sds, maps, res.objective, res.iterations, res.lap_seconds,
+        res.other_seconds, res.log,
+    )  # fmt: skip
+
+
+@register_method("activation", paper=_PAPER, url=_URL)
+def activation(
+    spec: SymmetrySpec,
+    models: Models,
+    *,
+    data: Iterable[Any] | None = None,
+    lam: float = 0.5,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+    kind: str = "corr",
+    stats: Any = None,
+    collect: Callable[..., Any] | None = None,
+    device: str | torch.device | None = None,
+    backend: str = "scipy",
+) -> MergeResult:
+    """Activation matching: align every model to model 0 by one LAP per group on unit
+    similarities measured on data, then average.
+
+    Args:
+        data: batches to run the models on (tensors or ``(inputs, labels)`` tuples).
+        kind: ``"corr"`` (Pearson, default), ``"inner"``, ``"cov"``, ``"neg_dist"`` or
+            ``"neg_sqdist"`` (see :func:`symmerge.similarity.activation_similarity`).
+        stats: precomputed statistics of all the models (skips collecting).
+        collect: ``collect(spec, models, batches, device=...)`` returning statistics; default
+            :func:`symmerge.stats.collect_statistics`.
+        device: where statistics are collected.
+    """
+    t0 = time.perf_counter()
+    n = len(models)
+    w = _model_weights(n, lam, weights, "activation")
+    if stats is None:
+        if data is None:
+            raise ValueError("the 'activation' method needs data= (batches) or stats=")
+        if not all(isinstance(m, nn.Module) for m in models):
+            raise ValueError(
+                "the 'activation' method runs the models on data: pass nn.Modules, not state "
+                "dicts (or pass precomputed stats=)"
+            )
+        collect = collect or _default_collect()
+        stats = collect(spec, list(models), data, device=device)
+    t_stats = time.perf_counter() - t0
+    sds = _state_dicts(models)
+    perms: list[dict[str, torch.Tensor]] = [spec.identity_permutations()]
+    objective: dict[str, float] = {}
+    lap_s = 0.0
+    for b in range(1, n):
+        perms.append({})
+        for coord in coordinates(spec):
+            sims = {
+                g: _activation_sim(spec, stats, g, b, kind, n, head=len(coord) > 1 and k == 0)
+                for k, g in enumerate(coord)
+            }
+            t1 = time.perf_counter()
+            perms[b].update(solve_coordinate(spec, coord, sims, backend=backend))
+            lap_s += time.perf_counter() - t1
+            for g in coord:
+                objective[g] = objective.get(g, 0.0) + lap_objective(sims[g], perms[b][g])
+    maps = {g: GroupMap.permutations([p[g] for p in perms], w) for g in spec.groups}
+    other = time.perf_counter() - t0 - lap_s
+    res = _finish("activation", spec, sds, maps, objective, 0, lap_s, other, [])
+    res.timings["statistics"] = t_stats
+    return res
+
+
+@register_method("mergemany", paper=_PAPER, url=_URL)
+def mergemany(
+    spec: SymmetrySpec,
+    models: Models,
+    *,
+    data: Any = None,
+    lam: float = 0.5,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+    kind: str = "inner",
+    max_rounds: int = 100,
+    max_sweeps: int = 100,
+    backend: str = "scipy",
+) -> MergeResult:
+    """MergeMany (data-free, N models): match each model to the mean of the others until no
+    alignment changes, then average all models in model 0's unit order.
+
+    Matching always uses the uniform mean of the other models; ``weights`` (or ``lam`` for two
+    models) only weigh the final average.
+    """
+    sds = _state_dicts(models)
+    w = _model_weights(len(sds), lam, weights, "mergemany")
+    res = merge_many(
+        spec, sds, max_rounds=max_rounds, max_sweeps=max_sweeps, seed=seed, kind=kind,
+        backend=backend,
+    )  # fmt: skip
+    maps = {g: GroupMap.permutations([p[g] for p in res.model_perms], w) for g in spec.groups}
+    return _finish(
+        "mergemany", spec, sds, maps, res.objective, res.iterations, res.lap_seconds,
+        res.other_seconds, res.log,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _finish(
+    name: str,
+    spec: SymmetrySpec,
+    sds: list[dict[str, torch.Tensor]],
+    maps: dict[str, GroupMap],
+    objective: dict[str, float],
+    iterations: int,
+    lap_s: float,
+    other_s: float,
+    log: list[str],
+) -> MergeResult:
+    t0 = time.perf_counter()
+    merged = build_state_dict(spec, sds, maps)
+    build = time.perf_counter() - t0
+    return MergeResult(
+        merged, maps, dict(objective), iterations, lap_s, other_s + build, list(log), name,
+        {"match": lap_s + other_s, "build": build},
+    )  # fmt: skip
+
+
+def _state_dicts(models: Models) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for m in models:
+        if isinstance(m, nn.Module):
+            out.append({k: v.detach() for k, v in m.state_dict().items()})
+        elif isinstance(m, Mapping):
+            out.append(dict(m))
+        else:
+            raise TypeError(f"models must be nn.Modules or state dicts, got {type(m).__name__}")
+    if not out:
+        raise ValueError("no models to merge")
+    return out
+
+
+def _model_weights(
+    n: int, lam: float, weights: Sequence[float] | None, method: str
+) -> tuple[float, ...]:
+    if weights is not None:
+        w = tuple(float(x) for x in weights)
+        if len(w) != n:
+            raise ValueError(
+                f"The 'weights' parameter of {method} needs one weight per model ({n}). "
+                f"Got {len(w)} instead."
+            )
+        return w
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(
+            f"The 'lam' parameter of {method} must be a float in [0, 1]. Got {lam!r} instead."
+        )
+    if n == 2:
+        return (1.0 - float(lam), float(lam))
+    if lam != 0.5:
+        raise ValueError(
+            f"The 'lam' parameter of {method} applies to two models; for {n} models pass "
+            "weights= instead."
+        )
+    return tuple([1.0 / n] * n)
+
+
+def _activation_sim(
+    spec: SymmetrySpec, stats: Any, group: str, b: int, kind: str, n: int, head: bool
+) -> torch.Tensor:
+    """Model 0 vs model b. A head group that was not observed scores zero (the groups it
+    steers decide the head permutation); any other unobserved group is an error."""
+    collected = getattr(stats, "groups", None)
+    if spec.groups[group].sites and (collected is None or group in collected):
+        return activation_similarity(stats, group, 0, b, kind=kind, num_models=n)
+    if head:
+        size = spec.groups[group].size
+        return torch.zeros(size, size, dtype=torch.float64)
+    raise ValueError(
+        f"no activation statistics for group {group!r} (no observable site); activation "
+        "matching cannot align it. Use weight matching, or collect statistics at other sites."
+    )
+
+
+def _default_collect() -> Callable[..., Any]:
+    try:
+        from symmerge.stats import collect_statistics
+    except ImportError as e:
+        raise ImportError(
+            "activation matching needs symmerge.stats.collect_statistics; pass collect= or "
+            "stats= to use another source of statistics"
+        ) from e
+    return collect_statistics

@@ -1,0 +1,346 @@
+"""Similarity between the units of two models, in weight space or activation space.
+
+Weight similarity (Git Re-Basin weight matching, MuDSC's weight space): for group ``g`` every
+member tensor is unfolded with ``g``'s factor in front and all *other* group axes of model B
+permuted by the current permutations, and
+
+    C_g = sum_members  unfold_g(W_A) . unfold_g(P(W_B))^T          (kind "inner")
+
+so ``C_g[i, j]`` scores unit i of A against unit j of B. :class:`WeightSimilarity` unfolds every
+tensor once and caches each member's contribution until a neighbouring permutation changes,
+which keeps everything outside the assignment solves cheap during coordinate descent.
+
+Activation similarity works from streamed statistics (:mod:`symmerge.stats`): the mean and the
+second moment of the units of all N models stacked, so a cross block of the ``(N n x N n)``
+moment matrix compares model a with model b.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from symmerge.spec import Member, SymmetrySpec
+
+__all__ = [
+    "ACTIVATION_KINDS",
+    "WEIGHT_KINDS",
+    "WeightSimilarity",
+    "activation_similarity",
+    "activation_similarity_from_moments",
+    "mix",
+    "weight_similarity",
+]
+
+WEIGHT_KINDS = ("inner", "corr", "cos")
+ACTIVATION_KINDS = ("inner", "cov", "corr", "neg_dist", "neg_sqdist")
+
+#: State-dict suffixes left out of weight similarity by default: running statistics are
+#: permuted with their group but are not weights (Git Re-Basin excludes them too).
+DEFAULT_IGNORE = ("running_mean", "running_var")
+
+_EPS = 1e-12
+
+
+# ---------------------------------------------------------------------------------------
+# weight similarity
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Occurrence:
+    """One place where a group's units sit in a tensor: (member, segment, factor)."""
+
+    a: torch.Tensor  # (n, rest) unfolded tensor of model A
+    b: torch.Tensor  # (n, *rest_dims) tensor of model B, the group's factor in front
+    perms: list[tuple[int, Callable[[Mapping[str, torch.Tensor]], torch.Tensor | None]]]
+    keys: tuple[str, ...]  # the groups whose permutations ``perms`` read
+    cache: torch.Tensor | None = None
+    seen: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class WeightSimilarity:
+    """Weight similarity of two models for every group, for repeated calls.
+
+    Args:
+        spec: symmetry of the models.
+        state_a, state_b: state dicts of the reference model A and the model B to align.
+        groups: the groups to prepare (default all).
+        kind: ``"inner"`` (Git Re-Basin), ``"corr"`` (Pearson correlation of the concatenated
+            unit vectors, MuDSC) or ``"cos"`` (cosine).
+        ignore: tensors whose name ends with one of these are left out.
+        dtype: arithmetic dtype (float32 by default; float64 for exact ties in tests).
+
+    Call ``sim(group, perms)`` with ``perms`` the current permutations of B (group name ->
+    index vector, convention ``new[i] = old[perm[i]]``; missing groups are unpermuted) to get the
+    ``(n, n)`` matrix ``C[i, j]`` = similarity of A's unit i and B's unit j.
+    """
+
+    def __init__(
+        self,
+        spec: SymmetrySpec,
+        state_a: Mapping[str, torch.Tensor],
+        state_b: Mapping[str, torch.Tensor],
+        *,
+        groups: Sequence[str] | None = None,
+        kind: str = "inner",
+        ignore: Sequence[str] = DEFAULT_IGNORE,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if kind not in WEIGHT_KINDS:
+            raise ValueError(
+                f"The 'kind' parameter of WeightSimilarity must be one of {WEIGHT_KINDS}. "
+                f"Got {kind!r} instead."
+            )
+        self.spec, self.kind, self.dtype = spec, kind, dtype
+        self.groups = list(spec.groups) if groups is None else list(groups)
+        self._occ: dict[str, list[_Occurrence]] = {}
+        self._norms: dict[str, tuple[torch.Tensor, ...]] = {}
+        by_tensor: dict[str, dict[int, Member]] = {}
+        for mem in spec.members():
+            by_tensor.setdefault(mem.tensor, {})[mem.axis] = mem
+        for g in self.groups:
+            occs = []
+            for mem in spec.groups[g].members:
+                if mem.tensor.endswith(tuple(ignore)):
+                    continue
+                wa, wb = state_a[mem.tensor], state_b[mem.tensor]
+                if not wa.is_floating_point():
+                    continue
+                occs += _occurrences(
+                    g, mem, by_tensor[mem.tensor], wa.to(dtype), wb.to(dtype), spec
+                )
+            self._occ[g] = occs  # empty for a head group with no tensor of its own
+            if kind != "inner" and occs:
+                self._norms[g] = _unit_norms(occs, kind)
+
+    def __call__(self, group: str, perms: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        perms = perms or {}
+        total = None
+        for occ in self._occ[group]:
+            c = _contribution(occ, perms)
+            total = c.clone() if total is None else total + c  # never hand out the cache
+        if total is None:
+            n = self.spec.groups[group].size
+            return torch.zeros(n, n, dtype=self.dtype)
+        if self.kind == "inner":
+            return total
+        sa, sb, na, nb, length = self._norms[group]
+        if self.kind == "corr":
+            total = total - torch.outer(sa, sb) / length
+        return total / torch.outer(na, nb)
+
+
+def _occurrences(
+    group: str,
+    mem: Member,
+    axes: Mapping[int, Member],
+    wa: torch.Tensor,
+    wb: torch.Tensor,
+    spec: SymmetrySpec,
+) -> list[_Occurrence]:
+    out = []
+    ax = mem.axis
+    others = [axes[a] for a in sorted(axes) if a != ax]
+    for seg in mem.segments:
+        for k, f in enumerate(seg.factors):
+            if f.group != group:
+                continue
+            sizes = [fac.size for fac in seg.factors]
+
+            def view(w: torch.Tensor, seg=seg, sizes=sizes, k=k) -> torch.Tensor:
+                piece = w.narrow(ax, seg.offset, seg.size)
+                shape = list(piece.shape)
+                piece = piece.reshape(shape[:ax] + sizes + shape[ax + 1 :])
+                return torch.movedim(piece, ax + k, 0)
+
+            a = view(wa).reshape(f.size, -1).contiguous()
+            b = view(wb).contiguous()
+            # where each permuted dimension of ``b`` sits after the reshape and the move
+            perms: list[tuple[int, Callable[[Mapping[str, torch.Tensor]], Any]]] = []
+            keys: list[str] = []
+            for o in others:
+                pos = o.axis + (len(sizes) - 1 if o.axis > ax else 0)
+                pos = pos + 1 if pos < ax + k else pos
+                perms.append((pos, lambda p, o=o: _axis_index(spec, o, p)))
+                keys += [fa.group for s in o.segments for fa in s.factors if fa.group]
+            for j, fa in enumerate(seg.factors):
+                if j == k or fa.group is None:
+                    continue
+                pos = ax + j + (1 if ax + j < ax + k else 0)
+                perms.append((pos, lambda p, name=fa.group: p.get(name)))
+                keys.append(fa.group)
+            out.append(_Occurrence(a, b, perms, tuple(sorted(set(keys)))))
+    return out
+
+
+def _axis_index(
+    spec: SymmetrySpec, mem: Member, perms: Mapping[str, torch.Tensor]
+) -> torch.Tensor | None:
+    if not any(f.group in perms for s in mem.segments for f in s.factors):
+        return None
+    return spec.axis_index(mem, perms)
+
+
+def _contribution(occ: _Occurrence, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``a @ P(b)^T`` for one occurrence, recomputed only when a permutation it reads changed."""
+    if occ.cache is not None and all(_same(occ.seen.get(key), perms.get(key)) for key in occ.keys):
+        return occ.cache
+    b = occ.b
+    for dim, index_of in occ.perms:
+        idx = index_of(perms)
+        if idx is None:
+            continue
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        if not torch.equal(idx, torch.arange(idx.numel(), device=idx.device)):
+            b = b.index_select(dim, idx.to(b.device))
+    occ.cache = occ.a @ b.reshape(b.shape[0], -1).T
+    occ.seen = {k: perms[k].clone() for k in occ.keys if k in perms}
+    return occ.cache
+
+
+def _same(old: torch.Tensor | None, new: torch.Tensor | None) -> bool:
+    if old is None or new is None:
+        return old is None and new is None
+    return old is new or torch.equal(old, torch.as_tensor(new).to(old.device))
+
+
+def _unit_norms(occs: Sequence[_Occurrence], kind: str) -> tuple[torch.Tensor, ...]:
+    """Per-unit sums and norms of the concatenated unit vectors (permutations of the other
+    axes reorder entries within a unit vector, so these never change)."""
+    sa = sum(o.a.sum(1) for o in occs)
+    sb = sum(o.b.reshape(o.b.shape[0], -1).sum(1) for o in occs)
+    qa = sum((o.a**2).sum(1) for o in occs)
+    qb = sum((o.b.reshape(o.b.shape[0], -1) ** 2).sum(1) for o in occs)
+    length = float(sum(o.a.shape[1] for o in occs))
+    if kind == "corr":
+        qa, qb = qa - sa**2 / length, qb - sb**2 / length
+    na, nb = qa.clamp(min=0).sqrt().clamp(min=_EPS), qb.clamp(min=0).sqrt().clamp(min=_EPS)
+    return sa, sb, na, nb, length  # type: ignore[return-value]
+
+
+def weight_similarity(
+    spec: SymmetrySpec,
+    group: str,
+    state_a: Mapping[str, torch.Tensor],
+    state_b: Mapping[str, torch.Tensor],
+    perms: Mapping[str, torch.Tensor] | None = None,
+    *,
+    kind: str = "inner",
+    ignore: Sequence[str] = DEFAULT_IGNORE,
+) -> torch.Tensor:
+    """One-shot :class:`WeightSimilarity` for one group: ``(n, n)``, float32."""
+    return WeightSimilarity(spec, state_a, state_b, groups=[group], kind=kind, ignore=ignore)(
+        group, perms
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# activation similarity
+# ---------------------------------------------------------------------------------------
+
+
+def activation_similarity_from_moments(
+    mean: torch.Tensor,
+    second_moment: torch.Tensor,
+    num_models: int,
+    a: int = 0,
+    b: int = 1,
+    *,
+    kind: str = "corr",
+    count: int | None = None,
+) -> torch.Tensor:
+    """Similarity of model a's and model b's units from stacked moments.
+
+    Args:
+        mean: ``(N n,)`` E[z], the units of the N models concatenated model-major.
+        second_moment: ``(N n, N n)`` E[z z^T] over samples (positions count as samples).
+        num_models: N.
+        a, b: the two models compared (rows: a, columns: b).
+        kind: ``"inner"`` E[z_a z_b] (proportional to Z_A Z_B^T), ``"cov"``, ``"corr"`` (Pearson;
+            a constant unit correlates 0 with everything), ``"neg_sqdist"`` -E[(z_a - z_b)^2],
+            ``"neg_dist"`` -||Z_A[i] - Z_B[j]|| over the samples (needs ``count``; equals
+            ``-torch.cdist(Z_A, Z_B)``).
+        count: number of samples behind the moments.
+
+    Returns:
+        ``(n, n)`` float64 matrix; larger means more similar.
+    """
+    if kind not in ACTIVATION_KINDS:
+        raise ValueError(
+            f"The 'kind' parameter of activation_similarity must be one of {ACTIVATION_KINDS}. "
+            f"Got {kind!r} instead."
+        )
+    mean = torch.as_tensor(mean).to(torch.float64).cpu()
+    second = torch.as_tensor(second_moment).to(torch.float64).cpu()
+    total = mean.numel()
+    if total % num_models or second.shape != (total, total):
+        raise ValueError(
+            f"moments do not fit {num_models} models: mean {tuple(mean.shape)}, "
+            f"second moment {tuple(second.shape)}"
+        )
+    n = total // num_models
+    ra, rb = slice(a * n, (a + 1) * n), slice(b * n, (b + 1) * n)
+    cross = second[ra, rb]
+    if kind == "inner":
+        return cross
+    diag = torch.diagonal(second)
+    if kind in ("neg_sqdist", "neg_dist"):
+        sq = (diag[ra][:, None] + diag[rb][None, :] - 2 * cross).clamp(min=0)
+        if kind == "neg_sqdist":
+            return -sq
+        if count is None:
+            raise ValueError("kind='neg_dist' needs the sample count")
+        return -(sq * count).sqrt()
+    cov = cross - torch.outer(mean[ra], mean[rb])
+    if kind == "cov":
+        return cov
+    var = (diag - mean**2).clamp(min=0)
+    std_a, std_b = var[ra].sqrt(), var[rb].sqrt()
+    denom = torch.outer(std_a, std_b)
+    return torch.where(denom > _EPS, cov / denom.clamp(min=_EPS), torch.zeros_like(cov))
+
+
+def activation_similarity(
+    stats: Any,
+    group: str,
+    a: int = 0,
+    b: int = 1,
+    *,
+    kind: str = "corr",
+    num_models: int | None = None,
+) -> torch.Tensor:
+    """:func:`activation_similarity_from_moments` on a statistics object.
+
+    ``stats`` needs ``mean(group)``, ``second_moment(group)`` and ``count(group)`` as produced
+    by :func:`symmerge.stats.collect_statistics`. ``num_models`` defaults to
+    ``stats.num_models``.
+    """
+    num = num_models if num_models is not None else getattr(stats, "num_models", None)
+    if num is None:
+        raise ValueError("pass num_models= (the statistics object does not say how many)")
+    count = stats.count(group) if hasattr(stats, "count") else None
+    return activation_similarity_from_moments(
+        stats.mean(group), stats.second_moment(group), int(num), a, b, kind=kind, count=count
+    )
+
+
+def mix(alpha: float, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``alpha * A + (1 - alpha) * B`` (MuDSC: alpha weights the weight-space similarity).
+
+    Both matrices should be on one scale (e.g. two Pearson correlations) for alpha to mean
+    anything; normalise them first otherwise.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(
+            f"The 'alpha' parameter of mix must be a float in [0, 1]. Got {alpha!r} instead."
+        )
+    if A.shape != B.shape:
+        raise ValueError(
+            f"mix needs matrices of one shape, got {tuple(A.shape)} and {tuple(B.shape)}"
+        )
+    B = B.to(A.dtype)
+    return alpha * A + (1.0 - alpha) * B

@@ -1,0 +1,301 @@
+"""Coordinate descent over groups: Git Re-Basin weight matching and MergeMany.
+
+Weight matching maximizes ``sum_params <W_A, P(W_B)>`` over one permutation per group. With
+all other groups fixed the objective is linear in one group's permutation, so each step is a
+LAP on that group's weight similarity (:class:`symmerge.similarity.WeightSimilarity`). Groups
+are visited in a random order each sweep; the search stops after a sweep in which no group
+improved, or after ``max_sweeps``.
+
+MergeMany (Git Re-Basin, N models) repeatedly matches each model to the weighted mean of the
+others (aligned), until a round changes nothing, and returns permutations expressed in model
+0's unit order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from symmerge.similarity import DEFAULT_IGNORE, WeightSimilarity
+from symmerge.solvers.lap import lap_objective, solve_lap, solve_shared_blocks
+from symmerge.spec import SymmetrySpec
+
+__all__ = [
+    "MatchResult",
+    "coordinate_descent",
+    "coordinates",
+    "merge_many",
+    "solve_coordinate",
+    "weight_matching",
+]
+
+Perms = dict[str, torch.Tensor]
+
+
+@dataclass
+class MatchResult:
+    """Permutations found by a matcher, with how the search went.
+
+    ``perms`` maps group -> index vector for one model (two-model matching) and
+    ``model_perms`` holds one such dict per model (MergeMany). ``lap_seconds`` counts only the
+    assignment solves; ``other_seconds`` everything else the matcher did.
+    """
+
+    perms: Perms
+    objective: dict[str, float] = field(default_factory=dict)
+    iterations: int = 0
+    lap_seconds: float = 0.0
+    other_seconds: float = 0.0
+    converged: bool = False
+    log: list[str] = field(default_factory=list)
+    model_perms: list[Perms] = field(default_factory=list)
+
+
+def coordinates(spec: SymmetrySpec, groups: Sequence[str] | None = None) -> list[tuple[str, ...]]:
+    """The units of coordinate descent: each group alone, except that a head group
+    (``Group.block_group``) is solved together with every group whose blocks it moves.
+
+    A joint coordinate is ``(head, steered_1, steered_2, ...)``.
+    """
+    names = list(spec.groups) if groups is None else list(groups)
+    steered: dict[str, list[str]] = {}
+    for g in spec.groups:
+        head = spec.groups[g].block_group
+        if head:
+            steered.setdefault(head, []).append(g)
+    out: list[tuple[str, ...]] = []
+    done: set[str] = set()
+    for g in names:
+        head = spec.groups[g].block_group or (g if g in steered else None)
+        if head is None:
+            out.append((g,))
+        elif head not in done:
+            done.add(head)
+            out.append((head, *steered[head]))
+    return out
+
+
+def solve_coordinate(
+    spec: SymmetrySpec,
+    coordinate: Sequence[str],
+    sims: Mapping[str, torch.Tensor],
+    *,
+    backend: str = "scipy",
+) -> dict[str, torch.Tensor]:
+    """Best permutations of one coordinate given its similarity matrices (``sims[g]``, rows:
+    reference units, columns: units to permute). Blocked groups keep their blocks; a head
+    coordinate shares one block permutation (see :func:`solve_shared_blocks`)."""
+    if len(coordinate) == 1:
+        g = coordinate[0]
+        return {g: solve_lap(sims[g], blocks=spec.groups[g].blocks, backend=backend)}
+    head, steered = coordinate[0], coordinate[1:]
+    blocks = spec.groups[head].size
+    block_perm, perms = solve_shared_blocks(
+        [sims[g] for g in steered], blocks, block_similarity=sims.get(head), backend=backend
+    )
+    return {head: block_perm, **dict(zip(steered, perms, strict=True))}
+
+
+def coordinate_descent(
+    coordinates: Sequence[Sequence[str]],
+    similarity: Callable[[str, Mapping[str, torch.Tensor]], torch.Tensor],
+    solve: Callable[[Sequence[str], Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]],
+    init: Mapping[str, torch.Tensor],
+    *,
+    max_sweeps: int = 100,
+    seed: int = 0,
+    rtol: float = 1e-10,
+) -> MatchResult:
+    """Maximize a sum of per-group linear objectives, one coordinate at a time.
+
+    Args:
+        coordinates: tuples of group names optimized together (usually one group each; see
+            :func:`coordinates`).
+        similarity: ``(group, perms) -> C`` given the current permutations of all groups; the
+            objective of the group is ``sum_i C[i, perm[i]]``.
+        solve: ``(coordinate, {group: C}) -> {group: perm}`` maximizing the coordinate's
+            objective (e.g. :func:`solve_coordinate`).
+        init: starting permutation of every group.
+        max_sweeps: upper bound on sweeps over all coordinates.
+        seed: seeds the random visiting order.
+        rtol: a new solution is taken only when it beats the current one by more than
+            ``rtol * max(1, |current|)``, so round-off cannot make the search cycle.
+
+    Returns:
+        A :class:`MatchResult` whose ``iterations`` is the number of sweeps run.
+    """
+    perms: Perms = {g: torch.as_tensor(p, dtype=torch.long).clone() for g, p in init.items()}
+    gen = torch.Generator().manual_seed(seed)
+    res = MatchResult(perms)
+    lap_s = other_s = 0.0
+    solved: dict[int, dict[str, torch.Tensor]] = {}  # coordinate -> matrices at its last solve
+    for sweep in range(1, max_sweeps + 1):
+        improved = 0
+        for i in torch.randperm(len(coordinates), generator=gen).tolist():
+            coord = coordinates[i]
+            t0 = time.perf_counter()
+            sims = {g: similarity(g, perms).to("cpu", torch.float64) for g in coord}
+            old = {g: lap_objective(sims[g], perms[g]) for g in coord}
+            if i in solved and all(torch.equal(sims[g], solved[i][g]) for g in coord):
+                # same matrices as at the last solve, whose optimum is the current solution
+                res.objective.update(old)
+                other_s += time.perf_counter() - t0
+                continue
+            solved[i] = sims
+            t1 = time.perf_counter()
+            new_perms = solve(coord, sims)
+            t2 = time.perf_counter()
+            new = {g: lap_objective(sims[g], new_perms[g]) for g in coord}
+            before, after = sum(old.values()), sum(new.values())
+            if after > before + rtol * max(1.0, abs(before)):
+                perms.update(
+                    {g: torch.as_tensor(p, dtype=torch.long) for g, p in new_perms.items()}
+                )
+                res.objective.update(new)
+                improved += 1
+            else:
+                res.objective.update(old)
+            lap_s += t2 - t1
+            other_s += (t1 - t0) + (time.perf_counter() - t2)
+        res.iterations = sweep
+        res.log.append(f"sweep {sweep}: {improved} of {len(coordinates)} coordinates improved")
+        if not improved:
+            res.converged = True
+            break
+    res.lap_seconds, res.other_seconds = lap_s, other_s
+    return res
+
+
+def weight_matching(
+    spec: SymmetrySpec,
+    state_a: Mapping[str, torch.Tensor],
+    state_b: Mapping[str, torch.Tensor],
+    *,
+    groups: Sequence[str] | None = None,
+    init: Mapping[str, torch.Tensor] | None = None,
+    kind: str = "inner",
+    max_sweeps: int = 100,
+    seed: int = 0,
+    backend: str = "scipy",
+    ignore: Sequence[str] = DEFAULT_IGNORE,
+    dtype: torch.dtype = torch.float32,
+) -> MatchResult:
+    """Git Re-Basin weight matching: permutations of B that best align its weights to A's.
+
+    ``result.perms[g]`` follows :meth:`SymmetrySpec.permute_state_dict`
+    (``new[i] = old[perm[i]]``), so ``spec.permute_state_dict(state_b, result.perms)`` is B in
+    A's unit order. Groups with ``blocks`` are solved block to block, and attention heads
+    (``block_group``) share one head permutation. ``init`` warm-starts the search (groups it
+    leaves out start at the identity).
+
+    Reference: Ainsworth, Hayase, Srinivasa, "Git Re-Basin", ICLR 2023, arXiv:2209.04836.
+    """
+    t0 = time.perf_counter()
+    coords = coordinates(spec, groups)
+    names = [g for c in coords for g in c]
+    sim = WeightSimilarity(
+        spec, state_a, state_b, groups=names, kind=kind, ignore=ignore, dtype=dtype
+    )
+    start = spec.identity_permutations()
+    start.update({g: torch.as_tensor(p, dtype=torch.long) for g, p in (init or {}).items()})
+
+    def solve(coord: Sequence[str], sims: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return solve_coordinate(spec, coord, sims, backend=backend)
+
+    setup = time.perf_counter() - t0
+    res = coordinate_descent(coords, sim, solve, start, max_sweeps=max_sweeps, seed=seed)
+    res.other_seconds += setup
+    return res
+
+
+def merge_many(
+    spec: SymmetrySpec,
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    weights: Sequence[float] | None = None,
+    max_rounds: int = 100,
+    max_sweeps: int = 100,
+    seed: int = 0,
+    kind: str = "inner",
+    backend: str = "scipy",
+    ignore: Sequence[str] = DEFAULT_IGNORE,
+    dtype: torch.dtype = torch.float32,
+) -> MatchResult:
+    """Git Re-Basin MergeMany: align N models to a common unit order.
+
+    Each round visits the models in a random order and re-matches model i (warm-started) to the
+    weighted mean of the other models in their current alignment; the search stops after a
+    round in which no permutation changed. The returned ``model_perms`` are then re-expressed in
+    model 0's unit order (model 0 gets the identity), which changes nothing in the merged
+    function. ``iterations`` counts rounds; ``objective`` is that of the last matching run.
+    """
+    n = len(state_dicts)
+    if n < 2:
+        raise ValueError(f"merge_many needs at least 2 models, got {n}")
+    w = [1.0 / n] * n if weights is None else [float(x) for x in weights]
+    if len(w) != n:
+        raise ValueError(f"need one weight per model ({n}), got {len(w)}")
+    gen = torch.Generator().manual_seed(seed)
+    perms: list[Perms] = [spec.identity_permutations() for _ in range(n)]
+    aligned = [dict(sd) for sd in state_dicts]
+    res = MatchResult({})
+    keys = sorted(  # only what the similarity reads
+        {m.tensor for m in spec.members() if not m.tensor.endswith(tuple(ignore))}
+        & {k for k, v in state_dicts[0].items() if v.is_floating_point()}
+    )
+    for rnd in range(1, max_rounds + 1):
+        changed = 0
+        for i in torch.randperm(n, generator=gen).tolist():
+            t0 = time.perf_counter()
+            others = [j for j in range(n) if j != i]
+            total = sum(w[j] for j in others)
+            target = {
+                k: sum(aligned[j][k].to(dtype) * (w[j] / total) for j in others) for k in keys
+            }
+            res.other_seconds += time.perf_counter() - t0
+            sub = weight_matching(
+                spec,
+                target,
+                state_dicts[i],
+                init=perms[i],
+                kind=kind,
+                max_sweeps=max_sweeps,
+                seed=seed + 1000 * rnd + i,
+                backend=backend,
+                ignore=ignore,
+                dtype=dtype,
+            )
+            res.lap_seconds += sub.lap_seconds
+            res.other_seconds += sub.other_seconds
+            t0 = time.perf_counter()
+            if any(not torch.equal(sub.perms[g], perms[i][g]) for g in spec.groups):
+                changed += 1
+                perms[i] = sub.perms
+                aligned[i] = spec.permute_state_dict(state_dicts[i], perms[i])
+            res.objective = dict(sub.objective)
+            res.other_seconds += time.perf_counter() - t0
+        res.iterations = rnd
+        res.log.append(f"round {rnd}: {changed} of {n} models changed alignment")
+        if not changed:
+            res.converged = True
+            break
+    res.model_perms = _relative_to_first(perms)
+    res.perms = res.model_perms[1] if n == 2 else {}
+    return res
+
+
+def _relative_to_first(perms: list[Perms]) -> list[Perms]:
+    """Reorder the merged units so that model 0's map is the identity.
+
+    Merged unit i is model m's unit ``perms[m][i]``; with ``inv`` the inverse of model 0's
+    permutation, merged unit ``inv[k]`` is model 0's unit k, so ``perms[m][inv]`` is the map
+    in model 0's order.
+    """
+    out = []
+    inverse = {g: torch.argsort(p) for g, p in perms[0].items()}
+    for p in perms:
+        out.append({g: q[inverse[g]] for g, q in p.items()})
+    return out

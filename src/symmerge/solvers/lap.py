@@ -1,0 +1,212 @@
+"""Linear assignment: the inner solve of every permutation-based matching method.
+
+``solve_lap(C)`` returns, for every row ``i`` of a similarity (or cost) matrix, the column
+``perm[i]`` it is assigned to, maximizing (or minimizing) ``sum_i C[i, perm[i]]``. The default
+backend is :func:`scipy.optimize.linear_sum_assignment` (Jonker-Volgenant); ``backend="lapx"``
+uses the ``lapx`` package when it is installed. Groups with ``blocks`` (GroupNorm groups, later
+attention heads) are solved by an exact two-level assignment: within every pair of blocks, then
+between blocks, so units never leave their block.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ["BACKENDS", "lap_objective", "solve_lap", "solve_shared_blocks"]
+
+#: Valid values of ``backend``. "auto" picks lapx when importable; results can then depend on
+#: what is installed (ties), so the default is scipy.
+BACKENDS = ("scipy", "lapx", "auto")
+
+# Blocks of at most this width are solved by enumerating all width! assignments in one
+# vectorised step: thousands of tiny scipy calls would cost far more than the arithmetic.
+_BRUTE_FORCE_WIDTH = 4
+
+
+def solve_lap(
+    C: torch.Tensor | np.ndarray,
+    maximize: bool = True,
+    *,
+    blocks: int | None = None,
+    backend: str = "scipy",
+) -> torch.Tensor:
+    """Optimal assignment of rows to columns of ``C``.
+
+    Args:
+        C: (rows, cols) matrix; any float dtype or device (solved on the CPU in float64).
+        maximize: maximize ``sum_i C[i, perm[i]]`` (similarities) or minimize it (costs).
+        blocks: if given, rows and columns are split into ``blocks`` equal consecutive blocks
+            and every row block must map onto one whole column block (square ``C`` only).
+        backend: ``"scipy"`` (default), ``"lapx"`` or ``"auto"`` (lapx if installed).
+
+    Returns:
+        A CPU int64 tensor ``perm`` of length ``rows``: row ``i`` goes to column ``perm[i]``;
+        ``-1`` marks the rows left unassigned when ``rows > cols``. For a square ``C`` this is a
+        permutation in the convention of :meth:`SymmetrySpec.permute_state_dict` (unit ``i`` of
+        the aligned model is unit ``perm[i]`` of the model the columns index).
+
+    Example:
+        >>> solve_lap(torch.tensor([[0.0, 1.0], [1.0, 0.0]])).tolist()
+        [1, 0]
+    """
+    cost = _as_numpy(C)
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"The 'backend' parameter of solve_lap must be one of {BACKENDS}. "
+            f"Got {backend!r} instead."
+        )
+    if blocks is not None and blocks > 1:
+        return torch.from_numpy(_solve_blocked(cost, int(blocks), maximize, backend))
+    return torch.from_numpy(_solve(cost, maximize, backend))
+
+
+def lap_objective(C: torch.Tensor | np.ndarray, perm: torch.Tensor | np.ndarray) -> float:
+    """``sum_i C[i, perm[i]]`` over the assigned rows (``perm[i] >= 0``), in float64."""
+    cost = _as_numpy(C)
+    p = np.asarray(torch.as_tensor(perm).cpu().numpy(), dtype=np.int64)
+    rows = np.nonzero(p >= 0)[0]
+    return float(cost[rows, p[rows]].sum())
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _as_numpy(C: torch.Tensor | np.ndarray) -> np.ndarray:
+    if torch.is_tensor(C):
+        C = C.detach().to("cpu", torch.float64).numpy()
+    cost = np.asarray(C, dtype=np.float64)
+    if cost.ndim != 2:
+        raise ValueError(f"solve_lap needs a 2-D matrix, got shape {cost.shape}")
+    if not np.isfinite(cost).all():
+        raise ValueError("solve_lap got a matrix with NaN or infinite entries")
+    return cost
+
+
+def _solve(cost: np.ndarray, maximize: bool, backend: str) -> np.ndarray:
+    rows, cols = cost.shape
+    perm = np.full(rows, -1, dtype=np.int64)
+    if rows == 0 or cols == 0:
+        return perm
+    if backend == "lapx" or (backend == "auto" and _has_lapx()):
+        r, c = _lapx(cost, maximize)
+    else:
+        r, c = linear_sum_assignment(cost, maximize=maximize)
+    perm[r] = c
+    return perm
+
+
+def _has_lapx() -> bool:
+    return importlib.util.find_spec("lap") is not None
+
+
+def _lapx(cost: np.ndarray, maximize: bool) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        import lap  # lapx installs the module ``lap``
+    except ImportError as e:
+        raise ImportError(
+            "backend='lapx' needs the lapx package: pip install lapx (or use backend='scipy')"
+        ) from e
+    work = -cost if maximize else cost
+    _, x, _ = lap.lapjv(np.ascontiguousarray(work), extend_cost=work.shape[0] != work.shape[1])
+    x = np.asarray(x, dtype=np.int64)
+    rows = np.nonzero(x >= 0)[0]
+    return rows, x[rows]
+
+
+def solve_shared_blocks(
+    matrices: Sequence[torch.Tensor | np.ndarray],
+    blocks: int,
+    *,
+    block_similarity: torch.Tensor | np.ndarray | None = None,
+    maximize: bool = True,
+    backend: str = "scipy",
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One block assignment shared by several block-structured square matrices.
+
+    Attention heads move as wholes in the q/k and in the v/o groups of one attention, so both
+    groups must use the same head permutation while each permutes the dims inside a head its own
+    way. Given the block pairing, every (matrix, block pair) is an independent LAP; so the best
+    pairing is a LAP on the sum over matrices of the best within-pair scores (plus
+    ``block_similarity``, a ``(blocks x blocks)`` similarity of the heads themselves), and
+    the result is optimal for the sum of the objectives.
+
+    Returns:
+        ``(block_perm, perms)``: block ``p`` of the rows goes to block ``block_perm[p]`` of the
+        columns, and ``perms[k]`` is the unit assignment of ``matrices[k]`` (same convention as
+        :func:`solve_lap`).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"The 'backend' parameter of solve_shared_blocks must be one of {BACKENDS}. "
+            f"Got {backend!r} instead."
+        )
+    costs = [_as_numpy(C) for C in matrices]
+    score = np.zeros((blocks, blocks))
+    if block_similarity is not None:
+        score = score + _as_numpy(block_similarity)
+        if score.shape != (blocks, blocks):
+            raise ValueError(f"block_similarity must be ({blocks}, {blocks}), got {score.shape}")
+    inners = []
+    for cost in costs:
+        inner, s = _block_pairs(cost, blocks, maximize, backend)
+        inners.append(inner)
+        score = score + s
+    block_of = _solve(score, maximize, backend)
+    perms = []
+    for inner in inners:
+        w = inner.shape[-1]
+        perm = block_of[:, None] * w + inner[np.arange(blocks), block_of]
+        perms.append(torch.from_numpy(perm.reshape(-1)))
+    return torch.from_numpy(block_of), perms
+
+
+def _solve_blocked(cost: np.ndarray, blocks: int, maximize: bool, backend: str) -> np.ndarray:
+    """Exact LAP restricted to block-to-block maps.
+
+    Once the block pairing is fixed, the units of each pair are assigned independently, so the
+    best total is a block-level LAP over the best within-pair scores: solving every pair, then
+    the blocks, is optimal (not a heuristic).
+    """
+    inner, score = _block_pairs(cost, blocks, maximize, backend)
+    block_of = _solve(score, maximize, backend)
+    w = inner.shape[-1]
+    return (block_of[:, None] * w + inner[np.arange(blocks), block_of]).reshape(-1)
+
+
+def _block_pairs(
+    cost: np.ndarray, blocks: int, maximize: bool, backend: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best assignment inside every (row block, column block) pair and its score."""
+    n, m = cost.shape
+    if n != m or n % blocks:
+        raise ValueError(
+            f"a blocked assignment needs a square matrix whose size is a multiple of blocks; "
+            f"got shape {cost.shape} with blocks={blocks}"
+        )
+    w = n // blocks
+    pairs = cost.reshape(blocks, w, blocks, w).transpose(0, 2, 1, 3)  # (G, G, w, w)
+    if w <= _BRUTE_FORCE_WIDTH:
+        return _all_pairs_brute_force(pairs, maximize)
+    inner = np.empty((blocks, blocks, w), dtype=np.int64)
+    score = np.empty((blocks, blocks))
+    for p in range(blocks):
+        for q in range(blocks):
+            inner[p, q] = _solve(pairs[p, q], maximize, backend)
+            score[p, q] = pairs[p, q][np.arange(w), inner[p, q]].sum()
+    return inner, score
+
+
+def _all_pairs_brute_force(pairs: np.ndarray, maximize: bool) -> tuple[np.ndarray, np.ndarray]:
+    g, _, w, _ = pairs.shape
+    sigmas = np.array(list(itertools.permutations(range(w))), dtype=np.int64)  # (S, w)
+    # totals[p, q, s] = sum_i pairs[p, q, i, sigma_s(i)]
+    totals = pairs[:, :, np.arange(w)[None, :], sigmas].sum(-1)
+    best = totals.argmax(-1) if maximize else totals.argmin(-1)
+    score = np.take_along_axis(totals, best[..., None], -1)[..., 0]
+    return sigmas[best], score

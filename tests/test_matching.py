@@ -1,0 +1,492 @@
+"""Matching: LAP solvers, similarities, weight / activation matching, MergeMany, the registry.
+
+The central invariant (algorithms.md section 6.4, item 2): a model and a randomly permuted copy
+of it are matched back exactly (the permutation found is the inverse of the applied one) and
+the merged model equals the original.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+import symmerge
+from symmerge.groupmap import build_state_dict
+from symmerge.methods import (
+    MergeResult,
+    get_method,
+    list_methods,
+    method_info,
+    register_method,
+)
+from symmerge.models import ZOO_NAMES, create_model
+from symmerge.similarity import (
+    WeightSimilarity,
+    activation_similarity,
+    activation_similarity_from_moments,
+    mix,
+    weight_similarity,
+)
+from symmerge.solvers import (
+    coordinates,
+    lap_objective,
+    merge_many,
+    solve_lap,
+    solve_shared_blocks,
+    weight_matching,
+)
+from symmerge.spec import SymmetrySpec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: intra-op threads only add wake-up latency (10x slower on a busy 2-core
+    machine), so this module runs single-threaded and restores the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+class Branches(nn.Module):
+    """Composite layouts: a concat of two branches (segments) and a flatten (C x H x W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(9)
+        self.mix = nn.Conv2d(9, 6, 1)
+        self.head = nn.Linear(6 * 2 * 2, 7)
+        self.input_shape = (3, 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        h = nn.functional.max_pool2d(torch.relu(self.mix(h)), 2)
+        return self.head(h.flatten(1))
+
+
+class Attention(nn.Module):
+    """One pre-norm attention block: fused qkv split into heads (q/k and v/o head groups)."""
+
+    def __init__(self, dim: int = 12, heads: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(5, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 4)
+        self.input_shape = (6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, n, d = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        att = (q @ k.transpose(-2, -1)).softmax(-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, n, d))
+        return self.head(x.mean(1))
+
+
+_CUSTOM = {"branches": Branches, "attention": Attention}
+
+
+@functools.cache
+def _spec(name: str) -> SymmetrySpec:
+    model = _CUSTOM[name]() if name in _CUSTOM else create_model(name)[0]
+    return symmerge.trace(model.eval(), torch.randn(2, *model.input_shape))
+
+
+def _model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = _CUSTOM[name]() if name in _CUSTOM else create_model(name)[0]
+    if isinstance(model, Branches):
+        with torch.no_grad():
+            model.bn.running_mean.normal_()
+            model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _permuted(spec: SymmetrySpec, model: nn.Module, seed: int) -> tuple[nn.Module, dict]:
+    applied = spec.random_permutations(seed=seed)
+    return spec.permuted(model, applied), applied
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def _brute_force(C: np.ndarray, maximize: bool = True) -> float:
+    n, m = C.shape
+    best = -np.inf if maximize else np.inf
+    if n <= m:
+        for cols in itertools.permutations(range(m), n):
+            v = C[np.arange(n), list(cols)].sum()
+            best = max(best, v) if maximize else min(best, v)
+    else:
+        for rows in itertools.permutations(range(n), m):
+            v = C[list(rows), np.arange(m)].sum()
+            best = max(best, v) if maximize else min(best, v)
+    return float(best)
+
+
+# ---- LAP ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (4, 4), (6, 6), (3, 5), (5, 3), (2, 6)])
+@pytest.mark.parametrize("maximize", [True, False])
+def test_lap_is_optimal_and_feasible(shape: tuple[int, int], maximize: bool) -> None:
+    rng = np.random.default_rng(sum(shape))
+    C = rng.normal(size=shape)
+    perm = solve_lap(torch.from_numpy(C), maximize=maximize)
+    assert perm.dtype == torch.int64 and perm.shape == (shape[0],)
+    assigned = perm[perm >= 0]
+    assert len(assigned) == min(shape) and len(set(assigned.tolist())) == len(assigned)
+    assert int(assigned.max()) < shape[1]
+    assert lap_objective(C, perm) == pytest.approx(_brute_force(C, maximize))
+    r, c = linear_sum_assignment(C, maximize=maximize)
+    assert lap_objective(C, perm) == pytest.approx(C[r, c].sum())
+
+
+def test_lap_on_a_permuted_identity_returns_the_inverse() -> None:
+    p = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    C = torch.eye(50)[p]  # C[i, j] = 1 iff j == p[i]
+    assert torch.equal(solve_lap(C), p)
+
+
+@pytest.mark.parametrize("blocks,width", [(3, 2), (2, 3), (2, 5), (4, 1)])
+def test_blocked_lap_is_optimal_and_never_crosses_blocks(blocks: int, width: int) -> None:
+    n = blocks * width
+    rng = np.random.default_rng(n)
+    C = rng.normal(size=(n, n))
+    perm = solve_lap(C, blocks=blocks).numpy()
+    assert sorted(perm.tolist()) == list(range(n))
+    src = perm.reshape(blocks, width) // width
+    assert (src == src[:, :1]).all()  # every row block lands in one column block
+    best = -np.inf  # brute force over all block-respecting permutations
+    for order in itertools.permutations(range(blocks)):
+        total = 0.0
+        for p, q in enumerate(order):
+            sub = C[p * width : (p + 1) * width, q * width : (q + 1) * width]
+            total += _brute_force(sub)
+        best = max(best, total)
+    assert lap_objective(C, perm) == pytest.approx(best)
+
+
+def test_shared_blocks_pick_one_block_permutation_for_all_matrices() -> None:
+    rng = np.random.default_rng(0)
+    Cs = [rng.normal(size=(6, 6)) for _ in range(2)]
+    heads = rng.normal(size=(3, 3))
+    block_perm, perms = solve_shared_blocks(Cs, 3, block_similarity=heads)
+    for perm in perms:
+        assert torch.equal(perm.view(3, 2)[:, 0] // 2, block_perm)
+    best = -np.inf
+    for order in itertools.permutations(range(3)):
+        total = sum(heads[p, q] for p, q in enumerate(order))
+        for C in Cs:
+            total += sum(
+                _brute_force(C[2 * p : 2 * p + 2, 2 * q : 2 * q + 2]) for p, q in enumerate(order)
+            )
+        best = max(best, total)
+    got = sum(lap_objective(C, p) for C, p in zip(Cs, perms, strict=True))
+    assert got + lap_objective(heads, block_perm) == pytest.approx(best)
+
+
+def test_lap_errors() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        solve_lap(torch.eye(2), backend="nope")
+    with pytest.raises(ValueError, match="NaN"):
+        solve_lap(torch.tensor([[float("nan")]]))
+    with pytest.raises(ValueError, match="multiple of blocks"):
+        solve_lap(torch.eye(5), blocks=2)
+
+
+def test_lapx_backend_gives_the_scipy_objective() -> None:
+    pytest.importorskip("lap", reason="lapx is optional")
+    rng = np.random.default_rng(1)
+    for shape in [(8, 8), (5, 9), (9, 5)]:
+        C = rng.normal(size=shape)
+        a, b = solve_lap(C, backend="lapx"), solve_lap(C)
+        assert lap_objective(C, a) == pytest.approx(lap_objective(C, b))
+
+
+# ---- similarities ------------------------------------------------------------------------------
+
+
+def test_weight_similarity_peaks_at_the_inverse_permutation() -> None:
+    spec = _spec("resnet20x1")
+    model = _model("resnet20x1")
+    perm_model, applied = _permuted(spec, model, seed=1)
+    back = {g: torch.argsort(p) for g, p in applied.items()}
+    sa, sb = model.state_dict(), perm_model.state_dict()
+    for kind in ("inner", "corr", "cos"):
+        sim = WeightSimilarity(spec, sa, sb, kind=kind, dtype=torch.float64)
+        for g in spec.groups:
+            C = sim(g, back)  # neighbours already aligned: rows match their units exactly
+            assert torch.equal(C.argmax(1), back[g]), (kind, g)
+            if kind != "inner":
+                assert C.max() <= 1 + 1e-9
+                assert torch.allclose(
+                    C[torch.arange(len(back[g])), back[g]], torch.ones(1).double()
+                )
+    one = weight_similarity(spec, "conv1.out", sa, sb, back)
+    assert torch.allclose(one.double(), WeightSimilarity(spec, sa, sb)("conv1.out", back).double())
+
+
+def test_weight_similarity_cache_follows_the_permutations() -> None:
+    spec = _spec("mlp")
+    sa, sb = _model("mlp", 0).state_dict(), _model("mlp", 1).state_dict()
+    sim = WeightSimilarity(spec, sa, sb)
+    g0, g1 = list(spec.groups)[:2]
+    p = spec.random_permutations(seed=2)
+    first = sim(g0, {g1: p[g1]}).clone()
+    fresh = WeightSimilarity(spec, sa, sb)(g0, {g1: p[g1]})
+    assert torch.allclose(first, fresh)
+    other = sim(g0, {g1: torch.arange(spec.groups[g1].size)})  # must not reuse the cache
+    assert not torch.allclose(first, other)
+    assert torch.allclose(other, WeightSimilarity(spec, sa, sb)(g0, {}))
+
+
+def test_activation_similarity_kinds_match_direct_computation() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, samples = 4, 50
+    Z = torch.randn(3 * n, samples, generator=gen, dtype=torch.float64)  # 3 models stacked
+    mean, second = Z.mean(1), Z @ Z.T / samples
+    za, zb = Z[n : 2 * n], Z[2 * n :]  # model 1 vs model 2
+
+    def get(kind: str) -> torch.Tensor:
+        return activation_similarity_from_moments(mean, second, 3, 1, 2, kind=kind, count=samples)
+
+    assert torch.allclose(get("inner"), za @ zb.T / samples)
+    ca, cb = za - za.mean(1, keepdim=True), zb - zb.mean(1, keepdim=True)
+    assert torch.allclose(get("cov"), ca @ cb.T / samples)
+    corr = (ca @ cb.T) / (ca.norm(dim=1)[:, None] * cb.norm(dim=1)[None, :])
+    assert torch.allclose(get("corr"), corr)
+    assert torch.allclose(get("neg_dist"), -torch.cdist(za, zb))
+    assert torch.allclose(get("neg_sqdist"), -(torch.cdist(za, zb) ** 2) / samples)
+    Z[0] = 1.0  # a constant unit correlates with nothing
+    stats = _Moments({"g": Z}, 3)
+    assert torch.equal(
+        activation_similarity(stats, "g", 0, 1, kind="corr")[0], torch.zeros(n).double()
+    )
+    with pytest.raises(ValueError, match="kind"):
+        get("nope")
+
+
+def test_mix() -> None:
+    A, B = torch.ones(2, 2), torch.zeros(2, 2)
+    assert torch.equal(mix(0.25, A, B), torch.full((2, 2), 0.25))
+    with pytest.raises(ValueError, match="alpha"):
+        mix(1.5, A, B)
+
+
+# ---- weight matching: identity recovery ---------------------------------------------------------
+
+# plus every transformer the zoo registers (their heads are blocked groups with a shared
+# head permutation)
+ZOO = ["mlp", "resnet20x1", "resnet20x1-gn", "vgg11", "branches", "attention"] + [
+    n for n in ZOO_NAMES if n.startswith("vit")
+]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_weight_matching_recovers_a_permuted_copy(name: str) -> None:
+    spec, model = _spec(name), _model(name)
+    perm_model, applied = _permuted(spec, model, seed=7)
+    res = get_method("weight")(spec, [model, perm_model], lam=0.5)
+    assert isinstance(res, MergeResult) and res.method == "weight"
+    found = res.perms(1)
+    for g, grp in spec.groups.items():
+        assert torch.equal(found[g], torch.argsort(applied[g])), g
+        assert grp.is_valid_permutation(found[g])
+    assert _max_diff(res.state_dict, model.state_dict()) < 1e-6
+    assert res.iterations >= 1 and res.lap_seconds >= 0 and res.other_seconds > 0
+    assert set(res.objective) == set(spec.groups)
+    want = model.state_dict()
+    for lam in (0.0, 1.0):  # endpoints exactly
+        maps = {g: gm.with_weights([1 - lam, lam]) for g, gm in res.maps.items()}
+        end = build_state_dict(spec, [want, perm_model.state_dict()], maps)
+        assert all(torch.equal(end[k], want[k]) for k in want), lam
+
+
+def test_weight_matching_of_different_models_improves_and_is_deterministic() -> None:
+    spec = _spec("resnet20x1")
+    sa, sb = _model("resnet20x1", 0).state_dict(), _model("resnet20x1", 1).state_dict()
+    a = weight_matching(spec, sa, sb, seed=3)
+    b = weight_matching(spec, sa, sb, seed=3)
+    assert all(torch.equal(a.perms[g], b.perms[g]) for g in spec.groups)
+    assert a.converged
+
+    def total(perms: dict[str, torch.Tensor]) -> float:
+        aligned = spec.permute_state_dict(sb, perms)
+        keys = {m.tensor for m in spec.members() if not m.tensor.endswith("running_var")}
+        keys = {k for k in keys if not k.endswith("running_mean")}
+        return sum(float((sa[k].double() * aligned[k].double()).sum()) for k in keys)
+
+    assert total(a.perms) > total(spec.identity_permutations())
+    # the coordinates group the heads of an attention with the groups they steer
+    att = _spec("attention")
+    joint = [c for c in coordinates(att) if len(c) > 1]
+    assert len(joint) == 1 and joint[0][0].endswith("heads") and len(joint[0]) == 3
+
+
+# ---- MergeMany -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20x1-gn"])
+def test_mergemany_recovers_permuted_copies(name: str) -> None:
+    spec, model = _spec(name), _model(name)
+    copies = [_permuted(spec, model, seed=s) for s in (11, 12)]
+    res = get_method("mergemany")(spec, [model] + [c[0] for c in copies], seed=0)
+    assert _max_diff(res.state_dict, model.state_dict()) < 1e-6
+    for m, (_, applied) in enumerate(copies, 1):
+        assert all(torch.equal(res.perms(m)[g], torch.argsort(applied[g])) for g in spec.groups)
+    assert all(
+        torch.equal(res.perms(0)[g], torch.arange(grp.size)) for g, grp in spec.groups.items()
+    )
+
+
+def test_mergemany_is_expressed_in_model_zero_order() -> None:
+    spec, model = _spec("mlp"), _model("mlp")
+    models = [_permuted(spec, model, seed=s) for s in (21, 22, 23)]
+    res = merge_many(spec, [m.state_dict() for m, _ in models], seed=1)
+    assert res.converged and len(res.model_perms) == 3
+    first = models[0][0].state_dict()
+    for m, (perm_model, _) in enumerate(models):
+        aligned = spec.permute_state_dict(perm_model.state_dict(), res.model_perms[m])
+        assert _max_diff(aligned, first) == 0.0
+
+
+# ---- activation matching ----------------------------------------------------------------------
+
+
+class _Moments:
+    """Stand-in for symmerge.stats results: exact moments of stacked unit activations."""
+
+    def __init__(self, acts: dict[str, torch.Tensor], num_models: int) -> None:
+        self.acts, self.num_models = acts, num_models
+
+    def mean(self, group: str) -> torch.Tensor:
+        return self.acts[group].mean(1)
+
+    def second_moment(self, group: str) -> torch.Tensor:
+        z = self.acts[group]
+        return z @ z.T / z.shape[1]
+
+    def count(self, group: str) -> int:
+        return int(self.acts[group].shape[1])
+
+
+def _record(into: list[torch.Tensor], dim: int, _m: nn.Module, _a: Any, out: Any) -> None:
+    z = out.detach().double().movedim(dim, 0)
+    into.append(z.reshape(z.shape[0], -1))
+
+
+def _exact_statistics(
+    spec: SymmetrySpec,
+    models: Sequence[nn.Module],
+    batches: Iterable[Any],
+    groups: Any = None,
+    device: Any = None,
+    progress: bool = False,
+) -> _Moments:
+    """Hooks on the modules whose output is a site of a group; every site adds samples."""
+    per_model: list[dict[str, list[torch.Tensor]]] = []
+    for model in models:
+        found: dict[str, list[torch.Tensor]] = {g: [] for g in spec.groups}
+        modules = dict(model.named_modules())
+        hooks = []
+        for g, grp in spec.groups.items():
+            for site in grp.sites:
+                if site.module_output:
+                    hook = functools.partial(_record, found[g], site.dim)
+                    hooks.append(modules[site.module].register_forward_hook(hook))
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        for h in hooks:
+            h.remove()
+        per_model.append(found)
+    acts = {g: torch.cat([torch.cat(f[g], 1) for f in per_model]) for g in spec.groups}
+    return _Moments(acts, len(models))
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20x1"])
+def test_activation_matching_recovers_a_permuted_copy(name: str) -> None:
+    spec, model = _spec(name), _model(name)
+    perm_model, applied = _permuted(spec, model, seed=5)
+    batches = [torch.randn(8, *model.input_shape, generator=torch.Generator().manual_seed(0))]
+    method = get_method("activation")
+    res = method(spec, [model, perm_model], data=batches, collect=_exact_statistics)
+    assert all(torch.equal(res.perms(1)[g], torch.argsort(applied[g])) for g in spec.groups)
+    assert _max_diff(res.state_dict, model.state_dict()) < 1e-6
+    stats = _exact_statistics(spec, [model, perm_model], batches)
+    for kind in ("inner", "neg_dist"):
+        again = method(spec, [model, perm_model], stats=stats, kind=kind)
+        assert all(torch.equal(again.perms(1)[g], res.perms(1)[g]) for g in spec.groups), kind
+
+
+def test_activation_matching_with_the_statistics_module() -> None:
+    stats_mod = pytest.importorskip("symmerge.stats", reason="symmerge.stats not available")
+    spec, model = _spec("resnet20x1"), _model("resnet20x1")
+    perm_model, applied = _permuted(spec, model, seed=5)
+    batches = [torch.randn(4, *model.input_shape, generator=torch.Generator().manual_seed(0))]
+    # every module output: post-ReLU features alone tie on units dead for the whole batch
+    collect = functools.partial(stats_mod.collect_statistics, sites="all")
+    res = get_method("activation")(spec, [model, perm_model], data=batches, collect=collect)
+    assert all(torch.equal(res.perms(1)[g], torch.argsort(applied[g])) for g in spec.groups)
+    assert _max_diff(res.state_dict, model.state_dict()) < 1e-6
+
+
+def test_activation_matching_needs_data_and_modules() -> None:
+    spec, model = _spec("mlp"), _model("mlp")
+    with pytest.raises(ValueError, match="needs data"):
+        get_method("activation")(spec, [model, model])
+    with pytest.raises(ValueError, match="nn.Modules"):
+        get_method("activation")(spec, [model.state_dict()] * 2, data=[torch.randn(2, 1, 28, 28)])
+
+
+# ---- the registry and the simple recipes ----------------------------------------------------
+
+
+def test_registry() -> None:
+    assert {"naive", "weight", "activation", "mergemany"} <= set(list_methods())
+    assert list_methods() == sorted(list_methods())
+    info = method_info("weight")
+    assert info.url and info.paper and info.summary.startswith("Weight matching")
+    with pytest.raises(ValueError, match="registered methods: .*naive.*weight"):
+        get_method("no-such-method")
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("weight")
+    with pytest.raises(ValueError, match="non-empty"):
+        register_method("")
+
+
+def test_naive_is_the_weighted_average_and_lam_is_validated() -> None:
+    spec = _spec("mlp")
+    sa, sb = _model("mlp", 0).state_dict(), _model("mlp", 1).state_dict()
+    res = get_method("naive")(spec, [sa, sb], lam=0.25)
+    for k in sa:
+        assert torch.allclose(res.state_dict[k], 0.75 * sa[k] + 0.25 * sb[k], atol=1e-7)
+    with pytest.raises(ValueError, match="'lam' parameter of naive must be a float in"):
+        get_method("naive")(spec, [sa, sb], lam=1.5)
+    with pytest.raises(ValueError, match="pass weights="):
+        get_method("naive")(spec, [sa, sb, sa], lam=0.2)
+    with pytest.raises(ValueError, match="use 'mergemany'"):
+        get_method("weight")(spec, [sa, sb, sa])
+    three = get_method("naive")(spec, [sa, sb, sb], weights=[0.5, 0.25, 0.25])
+    for k in sa:
+        assert torch.allclose(three.state_dict[k], 0.5 * sa[k] + 0.5 * sb[k], atol=1e-7)
