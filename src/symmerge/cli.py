@@ -492,7 +492,7 @@ def demo(
     limit_train: int | None,
     progress: bool,
 ) -> None:
-    """Train an MLP on MNIST and one on Fashion-MNIST, then cross-evaluate them.
+    """Train an MLP on MNIST and one on Fashion-MNIST, merge them, evaluate everything.
 
     Takes about a minute on two CPU cores with the defaults. Checkpoints are reused when
     the out-dir already holds a matching run, and never overwritten.
@@ -503,7 +503,11 @@ def demo(
     root = None if data_root is None else str(data_root)
     dev = resolve_device(device)
     configs = {ds: resolve_config("mlp", ds, width=width, depth=DEMO_DEPTH) for ds in DEMO_DATASETS}
-    wanted = {ds: _demo_settings(configs[ds], epochs, seed, limit_train) for ds in DEMO_DATASETS}
+    # different seeds: independently initialised models, as in the merging literature
+    seeds = {ds: seed + k for k, ds in enumerate(DEMO_DATASETS)}
+    wanted = {
+        ds: _demo_settings(configs[ds], epochs, seeds[ds], limit_train) for ds in DEMO_DATASETS
+    }
     folder, note = _demo_dir(out_dir, wanted)
     click.echo(note)
 
@@ -519,7 +523,7 @@ def demo(
                 configs[ds],
                 ds,
                 epochs=epochs,
-                seed=seed,
+                seed=seeds[ds],
                 device=dev,
                 data_root=root,
                 progress=progress,
@@ -553,12 +557,19 @@ def demo(
                 _pct(mean),
             ]
         )
+    merged_rows, merged_results = _demo_merges(
+        [models[ds] for ds in DEMO_DATASETS], data_root, seed, limit_train, dev
+    )
+    for label, accs in merged_results.items():
+        results[label] = accs
+    rows += merged_rows
     kw = configs[DEMO_DATASETS[0]]["kwargs"]
     layout = [math.prod(kw["input_shape"]), *[width] * DEMO_DEPTH, kw["num_classes"]]
     click.echo("")
     click.echo(
-        f"MLP {'-'.join(map(str, layout))}, {epochs} epochs, seed {seed}; "
-        "test accuracy of each model on each dataset:"
+        f"MLP {'-'.join(map(str, layout))}, {epochs} epochs, seeds {seed} and {seed + 1}; "
+        "test accuracy of "
+        "each model, and of their merges (shared 10-way head, no task id):"
     )
     click.echo(format_table(headers, rows))
     (folder / "results.json").write_text(
@@ -568,10 +579,37 @@ def demo(
         + "\n"
     )
     click.echo(f"results written to {folder / 'results.json'}")
-    click.echo(
-        "Merging the two models (align hidden units, then average) will be added to this "
-        "demo by the alignment engine."
-    )
+
+
+#: (label, method, renorm, uses data) merges the demo shows
+DEMO_MERGES = (
+    ("naive average", "naive", None),
+    ("weight matching (no data)", "weight", None),
+    ("activation matching", "activation", None),
+    ("weight matching + REPAIR", "weight", "repair"),
+    ("activation matching + REPAIR", "activation", "repair"),
+)
+
+
+def _demo_merges(
+    models: list[Any], data_root: Path | None, seed: int, limit: int | None, dev: Any
+) -> tuple[list[list[Any]], dict[str, dict[str, float]]]:
+    """Merge the MNIST and Fashion-MNIST models; data = 2000 train images of each dataset."""
+    from symmerge.merging import merge
+    from symmerge.train import evaluate
+
+    root = None if data_root is None else str(data_root)
+    data = _data_batches(",".join(DEMO_DATASETS), data_root, min(2000, limit or 2000), 500, seed)
+    cpu = [m.to("cpu") for m in models]
+    rows, results = [], {}
+    for label, method, renorm in DEMO_MERGES:
+        merged, _ = merge(cpu, method, data=data, renorm=renorm, seed=seed)
+        accs = {ds: evaluate(merged, ds, "test", data_root=root, device=dev)["accuracy"]
+                for ds in DEMO_DATASETS}  # fmt: skip
+        mean = sum(accs.values()) / len(accs)
+        rows.append([f"merged: {label}", *(_pct(accs[ds]) for ds in DEMO_DATASETS), _pct(mean)])
+        results[f"merged: {label}"] = accs
+    return rows, results
 
 
 def _parse_shape(value: str | None) -> tuple[int, ...] | None:
@@ -638,6 +676,270 @@ def check_symmetry(
     click.echo(f"max |diff| = {result.max_abs_diff:.3e}")
     if not result.ok:
         raise SystemExit(1)
+
+
+def _method_choice() -> click.Choice:
+    from symmerge.methods import list_methods
+
+    return click.Choice(list_methods())
+
+
+def _load_models(paths: Sequence[Path]) -> tuple[list[Any], list[dict[str, Any]]]:
+    from symmerge.io import CheckpointError, load_checkpoint
+
+    models, metas = [], []
+    for p in paths:
+        try:
+            model, meta = load_checkpoint(p)
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            raise click.BadParameter(str(e), param_hint="CKPT") from e
+        models.append(model)
+        metas.append(meta)
+    return models, metas
+
+
+def _data_batches(
+    spec: str | None, root: Path | None, samples: int, batch_size: int, seed: int
+) -> list[tuple[Any, Any]] | None:
+    """Batches from the train split of 'mnist,fashion-mnist' (the union, shuffled, seeded)."""
+    if not spec:
+        return None
+    import torch
+
+    from symmerge.data import get_dataset
+
+    xs, ys = [], []
+    for name in [s.strip() for s in spec.split(",") if s.strip()]:
+        _dataset_info(name, "--data")
+        ds = get_dataset(name, "train", root=root)
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(ds), generator=gen)[:samples]
+        x, y = ds.tensors
+        xs.append(x[idx])
+        ys.append(y[idx])
+    x, y = torch.cat(xs), torch.cat(ys)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def _eval_targets(metas: Sequence[dict[str, Any]], datasets: Sequence[str]) -> list[tuple]:
+    if datasets:
+        return [(d, None) for d in datasets]
+    seen: list[tuple] = []
+    for meta in metas:
+        key = (meta.get("dataset"), tuple(meta["classes"]) if meta.get("classes") else None)
+        if key[0] and key not in seen:
+            seen.append(key)
+    if not seen:
+        raise click.UsageError("the checkpoints do not say their dataset; pass --eval-dataset")
+    return seen
+
+
+def _eval_rows(
+    named: Sequence[tuple[str, Any]], targets: Sequence[tuple], root: Path | None, limit: int | None
+) -> tuple[list[str], list[list[Any]], dict[str, dict[str, Any]]]:
+    from symmerge.train import evaluate
+
+    headers = ["model", *(f"{d}" + (f" {_describe_classes(c)}" if c else "") for d, c in targets),
+               "mean acc", "mean loss"]  # fmt: skip
+    rows, results = [], {}
+    for label, model in named:
+        res = [evaluate(model, d, classes=list(c) if c else None, data_root=root, limit=limit)
+               for d, c in targets]  # fmt: skip
+        acc = sum(r["accuracy"] for r in res) / len(res)
+        loss = sum(r["loss"] for r in res) / len(res)
+        rows.append([label, *(_pct(r["accuracy"]) for r in res), _pct(acc), loss])
+        results[label] = {"per_dataset": res, "mean_accuracy": acc, "mean_loss": loss}
+    return headers, rows, results
+
+
+def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    click.echo(f"results written to {path}")
+
+
+@main.command("merge")
+@click.argument(
+    "checkpoints",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.option("--method", "-m", type=_method_choice(), default="weight", show_default=True)
+@click.option(
+    "--data",
+    "data_spec",
+    default=None,
+    help="Datasets whose train split feeds data-based methods, e.g. mnist,fashion-mnist.",
+)
+@click.option(
+    "--data-samples",
+    type=click.IntRange(min=1),
+    default=5000,
+    show_default=True,
+    help="Samples drawn from each --data dataset.",
+)
+@click.option("--repair", "renorm", flag_value="repair", help="REPAIR the merged model.")
+@click.option("--reset-bn", "renorm", flag_value="reset-bn", help="Reset BatchNorm statistics.")
+@click.option(
+    "--lam",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Weight of the second model (two models).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--eval-dataset",
+    "eval_datasets",
+    multiple=True,
+    help="Evaluate on these test sets (default: the checkpoints' own).",
+)
+@click.option("--eval-limit", type=click.IntRange(min=1), default=None, hidden=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+@data_root_option
+def merge_cmd(
+    checkpoints: tuple[Path, ...],
+    method: str,
+    data_spec: str | None,
+    data_samples: int,
+    renorm: str | None,
+    lam: float,
+    seed: int,
+    eval_datasets: tuple[str, ...],
+    eval_limit: int | None,
+    output: Path,
+    overwrite: bool,
+    json_path: Path | None,
+    data_root: Path | None,
+) -> None:
+    """Merge two or more checkpoints of one architecture and evaluate the result."""
+    from symmerge.io import save_checkpoint
+    from symmerge.merging import merge
+
+    if len(checkpoints) < 2:
+        raise click.UsageError("merge needs at least two checkpoints")
+    if output.resolve() in {p.resolve() for p in checkpoints}:
+        raise click.UsageError(f"output {output} is one of the inputs; it is never overwritten")
+    if output.exists() and not overwrite:
+        raise click.UsageError(f"{output} exists; pass --overwrite to replace it")
+    models, metas = _load_models(checkpoints)
+    data = _data_batches(data_spec, data_root, data_samples, 500, seed)
+    targets = _eval_targets(metas, eval_datasets)
+    try:
+        merged, result = merge(models, method, data=data, renorm=renorm, lam=lam, seed=seed)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    config = metas[0].get("config")
+    if config is None:
+        raise click.UsageError("the first checkpoint has no architecture config")
+    info = {"method": method, "inputs": [str(p) for p in checkpoints], "lam": lam,
+            "renorm": renorm, "data": data_spec, "seed": seed,
+            "dataset": metas[0].get("dataset"), "classes": metas[0].get("classes")}  # fmt: skip
+    save_checkpoint(output, merged, config, info, overwrite=overwrite)
+    named = [
+        (f"model {k} ({p.name})", m)
+        for k, (p, m) in enumerate(zip(checkpoints, models, strict=True))
+    ]
+    named.append((f"merged ({method}{', ' + renorm if renorm else ''})", merged))
+    headers, rows, results = _eval_rows(named, targets, data_root, eval_limit)
+    click.echo(format_table(headers, rows))
+    click.echo(
+        f"merge time {result.seconds:.2f} s (LAP {result.lap_seconds:.2f} s); saved {output}"
+    )
+    _write_json(
+        json_path,
+        {
+            "method": method,
+            "renorm": renorm,
+            "lam": lam,
+            "seed": seed,
+            "inputs": info["inputs"],
+            "output": str(output),
+            "seconds": result.seconds,
+            "results": results,
+        },
+    )
+
+
+@main.command("interpolate")
+@click.argument("model_a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model_b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--method", "-m", type=_method_choice(), default="weight", show_default=True)
+@click.option("--data", "data_spec", default=None, help="Datasets for data-based methods/REPAIR.")
+@click.option("--data-samples", type=click.IntRange(min=1), default=5000, show_default=True)
+@click.option("--repair", "renorm", flag_value="repair", help="REPAIR every point of the path.")
+@click.option("--reset-bn", "renorm", flag_value="reset-bn", help="Reset BN at every point.")
+@click.option("--steps", type=click.IntRange(min=2), default=11, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-dataset", "eval_datasets", multiple=True)
+@click.option("--eval-limit", type=click.IntRange(min=1), default=None, hidden=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+@data_root_option
+def interpolate_cmd(
+    model_a: Path,
+    model_b: Path,
+    method: str,
+    data_spec: str | None,
+    data_samples: int,
+    renorm: str | None,
+    steps: int,
+    seed: int,
+    eval_datasets: tuple[str, ...],
+    eval_limit: int | None,
+    plot: Path | None,
+    json_path: Path | None,
+    data_root: Path | None,
+) -> None:
+    """Loss and accuracy along (1-λ)·A + λ·aligned(B), with the barrier at the worst point."""
+    from tqdm import tqdm
+
+    from symmerge.evaluate import barrier, plot_curve
+    from symmerge.merging import interpolation
+
+    models, metas = _load_models([model_a, model_b])
+    data = _data_batches(data_spec, data_root, data_samples, 500, seed)
+    if renorm and data is None:
+        raise click.UsageError(f"--{renorm} needs --data")
+    targets = _eval_targets(metas, eval_datasets)
+    lambdas = [k / (steps - 1) for k in range(steps)]
+    curve = []
+    try:
+        points = interpolation(models, method, lambdas, data=data, renorm=renorm, seed=seed)
+        for lam, model in tqdm(points, total=steps, desc="interpolating", leave=False):
+            _, _, res = _eval_rows([("m", model)], targets, data_root, eval_limit)
+            curve.append(
+                {"lam": lam, "accuracy": res["m"]["mean_accuracy"], "loss": res["m"]["mean_loss"]}
+            )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    rows = [[f"{p['lam']:.2f}", _pct(p["accuracy"]), p["loss"]] for p in curve]
+    click.echo(format_table(["lambda", "mean acc", "mean loss"], rows))
+    loss_b, acc_b = barrier(curve, "loss"), barrier(curve, "accuracy")
+    click.echo(f"loss barrier {loss_b:.4f}; accuracy barrier {100 * acc_b:.2f} points")
+    label = f"{method}{' + ' + renorm if renorm else ''}"
+    if plot is not None:
+        plot_curve({label: curve}, plot)
+        click.echo(f"plot written to {plot}")
+    _write_json(
+        json_path,
+        {
+            "method": method,
+            "renorm": renorm,
+            "curve": curve,
+            "loss_barrier": loss_b,
+            "accuracy_barrier": acc_b,
+            "inputs": [str(model_a), str(model_b)],
+        },
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
