@@ -94,7 +94,8 @@ def test_parse_format_round_trip() -> None:
      "resnet20x4ln", "mlpx2", "mlp-ln", "vgg19", "resnet20x-1", " vgg11 x2"],
 )  # fmt: skip
 def test_bad_names_rejected_with_grammar(bad: str) -> None:
-    with pytest.raises(ValueError, match=r"valid: mlp \| \(vgg11\|vgg16\|resnet18\|resnet20\)"):
+    grammar = r"valid: mlp \| vit-tiny \| \(vgg11\|vgg16\|resnet18\|resnet20\)"
+    with pytest.raises(ValueError, match=grammar):
         parse_model_name(bad)
     with pytest.raises(ValueError):
         create_model(bad)
