@@ -129,3 +129,4 @@ def get_method(name: str) -> Method:
 
 # Method modules register themselves on import.
 from symmerge.methods import rebasin as rebasin  # noqa: E402
+from symmerge.methods import ste as ste  # noqa: E402
