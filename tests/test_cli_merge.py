@@ -1,0 +1,81 @@
+"""`symmerge merge` / `interpolate`: results, and bad input that must write nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from symmerge.cli import main
+from symmerge.io import save_checkpoint
+from symmerge.models import create_model
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("SYMMERGE_DATA"), reason="needs SYMMERGE_DATA (CI sets it)"
+)
+
+
+def _ckpt(path: Path, seed: int, width: int = 32, nan: bool = False) -> Path:
+    torch.manual_seed(seed)
+    model, config = create_model("mlp", depth=2, width=width)
+    if nan:
+        with torch.no_grad():
+            next(model.parameters())[0, 0] = float("nan")
+    save_checkpoint(path, model, config, {"dataset": "mnist", "classes": None, "seed": seed})
+    return path
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def test_merge_writes_a_checkpoint_and_a_table(tmp_path: Path) -> None:
+    a, b = _ckpt(tmp_path / "a.safetensors", 0), _ckpt(tmp_path / "b.safetensors", 1)
+    out = tmp_path / "ab.safetensors"
+    code, text = _run("merge", str(a), str(b), "--method", "weight", "-o", str(out),
+                      "--eval-limit", "200", "--json", str(tmp_path / "r.json"))  # fmt: skip
+    assert code == 0, text
+    assert out.exists() and "merged (weight)" in text and (tmp_path / "r.json").exists()
+    code, text = _run("merge", str(a), str(b), "--method", "weight", "-o", str(out))
+    assert code != 0 and "exists" in text  # never overwritten silently
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [("same-as-input", "one of the inputs"), ("widths", "different width"),
+     ("nan", "non-finite"), ("no-data", "needs data"), ("truncated", "")],
+)  # fmt: skip
+def test_bad_input_writes_nothing(tmp_path: Path, case: str, expected: str) -> None:
+    a, b = _ckpt(tmp_path / "a.safetensors", 0), _ckpt(tmp_path / "b.safetensors", 1)
+    out = tmp_path / "out.safetensors"
+    method = "weight"
+    if case == "same-as-input":
+        out = a
+    elif case == "widths":
+        b = _ckpt(tmp_path / "c.safetensors", 1, width=16)
+    elif case == "nan":
+        b = _ckpt(tmp_path / "n.safetensors", 1, nan=True)
+    elif case == "no-data":
+        method = "activation"
+    elif case == "truncated":
+        b = tmp_path / "t.safetensors"
+        b.write_bytes(a.read_bytes()[:100])
+    before = a.read_bytes()
+    code, text = _run("merge", str(a), str(b), "--method", method, "-o", str(out))
+    assert code != 0 and expected in text
+    assert a.read_bytes() == before
+    if out != a:
+        assert not out.exists()
+
+
+def test_interpolate_plots_and_reports_barriers(tmp_path: Path) -> None:
+    a, b = _ckpt(tmp_path / "a.safetensors", 0), _ckpt(tmp_path / "b.safetensors", 1)
+    png = tmp_path / "curve.png"
+    code, text = _run("interpolate", str(a), str(b), "--steps", "3", "--eval-limit", "200",
+                      "--plot", str(png))  # fmt: skip
+    assert code == 0, text
+    assert "loss barrier" in text and png.read_bytes()[:4] == b"\x89PNG"
