@@ -1,0 +1,157 @@
+"""Helpers shared by the benchmark scripts: provenance (command, date, hardware), checkpoints
+trained on demand, data subsets and result writing. Not part of the symmerge package."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CACHE = HERE / ".cache"  # git-ignored: checkpoints trained by the benchmarks
+
+
+def add_common_args(parser: Any) -> None:
+    parser.add_argument(
+        "--data-root",
+        default=os.environ.get("SYMMERGE_DATA"),
+        help="dataset folder (default: $SYMMERGE_DATA, else symmerge's default)",
+    )
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    parser.add_argument("--cache", default=str(CACHE), help="where checkpoints are kept")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: shared machine)"
+    )
+
+
+def command_line() -> str:
+    script = os.path.relpath(sys.argv[0], HERE.parent)
+    return " ".join(shlex.quote(a) for a in [".venv/bin/python", script, *sys.argv[1:]])
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(seeds: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Command, `date`, hardware, versions and seeds of a run."""
+    try:
+        date = subprocess.run(["date"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # pragma: no cover
+        import datetime as dt
+
+        date = dt.datetime.now().isoformat()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "command": command_line(),
+        "date": date,
+        "hardware": (
+            f"{cpu_name()}; {os.cpu_count()} logical CPUs shared with other jobs; "
+            f"torch threads {torch.get_num_threads()}; "
+            + (f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU")
+        ),
+        "load_average_at_start": None if load is None else [round(x, 2) for x in load],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "seeds": seeds,
+        **(extra or {}),
+    }
+
+
+def provenance_md(meta: dict[str, Any]) -> list[str]:
+    lines = [
+        f"- Command: `{meta['command']}`",
+        f"- Date (`date`): {meta['date']}",
+        f"- Hardware: {meta['hardware']}; load average at start "
+        f"{meta.get('load_average_at_start')}",
+        f"- Python {meta['python']}, torch {meta['torch']}",
+        f"- Seeds: {json.dumps(meta['seeds'])}",
+    ]
+    return lines
+
+
+def load_or_train(
+    arch: str,
+    dataset: str,
+    seed: int,
+    epochs: int,
+    cache: str | Path,
+    data_root: str | None,
+    limit_train: int | None = None,
+    tag: str = "",
+) -> tuple[torch.nn.Module, dict[str, Any], Path]:
+    """A checkpoint from ``cache`` (trained with symmerge's recipe when missing).
+
+    The file name carries everything that defines it; it is the same checkpoint that
+    ``symmerge train ARCH --dataset DATASET --seed SEED --epochs EPOCHS -o PATH`` writes.
+    """
+    from symmerge.io import load_checkpoint, save_checkpoint
+    from symmerge.train import train_model
+
+    lim = "" if limit_train is None else f"_n{limit_train}"
+    path = Path(cache) / f"{arch}_{dataset}_s{seed}_e{epochs}{lim}{tag}.safetensors"
+    if path.exists():
+        model, meta = load_checkpoint(path)
+        if int(meta.get("seed", -1)) != seed or int(meta.get("epochs", -1)) != epochs:
+            raise RuntimeError(f"{path} does not hold seed {seed}, {epochs} epochs: {meta}")
+        return model, meta, path
+    print(f"training {arch} on {dataset}, seed {seed}, {epochs} epochs -> {path}", flush=True)
+    model, info = train_model(
+        arch,
+        dataset,
+        epochs=epochs,
+        seed=seed,
+        data_root=data_root,
+        progress=False,
+        limit_train=limit_train,
+        device="cpu",
+    )
+    save_checkpoint(path, model, info["config"], info)
+    model, meta = load_checkpoint(path)
+    return model, meta, path
+
+
+def subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """``n`` samples drawn without replacement with a seeded generator."""
+    n = min(n, len(x))
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
