@@ -170,6 +170,22 @@ def test_op_coverage_model() -> None:
     assert concat_members, "the concat must show up as a segmented layout"
 
 
+class _Bilinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 6), nn.Linear(4, 7)
+        self.b = nn.Bilinear(6, 7, 5)
+        self.o = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.relu(self.b(torch.relu(self.a(x)), torch.tanh(self.c(x)))))
+
+
+def test_bilinear_and_two_inputs() -> None:
+    spec = _check(_Bilinear(), torch.randn(3, 4))
+    assert sorted(g.size for g in spec.groups.values()) == [5, 6, 7]
+
+
 class _Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()

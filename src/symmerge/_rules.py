@@ -330,6 +330,21 @@ def _linear(ctx: RuleContext) -> Dims:
     return x[:-1] + [w[0]]
 
 
+@_rule("bilinear")
+def _bilinear(ctx: RuleContext) -> Dims:
+    """y_o = x1ᵀ W_o x2 + b_o: W (out, in1, in2) contracts x1 on axis 1 and x2 on axis 2."""
+    x1, x2, w = ctx.dims(ctx.arg(0)), ctx.dims(ctx.arg(1)), ctx.dims(ctx.arg(2))
+    b = ctx.dims(ctx.arg(3, "bias"))
+    batch = ctx.broadcast([x1[:-1], x2[:-1]], ctx.out_shape[:-1])
+    ctx.unify(x1[-1], w[1])
+    ctx.unify(x2[-1], w[2])
+    ctx.consume(w[1], w[2])
+    if b:
+        ctx.unify(b[0], w[0])
+    _hint_out(ctx, ctx.arg(2), w[0])
+    return batch + [w[0]]
+
+
 @_rule("t", "numpy_T")
 def _t(ctx: RuleContext) -> Dims:
     return list(reversed(ctx.dims(ctx.arg(0))))
