@@ -310,6 +310,14 @@ def write_md(
         ],
         table,
     )
+    naive = next((r for r in rows if r["method"] == "naive" and not r["renorm"]), None)
+    if naive is not None and naive.get("status") == "ok":
+        lines += ["", "Loss barrier at λ=0.5 relative to naive averaging (no REPAIR):", ""]
+        for r in rows:
+            if r.get("status") == "ok" and r is not naive:
+                ratio = r["loss_barrier_mid"] / naive["loss_barrier_mid"]
+                verdict = "smaller" if ratio < 1 else "NOT smaller"
+                lines.append(f"- {r['label']}: {ratio:.4f}× ({verdict})")
     lines += ["", "## Curves (test loss / test accuracy per λ)", ""]
     ok = [r for r in rows if r.get("status") == "ok"]
     if ok:

@@ -213,10 +213,13 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 3.4), dpi=100)
+    fig = Figure(figsize=(11, 3.6), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
     keys = list(dict.fromkeys((r["method"], r["renorm"]) for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    widths = sorted({r["width"] for r in rows})
+    styles = {None: ":", "reset-bn": "-", "repair": "--"}
     for ax, metric, ylabel in (
         (axes[0], "loss_barrier", "test loss barrier"),
         (axes[1], "acc_barrier", "test accuracy barrier"),
@@ -231,13 +234,16 @@ def plot(rows: list[dict], path: Path) -> None:
                 [p[0] for p in pts],
                 [p[1] for p in pts],
                 marker="o",
+                color=f"C{methods.index(method)}",
+                linestyle=styles.get(renorm, "-."),
                 label=f"{method} + {RENORM_LABEL.get(renorm, renorm)}",
             )
         ax.set_xscale("log", base=2)
+        ax.set_xticks(widths, [f"x{w}" for w in widths])
         ax.set_xlabel("width multiplier")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="small")
+    axes[1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("CIFAR-10 ResNet-20: barrier at λ=0.5 vs width")
     fig.tight_layout()
     fig.savefig(path, format="png")
@@ -271,6 +277,11 @@ def write_md(path: Path, meta: dict, rows: list[dict]) -> None:
         "- Barrier = midpoint minus mean of the two (unmodified) endpoints: loss(0.5) − mean "
         "loss, and mean accuracy − accuracy(0.5). Accuracy in fractions.",
         f"- Total run time {meta['total_seconds']} s (training included when not cached)",
+        "- Checkpoints (benchmarks/.cache/, trained by this script on first use; CPU training "
+        "time at training): "
+        + "; ".join(
+            f"x{c['width']} seed {c['seed']}: {c['train_time_s']} s" for c in meta["checkpoints"]
+        ),
         "",
     ]
     table = []

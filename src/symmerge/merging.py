@@ -91,12 +91,7 @@ def merge(
     if renorm and renorm_data is None:
         raise ValueError(f"renorm={renorm!r} needs data (renorm_data= or data=)")
     if spec is None:
-        if example_inputs is None:
-            shape = getattr(models[0], "input_shape", None)
-            if shape is None:
-                raise ValueError("pass example_inputs= (the model has no input_shape)")
-            example_inputs = (torch.randn(2, *shape),)
-        spec = trace(models[0], example_inputs)
+        spec = _trace(models[0], example_inputs)
     fn = get_method(method)
     kwargs = dict(method_kwargs)
     if data is not None:
@@ -125,6 +120,8 @@ def interpolation(
     data: Iterable[Any] | None = None,
     renorm: str | None = None,
     seed: int = 0,
+    spec: SymmetrySpec | None = None,
+    example_inputs: Any = None,
     **method_kwargs: Any,
 ) -> Iterator[tuple[float, nn.Module]]:
     """Models along (1-λ)·A + λ·aligned(B): align once (at λ=0.5), then rebuild for each λ.
@@ -137,9 +134,9 @@ def interpolation(
     models = list(models)
     if len(models) != 2:
         raise ValueError(f"interpolation needs exactly 2 models, got {len(models)}")
-    mid, result = merge(models, method, data=data, seed=seed, **method_kwargs)
+    spec = spec if spec is not None else _trace(models[0], example_inputs)
+    mid, result = merge(models, method, data=data, seed=seed, spec=spec, **method_kwargs)
     del mid
-    spec = trace(models[0], (torch.randn(2, *models[0].input_shape),))
     states = [m.state_dict() for m in models]
     for lam in lambdas:
         maps = {g: gm.with_weights([1.0 - lam, lam]) for g, gm in result.maps.items()}
@@ -155,6 +152,15 @@ def interpolation(
             aligned = _aligned_endpoints(spec, models, result)
             repair(point, aligned, data, weights=(1.0 - lam, lam), spec=spec)
         yield lam, point.eval()
+
+
+def _trace(model: nn.Module, example_inputs: Any) -> SymmetrySpec:
+    if example_inputs is None:
+        shape = getattr(model, "input_shape", None)
+        if shape is None:
+            raise ValueError("pass example_inputs= or spec= (the model has no input_shape)")
+        example_inputs = (torch.randn(2, *shape),)
+    return trace(model, example_inputs)
 
 
 def _aligned_endpoints(

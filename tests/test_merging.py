@@ -1,0 +1,39 @@
+"""The merge()/interpolation() front door on a user's own model (no zoo metadata)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from symmerge.merging import interpolation, merge
+
+
+def _pair() -> tuple[nn.Module, nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    b = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    return a, b, (torch.randn(4, 3),)
+
+
+def test_interpolation_endpoints_without_input_shape() -> None:
+    a, b, x = _pair()
+    points = list(interpolation([a, b], "weight", [0.0, 0.5, 1.0], example_inputs=x))
+    assert [lam for lam, _ in points] == [0.0, 0.5, 1.0]
+    with torch.no_grad():
+        assert torch.allclose(points[0][1](x[0]), a(x[0]), atol=1e-6)
+        assert torch.allclose(points[-1][1](x[0]), b(x[0]), atol=1e-6)  # aligned b == b
+
+
+def test_merge_validates_its_parameters() -> None:
+    a, b, x = _pair()
+    with pytest.raises(ValueError, match="unknown method"):
+        merge([a, b], "nope", example_inputs=x)
+    with pytest.raises(ValueError, match="'lam'"):
+        merge([a, b], "weight", lam=1.5, example_inputs=x)
+    with pytest.raises(ValueError, match="needs data"):
+        merge([a, b], "weight", renorm="repair", example_inputs=x)
+    with pytest.raises(ValueError, match="at least 2"):
+        merge([a], "weight", example_inputs=x)
+    with pytest.raises(ValueError, match="example_inputs"):
+        merge([a, b], "weight")
