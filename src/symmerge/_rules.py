@@ -36,7 +36,8 @@ _IGNORED = {
 # symmetries); the reason is reported.
 _FREEZE_ALL = {
     "sort", "argsort", "topk", "diff", "argmax", "argmin", "cumsum", "cumprod", "flip", "roll",
-    "nonzero", "unique", "searchsorted", "bucketize", "item", "_local_scalar_dense",
+    "nonzero", "unique", "unique_consecutive", "unique_dim", "searchsorted", "bucketize",
+    "item", "_local_scalar_dense",
     "index_put", "scatter", "scatter_add", "scatter_reduce", "index_add", "masked_scatter",
     "gather", "take_along_dim", "repeat_interleave", "tril", "triu", "diagonal", "diag",
     "diag_embed", "fft_fft", "fft_rfft", "fft_ifft", "fft_irfft", "interpolate",

@@ -103,6 +103,10 @@ def hf_small_config(model_type: str, **overrides: Any) -> Any:
         if key == "head_dim" and not hasattr(config, key):
             continue
         setattr(config, key, value)
+    if getattr(config, "is_encoder_decoder", False) and (
+        getattr(config, "decoder_start_token_id", None) is None
+    ):
+        config.decoder_start_token_id = getattr(config, "pad_token_id", None) or 0  # T5 needs one
     return config
 
 
