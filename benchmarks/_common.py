@@ -20,6 +20,15 @@ RESULTS = HERE / "results"
 CACHE = HERE / ".cache"  # git-ignored: checkpoints trained by the benchmarks
 
 
+def display_path(path: str | Path) -> str:
+    """A path as results files record it: relative to the repository, never machine-specific."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(HERE.parent))
+    except ValueError:
+        return path.name
+
+
 def add_common_args(parser: Any) -> None:
     parser.add_argument(
         "--data-root",

@@ -29,6 +29,7 @@ import torch
 from _common import (
     add_common_args,
     batches,
+    display_path,
     fmt,
     load_or_train,
     md_table,
@@ -98,7 +99,7 @@ def main() -> None:
         endpoints.append(model.eval())
         ckpts.append(
             {
-                "path": str(path),
+                "path": display_path(path),
                 "seed": s,
                 "epochs": meta["epochs"],
                 "test_accuracy_at_training": meta["test_accuracy"],
@@ -260,7 +261,7 @@ def write_md(
         [
             [
                 f"seed {c['seed']}",
-                "benchmarks/" + c["path"].split("benchmarks/")[-1],
+                c["path"],
                 fmt(m["accuracy"]),
                 fmt(m["loss"]),
                 fmt(m["train_loss"]),

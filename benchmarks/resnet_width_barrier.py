@@ -32,6 +32,7 @@ import torch
 from _common import (
     add_common_args,
     batches,
+    display_path,
     fmt,
     load_or_train,
     md_table,
@@ -129,7 +130,7 @@ def main() -> None:
                 {
                     "width": width,
                     "seed": s,
-                    "path": str(path),
+                    "path": display_path(path),
                     "train_time_s": meta.get("train_time_s"),
                     "loaded_or_trained_s": round(time.perf_counter() - t0, 1),
                 }
