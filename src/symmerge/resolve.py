@@ -97,12 +97,10 @@ def hf_small_config(model_type: str, **overrides: Any) -> Any:
         config = AutoConfig.for_model(model_type)
     except ValueError as e:
         raise ValueError(f"transformers has no model type '{model_type}': {e}") from e
+    optional = {"num_key_value_heads", "head_dim"}  # set only where the config has them
     for key, value in {**HF_SMALL, **overrides}.items():
-        if key == "num_key_value_heads" and not hasattr(config, key):
-            continue
-        if key == "head_dim" and not hasattr(config, key):
-            continue
-        setattr(config, key, value)
+        if key not in optional or hasattr(config, key):
+            setattr(config, key, value)
     if getattr(config, "is_encoder_decoder", False) and (
         getattr(config, "decoder_start_token_id", None) is None
     ):

@@ -644,14 +644,9 @@ def _build_spec(
         if r in fused
     }
 
-    def name_of(r: int, fallback: str, suffix: str = "") -> str:
+    def name_of(r: int, fallback: str) -> str:
         if r not in names:
-            hint = table.hint.get(r, (0, fallback))[1] + suffix
-            base, k = hint, 2
-            while hint in used:
-                hint, k = f"{base}#{k}", k + 1
-            used.add(hint)
-            names[r] = hint
+            names[r] = _unique(table.hint.get(r, (0, fallback))[1], used)
         return names[r]
 
     groups: dict[str, Group] = {}
