@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _toy_models import Branches
+from _toy_models import Attention, Branches
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
@@ -58,29 +58,6 @@ def _one_thread():
 
 
 # ---- models ----------------------------------------------------------------------------------
-
-
-class Attention(nn.Module):
-    """One pre-norm attention block: fused qkv split into heads (q/k and v/o head groups)."""
-
-    def __init__(self, dim: int = 12, heads: int = 3) -> None:
-        super().__init__()
-        self.heads = heads
-        self.embed = nn.Linear(5, dim)
-        self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.head = nn.Linear(dim, 4)
-        self.input_shape = (6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
-        b, n, d = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, d // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        att = (q @ k.transpose(-2, -1)).softmax(-1)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, n, d))
-        return self.head(x.mean(1))
 
 
 _CUSTOM = {"branches": Branches, "attention": Attention}

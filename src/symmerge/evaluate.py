@@ -5,12 +5,14 @@ Accuracy and loss of one model on one dataset are computed by :func:`symmerge.tr
 (one implementation for training and merging); this module adds the forms merging papers
 report: the mean over the datasets of several source models (Yamada et al.), joint and
 per-task accuracy for models trained on disjoint class sets (ZipIt!, MuDSC), and the loss and
-accuracy barriers along the linear path between two aligned models (Git Re-Basin, REPAIR).
+accuracy barriers along the linear path between two aligned models (Git Re-Basin, REPAIR),
+and the cycle error of a set of pairwise alignments (C2M3).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -24,11 +26,13 @@ from symmerge.train import evaluate as _evaluate_tensors
 
 __all__ = [
     "barrier",
+    "cycle_error",
     "evaluate",
     "evaluate_many",
     "interpolate_state_dicts",
     "interpolation_curve",
     "joint_accuracy",
+    "pairwise_from_universe",
     "plot_curve",
 ]
 
@@ -301,3 +305,52 @@ def plot_curve(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def cycle_error(
+    pairwise: Mapping[tuple[int, int], Mapping[str, Tensor]],
+) -> dict[str, Any]:
+    """How far pairwise alignments are from composing consistently (C2M3's cycle error).
+
+    ``pairwise[(i, j)][g]`` (i < j) aligns model j to model i in the convention of
+    :meth:`SymmetrySpec.permute_state_dict`: unit u of model i matches unit ``perm[u]`` of
+    model j. For every triangle i < j < k, unit u of model i goes to j and on to k
+    (``p_jk[p_ij[u]]``) and should land where the direct map sends it (``p_ik[u]``), so that
+    the cycle i -> j -> k -> i is the identity. Returns the fraction of units that do not,
+    per group and over all units (``"mean"``), averaged over the triangles, and the number of
+    triangles. Maps to a shared universe (C2M3, MergeMany) give zero by construction.
+    """
+    models = sorted({m for pair in pairwise for m in pair})
+    triangles = list(itertools.combinations(models, 3))
+    if not triangles:
+        raise ValueError("cycle_error needs pairwise maps between at least 3 models")
+    missing = [p for t in triangles for p in itertools.combinations(t, 2) if p not in pairwise]
+    if missing:
+        raise ValueError(f"cycle_error needs every pair (i < j); missing {missing[:3]}")
+    groups = list(pairwise[triangles[0][:2]])
+    wrong = dict.fromkeys(groups, 0.0)
+    for i, j, k in triangles:
+        for g in groups:
+            p_ij, p_jk, p_ik = (torch.as_tensor(pairwise[key][g]).cpu() for key in
+                                ((i, j), (j, k), (i, k)))  # fmt: skip
+            wrong[g] += float((p_jk[p_ij] != p_ik).double().mean())
+    per_group = {g: w / len(triangles) for g, w in wrong.items()}
+    sizes = {g: torch.as_tensor(pairwise[triangles[0][:2]][g]).numel() for g in groups}
+    total = sum(sizes.values())
+    mean = sum(per_group[g] * sizes[g] for g in groups) / total if total else 0.0
+    return {"mean": mean, "per_group": per_group, "triangles": len(triangles)}
+
+
+def pairwise_from_universe(
+    model_perms: Sequence[Mapping[str, Tensor]],
+) -> dict[tuple[int, int], dict[str, Tensor]]:
+    """Pairwise alignments implied by maps to one common order: ``model_perms[i][g][u]`` is
+    the unit of model i at common unit u, so model j aligns to model i by
+    ``perm_j[argsort(perm_i)]``."""
+    out: dict[tuple[int, int], dict[str, Tensor]] = {}
+    for i, j in itertools.combinations(range(len(model_perms)), 2):
+        out[(i, j)] = {
+            g: torch.as_tensor(model_perms[j][g])[torch.argsort(torch.as_tensor(p))]
+            for g, p in model_perms[i].items()
+        }
+    return out

@@ -5,9 +5,11 @@ from symmerge.solvers.coordinate import (
     coordinate_descent,
     coordinates,
     merge_many,
+    relative_to_first,
     solve_coordinate,
     weight_matching,
 )
+from symmerge.solvers.frank_wolfe import frank_wolfe_matching, universe_objective
 from symmerge.solvers.lap import BACKENDS, lap_objective, solve_lap, solve_shared_blocks
 
 __all__ = [
@@ -15,10 +17,13 @@ __all__ = [
     "MatchResult",
     "coordinate_descent",
     "coordinates",
+    "frank_wolfe_matching",
     "lap_objective",
     "merge_many",
+    "relative_to_first",
     "solve_coordinate",
     "solve_lap",
     "solve_shared_blocks",
+    "universe_objective",
     "weight_matching",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "coordinate_descent",
     "coordinates",
     "merge_many",
+    "relative_to_first",
     "solve_coordinate",
     "weight_matching",
 ]
@@ -41,7 +42,8 @@ class MatchResult:
 
     ``perms`` maps group -> index vector for one model (two-model matching) and
     ``model_perms`` holds one such dict per model (MergeMany). ``lap_seconds`` counts only the
-    assignment solves; ``other_seconds`` everything else the matcher did.
+    assignment solves; ``other_seconds`` everything else the matcher did; ``timings`` a finer
+    split where the matcher keeps one.
     """
 
     perms: Perms
@@ -52,6 +54,7 @@ class MatchResult:
     converged: bool = False
     log: list[str] = field(default_factory=list)
     model_perms: list[Perms] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def coordinates(spec: SymmetrySpec, groups: Sequence[str] | None = None) -> list[tuple[str, ...]]:
@@ -282,12 +285,12 @@ def merge_many(
         if not changed:
             res.converged = True
             break
-    res.model_perms = _relative_to_first(perms)
+    res.model_perms = relative_to_first(perms)
     res.perms = res.model_perms[1] if n == 2 else {}
     return res
 
 
-def _relative_to_first(perms: list[Perms]) -> list[Perms]:
+def relative_to_first(perms: list[Perms]) -> list[Perms]:
     """Reorder the merged units so that model 0's map is the identity.
 
     Merged unit i is model m's unit ``perms[m][i]``; with ``inv`` the inverse of model 0's
