@@ -9,6 +9,7 @@ compose to the identity around every cycle. The solver's pieces are checked agai
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -156,7 +157,8 @@ def test_line_search_polynomial_is_the_objective_along_the_segment() -> None:
     pre = _prefixes(sds, pieces, maps)
     grads = fw._gradients(pre, pieces, maps, groups)
     coords = fw.coordinates(spec)
-    vertices = [fw._round(spec, coords, g, "scipy", groups) for g in grads]
+    with ThreadPoolExecutor(1) as pool:
+        vertices = fw._round_all(spec, coords, grads, "scipy", pool, oracle=True)
     t, value, nodes = fw._line_search(pre, pieces, maps, vertices)
     assert 0.0 < t <= 1.0
 

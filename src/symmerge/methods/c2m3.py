@@ -39,7 +39,7 @@ def c2m3(
     weights: Sequence[float] | None = None,
     init: str = "weight",
     max_iter: int = 200,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     patience: int = 5,
     backend: str = "scipy",
     device: str | torch.device | None = None,
