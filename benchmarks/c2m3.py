@@ -76,7 +76,11 @@ def main() -> None:
     parser.add_argument("--resnet-samples", type=int, default=500, help="ResNet REPAIR images")
     parser.add_argument("--timing-widths", default="128,256,512,1024")
     parser.add_argument("--timing-iters", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0, help="matching / data subset seed")
+    parser.add_argument("--seed", type=int, default=0, help="data subset seed")
+    parser.add_argument(
+        "--match-seeds", default="0", help="matching seeds (the table gives mean ± std)"
+    )
+    parser.add_argument("--tag", default="", help="suffix of the results files")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -97,7 +101,7 @@ def main() -> None:
         timing_n = time_vs_models(args, mlp_models)
     timing_w = time_vs_width(args)
     meta = provenance(
-        {"training": "0..N-1", "matching_and_data": args.seed},
+        {"training": "0..N-1", "data_subset": args.seed, "matching": args.match_seeds},
         {
             "checkpoints": ckpts,
             "scale": {
@@ -113,9 +117,10 @@ def main() -> None:
     )
     result = {"meta": meta, "rows": rows, "cycle_error": cycles, "time_vs_models": timing_n,
               "time_vs_width": timing_w, "official_seconds_quoted": OFFICIAL_SECONDS}  # fmt: skip
-    write_json(out / f"{NAME}.json", result)
-    plot(result, out / f"{NAME}.png")
-    write_md(out / f"{NAME}.md", result)
+    name = NAME + args.tag
+    write_json(out / f"{name}.json", result)
+    plot(result, out / f"{name}.png")
+    write_md(out / f"{name}.md", result)
 
 
 # ---- settings ------------------------------------------------------------------------------
@@ -178,9 +183,12 @@ def run_setting(args: Any, st: dict[str, Any]) -> tuple[list[dict], dict]:
     ends = [evaluate(m, test) for m in models]
     end_acc = sum(e["accuracy"] for e in ends) / n
     rows = []
-    for label, (method, kw) in METHODS.items():
+    seeds = [int(k) for k in args.match_seeds.split(",") if k]
+    for seed, (label, (method, kw)) in itertools.product(seeds, METHODS.items()):
+        if label == "naive" and seed != seeds[0]:
+            continue  # no search: every seed gives the same model
         t0 = time.perf_counter()
-        res = get_method(method)(spec, models, seed=args.seed, **kw)
+        res = get_method(method)(spec, models, seed=seed, **kw)
         seconds = time.perf_counter() - t0
         perms = [res.perms(k) for k in range(n)]
         f_univ = universe_objective(spec, sds, perms)
@@ -194,16 +202,16 @@ def run_setting(args: Any, st: dict[str, Any]) -> tuple[list[dict], dict]:
                 repair(merged, aligned, data, spec=spec, exact=False)
             ev = evaluate(merged.eval(), test)
             row = {"setting": st["name"], "models": n, "method": label, "renorm": renorm,
-                   "accuracy": ev["accuracy"], "loss": ev["loss"],
+                   "match_seed": seed, "accuracy": ev["accuracy"], "loss": ev["loss"],
                    "endpoint_accuracy_mean": end_acc, "objective": f_univ,
                    "match_seconds": round(seconds, 3), "iterations": res.iterations,
                    "timings": {k: round(v, 3) for k, v in res.timings.items()}}  # fmt: skip
             rows.append(row)
-            print({k: row[k] for k in ("setting", "method", "renorm", "accuracy", "loss",
-                                       "match_seconds")}, flush=True)  # fmt: skip
+            print({k: row[k] for k in ("setting", "method", "renorm", "match_seed", "accuracy",
+                                       "loss", "match_seconds")}, flush=True)  # fmt: skip
         if label == "c2m3":
             universe_cycle = cycle_error(pairwise_from_universe(perms))["mean"]
-    pairs = {(i, j): weight_matching(spec, sds[i], sds[j], seed=args.seed).perms
+    pairs = {(i, j): weight_matching(spec, sds[i], sds[j], seed=seeds[0]).perms
              for i, j in itertools.combinations(range(n), 2)}  # fmt: skip
     err = cycle_error(pairs)
     cyc = {"setting": st["name"], "pairwise_weight_matching": err["mean"],
@@ -270,11 +278,26 @@ def time_vs_width(args: Any) -> list[dict]:
 # ---- output --------------------------------------------------------------------------------
 
 
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and std over matching seeds of every (setting, method, renorm)."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["setting"], r["method"], r["renorm"])
+        out.setdefault(key, {**r, "runs": []})["runs"].append(r)
+    for agg in out.values():
+        for k in ("accuracy", "loss", "objective", "match_seconds", "iterations"):
+            vals = torch.tensor([float(x[k]) for x in agg["runs"]], dtype=torch.float64)
+            agg[k] = float(vals.mean())
+            agg[k + "_std"] = float(vals.std()) if len(vals) > 1 else 0.0
+        agg["seeds"] = len(agg.pop("runs"))
+    return list(out.values())
+
+
 def plot(result: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = result["rows"]
+    rows = aggregate(result["rows"])
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     fig = Figure(figsize=(12, 3.8), dpi=90)
     FigureCanvasAgg(fig)
@@ -314,7 +337,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_md(path: Path, result: dict) -> None:
-    meta, rows = result["meta"], result["rows"]
+    meta, rows = result["meta"], aggregate(result["rows"])
     lines = ["# C2M3: merging N models at once", "", *provenance_md(meta)]
     lines += [f"- Scale: {v}" for v in meta["scale"].values()]
     lines += [f"- Total run time: {meta['total_seconds']} s", ""]
@@ -323,10 +346,15 @@ def write_md(path: Path, result: dict) -> None:
               "(REPAIR's single train-mode pass). `objective`: the summed pairwise weight "
               "inner product in the common order (what C2M3 maximizes).", ""]  # fmt: skip
     header = ["setting", "method", "renorm", "test acc", "test loss", "mean endpoint acc",
-              "objective", "match s", "iterations"]  # fmt: skip
-    table = [[r["setting"], r["method"], r["renorm"] or "none", fmt(r["accuracy"]),
-              fmt(r["loss"]), fmt(r["endpoint_accuracy_mean"]), fmt(r["objective"], 1),
-              fmt(r["match_seconds"], 2), r["iterations"]] for r in rows]  # fmt: skip
+              "objective", "match s", "iterations", "matching seeds"]  # fmt: skip
+
+    def pm(r: dict, k: str, digits: int = 4) -> str:
+        return fmt(r[k], digits) + (f" ± {r[k + '_std']:.{digits}f}" if r["seeds"] > 1 else "")
+
+    table = [[r["setting"], r["method"], r["renorm"] or "none", pm(r, "accuracy"),
+              pm(r, "loss"), fmt(r["endpoint_accuracy_mean"]), fmt(r["objective"], 1),
+              fmt(r["match_seconds"], 2), fmt(r["iterations"], 1), r["seeds"]]
+             for r in rows]  # fmt: skip
     lines += md_table(header, table) + [""]
     lines += ["## C2M3 + REPAIR vs MergeMany + REPAIR", ""]
     for st in dict.fromkeys(r["setting"] for r in rows):
@@ -349,28 +377,30 @@ def write_md(path: Path, result: dict) -> None:
     lines += md_table(["setting", "triangles", "independent pairwise WM", "C2M3 (universe)"],
                       [[c["setting"], c["triangles"], fmt(c["pairwise_weight_matching"]),
                         fmt(c["c2m3"])] for c in result["cycle_error"]])  # fmt: skip
-    lines += ["", "## Matching time vs number of models (MNIST MLPs)", "",
-              "`tol` 1e-4 is the default; 1e-6 is close to the paper's stopping rule "
-              "(absolute gain < 1e-6 for 5 iterations, with F ~ 1e3 here). `setup` is the "
-              "weight-matching start.", "",
-              f"Torch threads {meta['hardware'].split('torch threads ')[1].split(';')[0]}. "
-              "`official s` is quoted from the issue (official C2M3 code patched for the CPU, "
-              "2 cores of this machine type), not rerun here.", ""]  # fmt: skip
-    lines += md_table(
-        ["models", "tol", "total s", "iterations", "objective", "setup s", "gradient s", "LAP s",
-         "line search s", "official s (quoted)", "speed-up"],
-        [[r["models"], r["tol"], r["seconds"], r["iterations"], fmt(r["objective"], 2),
-          r["setup"], r["gradient"], r["lap"],
-          r["line_search"], fmt(r["official_seconds_quoted"]),
-          fmt(r["official_seconds_quoted"] / r["seconds"], 1)
-          if r["official_seconds_quoted"] else "—"] for r in result["time_vs_models"]],
-    )  # fmt: skip
-    lines += ["", "## Seconds per Frank-Wolfe iteration vs width (3 random-init MLPs)", ""]
-    lines += md_table(
-        ["width", "iterations", "gradient s/it", "LAP s/it", "line search s/it", "setup s"],
-        [[r["width"], r["iterations"], r["gradient_per_iter"], r["lap_per_iter"],
-          r["line_search_per_iter"], r["setup"]] for r in result["time_vs_width"]],
-    )  # fmt: skip
+    if result["time_vs_models"]:
+        lines += ["", "## Matching time vs number of models (MNIST MLPs)", "",
+                  "`tol` 1e-4 is the default; 1e-6 is close to the paper's stopping rule "
+                  "(absolute gain < 1e-6 for 5 iterations, with F ~ 1e3 here). `setup` is the "
+                  "weight-matching start.", "",
+                  f"Torch threads {meta['hardware'].split('torch threads ')[1].split(';')[0]}. "
+                  "`official s` is quoted from the issue (official C2M3 code patched for the CPU, "
+                  "2 cores of this machine type), not rerun here.", ""]  # fmt: skip
+        lines += md_table(
+            ["models", "tol", "total s", "iterations", "objective", "setup s", "gradient s",
+             "LAP s", "line search s", "official s (quoted)", "speed-up"],
+            [[r["models"], r["tol"], r["seconds"], r["iterations"], fmt(r["objective"], 2),
+              r["setup"], r["gradient"], r["lap"],
+              r["line_search"], fmt(r["official_seconds_quoted"]),
+              fmt(r["official_seconds_quoted"] / r["seconds"], 1)
+              if r["official_seconds_quoted"] else "—"] for r in result["time_vs_models"]],
+        )  # fmt: skip
+    if result["time_vs_width"]:
+        lines += ["", "## Seconds per Frank-Wolfe iteration vs width (3 random-init MLPs)", ""]
+        lines += md_table(
+            ["width", "iterations", "gradient s/it", "LAP s/it", "line search s/it", "setup s"],
+            [[r["width"], r["iterations"], r["gradient_per_iter"], r["lap_per_iter"],
+              r["line_search_per_iter"], r["setup"]] for r in result["time_vs_width"]],
+        )  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -9,7 +9,9 @@ compose to the identity around every cycle. The solver's pieces are checked agai
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +202,29 @@ def test_bad_input() -> None:
         fw.frank_wolfe_matching(spec, [sd, sd], init="nope")
     with pytest.raises(ValueError, match="weights= instead"):
         get_method("c2m3")(spec, [sd, sd, sd], lam=0.3)
+
+
+@pytest.mark.skipif(not os.environ.get("SYMMERGE_DATA"), reason="needs SYMMERGE_DATA (CI sets it)")
+def test_cli_merges_three_checkpoints_with_c2m3_and_repair(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from symmerge.cli import main
+    from symmerge.io import load_checkpoint, save_checkpoint
+
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model, config = create_model("mlp", depth=2, width=16)
+        path = tmp_path / f"m{seed}.safetensors"
+        save_checkpoint(path, model, config, {"dataset": "mnist", "classes": None, "seed": seed})
+        paths.append(str(path))
+    out = tmp_path / "merged.safetensors"
+    result = CliRunner().invoke(
+        main, ["merge", *paths, "--method", "c2m3", "--repair", "--data", "mnist",
+               "--data-samples", "200", "--eval-limit", "200", "-o", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "merged (c2m3, repair)" in result.output and out.exists()
+    merged, meta = load_checkpoint(out)
+    assert meta["method"] == "c2m3" and len(meta["inputs"]) == 3
+    assert all(torch.isfinite(v).all() for v in merged.state_dict().values())
