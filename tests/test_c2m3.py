@@ -124,7 +124,10 @@ def _soft_problem(name: str, n_models: int = 3):
            for s in range(n_models)]  # fmt: skip
     pieces = fw._pieces(spec, sds[0], fw.DEFAULT_IGNORE)
     groups = sorted({g for pc in pieces for _, g in pc.factors})
-    maps, _ = fw._initial_maps(spec, sds, groups, "sinkhorn", 0, "scipy", fw.DEFAULT_IGNORE)
+    with ThreadPoolExecutor(1) as pool:
+        maps, _ = fw._initial_maps(
+            spec, sds, groups, "sinkhorn", 0, "scipy", fw.DEFAULT_IGNORE, pool
+        )
     return spec, sds, pieces, groups, maps
 
 

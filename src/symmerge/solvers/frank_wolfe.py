@@ -148,6 +148,7 @@ def _initial_maps(
     seed: int,
     backend: str,
     ignore: Sequence[str],
+    pool: ThreadPoolExecutor,
 ) -> tuple[list[dict[str, torch.Tensor]], list[Perms] | None]:
     """Initial soft maps (float64, CPU), and the hard permutations they are when they are."""
     gen = torch.Generator().manual_seed(seed)
@@ -164,13 +165,16 @@ def _initial_maps(
     if init == "identity":
         perms = [spec.identity_permutations() for _ in state_dicts]
     else:
-        perms = [spec.identity_permutations()]
-        for k, sd in enumerate(state_dicts[1:], 1):
-            perms.append(
-                weight_matching(
-                    spec, state_dicts[0], sd, seed=seed + k, backend=backend, ignore=ignore
-                ).perms
+        # independent matchings: their LAPs (no GIL) overlap the others' products
+        perms = [spec.identity_permutations()] + list(
+            pool.map(
+                lambda k: weight_matching(
+                    spec, state_dicts[0], state_dicts[k], seed=seed + k, backend=backend,
+                    ignore=ignore,
+                ).perms,
+                range(1, len(state_dicts)),
             )
+        )  # fmt: skip
     return [{g: _one_hot(p[g]) for g in groups} for p in perms], perms
 
 
@@ -267,7 +271,41 @@ def frank_wolfe_matching(
     pieces = _pieces(spec, state_dicts[0], ignore)
     soft_groups = sorted({g for pc in pieces for _, g in pc.factors})
     coords = coordinates(spec)
-    maps, start = _initial_maps(spec, state_dicts, soft_groups, init, seed, backend, ignore)
+    workers = max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # the LAPs of the oracle (and the weight-matching start) are independent and scipy
+        # releases the GIL, so they run side by side
+        maps, start = _initial_maps(
+            spec, state_dicts, soft_groups, init, seed, backend, ignore, pool
+        )
+        return _frank_wolfe(
+            spec, state_dicts, maps, start, pieces, soft_groups, coords, pool,
+            max_iter=max_iter, tol=tol, patience=patience, backend=backend, ignore=ignore,
+            device=dev, dtype=dtype, progress=progress, t_start=t_start,
+        )  # fmt: skip
+
+
+def _frank_wolfe(
+    spec: SymmetrySpec,
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    maps: list[dict[str, torch.Tensor]],
+    start: list[Perms] | None,
+    pieces: list[_Piece],
+    soft_groups: list[str],
+    coords: Sequence[Sequence[str]],
+    pool: ThreadPoolExecutor,
+    *,
+    max_iter: int,
+    tol: float,
+    patience: int,
+    backend: str,
+    ignore: Sequence[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: Callable[[int, float, float], None] | None,
+    t_start: float,
+) -> MatchResult:
+    dev, n_models = device, len(state_dicts)
     maps = [{g: p.to(dev, dtype) for g, p in mp.items()} for mp in maps]
     weights = [[pc.view(sd[pc.key]).to(dev, dtype).contiguous() for pc in pieces]
                for sd in state_dicts]  # fmt: skip
@@ -279,32 +317,30 @@ def frank_wolfe_matching(
                "line_search": 0.0}  # fmt: skip
     value = _objective(prefixes, pieces)
     stalled = 0
-    workers = max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for it in range(1, max_iter + 1):
-            t0 = time.perf_counter()
-            grads = _gradients(prefixes, pieces, maps, soft_groups)
-            t1 = time.perf_counter()
-            vertices = _round_all(spec, coords, grads, backend, pool, oracle=True)
-            t2 = time.perf_counter()
-            step, new_value, nodes = _line_search(prefixes, pieces, maps, vertices)
-            if step > 0.0:
-                _move(prefixes, maps, vertices, nodes, step)
-            t3 = time.perf_counter()
-            timings["gradient"] += t1 - t0
-            timings["lap"] += t2 - t1
-            timings["line_search"] += t3 - t2
-            gain, value = new_value - value, max(value, new_value)
-            res.iterations = it
-            res.log.append(f"iteration {it}: F = {value:.6g}, step {step:.4g}")
-            if progress is not None:
-                progress(it, value, step)
-            stalled = stalled + 1 if gain <= tol * max(1.0, abs(value)) else 0
-            if step == 0.0 or stalled >= patience:
-                res.converged = True
-                break
+    for it in range(1, max_iter + 1):
         t0 = time.perf_counter()
-        perms = _round_all(spec, coords, maps, backend, pool)
+        grads = _gradients(prefixes, pieces, maps, soft_groups)
+        t1 = time.perf_counter()
+        vertices = _round_all(spec, coords, grads, backend, pool, oracle=True)
+        t2 = time.perf_counter()
+        step, new_value, nodes = _line_search(prefixes, pieces, maps, vertices)
+        if step > 0.0:
+            _move(prefixes, maps, vertices, nodes, step)
+        t3 = time.perf_counter()
+        timings["gradient"] += t1 - t0
+        timings["lap"] += t2 - t1
+        timings["line_search"] += t3 - t2
+        gain, value = new_value - value, max(value, new_value)
+        res.iterations = it
+        res.log.append(f"iteration {it}: F = {value:.6g}, step {step:.4g}")
+        if progress is not None:
+            progress(it, value, step)
+        stalled = stalled + 1 if gain <= tol * max(1.0, abs(value)) else 0
+        if step == 0.0 or stalled >= patience:
+            res.converged = True
+            break
+    t0 = time.perf_counter()
+    perms = _round_all(spec, coords, maps, backend, pool)
     timings["lap"] += time.perf_counter() - t0
     final = universe_objective(spec, state_dicts, perms, ignore=ignore)
     if start is not None:
