@@ -238,7 +238,7 @@ def frank_wolfe_matching(
             ``"sinkhorn"`` (the paper's merger: the barycenter plus U(0, 0.01/n) noise, made
             doubly stochastic) or ``"identity"`` (every model in its own order). The best
             hard solution seen (the init, when it is hard, or the rounded end point) is kept.
-        seed: seeds the init noise.
+        seed: seeds the init (the noise of ``sinkhorn``, the group order of ``weight``).
         backend: LAP backend (:func:`symmerge.solvers.lap.solve_lap`).
         ignore: tensor-name suffixes left out of F (running statistics by default).
         device: where the products run (default: CUDA when available, else the CPU); the LAPs
