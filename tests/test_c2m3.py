@@ -224,10 +224,17 @@ def test_cli_merges_three_checkpoints_with_c2m3_and_repair(tmp_path: Path) -> No
     out = tmp_path / "merged.safetensors"
     result = CliRunner().invoke(
         main, ["merge", *paths, "--method", "c2m3", "--repair", "--data", "mnist",
-               "--data-samples", "200", "--eval-limit", "200", "-o", str(out)],
+               "--data-samples", "200", "--eval-limit", "200", "-p", "max_iter=5",
+               "-p", "init=sinkhorn", "-o", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "merged (c2m3, repair)" in result.output and out.exists()
     merged, meta = load_checkpoint(out)
     assert meta["method"] == "c2m3" and len(meta["inputs"]) == 3
+    assert meta["params"] == {"max_iter": 5, "init": "sinkhorn"}
+    bad = tmp_path / "bad.safetensors"
+    result = CliRunner().invoke(
+        main, ["merge", *paths, "--method", "c2m3", "-p", "steps=3", "-o", str(bad)]
+    )
+    assert result.exit_code != 0 and "takes no 'steps'" in result.output and not bad.exists()
     assert all(torch.isfinite(v).all() for v in merged.state_dict().values())

@@ -162,6 +162,12 @@ def test_demo_tiny_budget(tmp_path: Path) -> None:
     assert results["mnist"]["mnist"] > 0.5  # in-domain accuracy well above chance (0.1)
     assert results["fashion-mnist"]["fashion-mnist"] > 0.4
     assert results["mnist"]["mnist"] > results["mnist"]["fashion-mnist"]
+    many = json.loads((out / "results.json").read_text())["three_mnist_models"]
+    assert "Three MNIST MLPs" in text and set(many) == {
+        "naive average", "MergeMany", "MergeMany + REPAIR", "C2M3", "C2M3 + REPAIR"
+    }  # fmt: skip
+    assert many["C2M3"]["objective"] > many["naive average"]["objective"]
+    assert many["C2M3 + REPAIR"]["accuracy"] > 0.5
 
     # same settings again: checkpoints are reused, not retrained or clobbered
     stamp = (out / "mnist.safetensors").stat().st_mtime_ns

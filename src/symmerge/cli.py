@@ -507,28 +507,30 @@ def demo(
 
     root = None if data_root is None else str(data_root)
     dev = resolve_device(device)
-    configs = {ds: resolve_config("mlp", ds, width=width, depth=DEMO_DEPTH) for ds in DEMO_DATASETS}
-    # different seeds: independently initialised models, as in the merging literature
-    seeds = {ds: seed + k for k, ds in enumerate(DEMO_DATASETS)}
-    wanted = {
-        ds: _demo_settings(configs[ds], epochs, seeds[ds], limit_train) for ds in DEMO_DATASETS
+    # run name -> dataset; different seeds: independently initialised models, as in the
+    # merging literature. The extra MNIST runs are for the N-model merge (C2M3).
+    runs = {**{ds: ds for ds in DEMO_DATASETS}, **{f"mnist-{k}": "mnist" for k in (2, 3)}}
+    configs = {
+        r: resolve_config("mlp", ds, width=width, depth=DEMO_DEPTH) for r, ds in runs.items()
     }
+    seeds = {r: seed + k for k, r in enumerate(runs)}
+    wanted = {r: _demo_settings(configs[r], epochs, seeds[r], limit_train) for r in runs}
     folder, note = _demo_dir(out_dir, wanted)
     click.echo(note)
 
     models = {}
-    for ds in DEMO_DATASETS:
-        path = folder / f"{ds}.safetensors"
+    for run, ds in runs.items():
+        path = folder / f"{run}.safetensors"
         if path.exists():
-            models[ds], _ = load_checkpoint(path, device=dev)
-            click.echo(f"  {ds}: reused {path}")
+            models[run], _ = load_checkpoint(path, device=dev)
+            click.echo(f"  {run}: reused {path}")
             continue
         try:
             net, info = train_model(
-                configs[ds],
+                configs[run],
                 ds,
                 epochs=epochs,
-                seed=seeds[ds],
+                seed=seeds[run],
                 device=dev,
                 data_root=root,
                 progress=progress,
@@ -537,16 +539,17 @@ def demo(
         except (ValueError, FileNotFoundError) as exc:
             raise click.ClickException(f"training on {ds}: {exc}") from None
         info["model_name"] = "mlp"
-        save_checkpoint(path, net, configs[ds], info)
-        models[ds] = net
+        save_checkpoint(path, net, configs[run], info)
+        models[run] = net
         click.echo(
-            f"  {ds}: test accuracy {_pct(info['test_accuracy'])} after {epochs} epochs "
+            f"  {run}: test accuracy {_pct(info['test_accuracy'])} after {epochs} epochs "
             f"({info['train_time_s']:.1f} s) -> {path}"
         )
 
     names = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
     results: dict[str, dict[str, float]] = {}
-    for ds_model, net in models.items():
+    for ds_model in DEMO_DATASETS:
+        net = models[ds_model]
         results[ds_model] = {
             ds: evaluate(net, ds, "test", data_root=root, device=dev)["accuracy"]
             for ds in DEMO_DATASETS
@@ -580,9 +583,19 @@ def demo(
     headline, summary = _demo_headline(merged_results)
     click.echo("")
     click.echo(headline)
+    many_rows, many = _demo_many([models[r] for r in runs if runs[r] == "mnist"], data_root,
+                                 seed, limit_train, dev)  # fmt: skip
+    click.echo("")
+    click.echo(
+        f"Three MNIST MLPs (seeds {seed}, {seed + 2}, {seed + 3}) merged at once: MNIST test "
+        "accuracy, and the matching objective (summed pairwise weight overlap, higher = more "
+        "aligned):"
+    )
+    click.echo(format_table(["model", "MNIST test", "objective", "match s"], many_rows))
     payload = {
         "test_accuracy": results,
         "cross_dataset": summary,
+        "three_mnist_models": many,
         "settings": wanted,
         "merge_data": {"per_dataset": DEMO_SAMPLES, "coreset": DEMO_CORESET, "ste": DEMO_STE},
         "checkpoints": str(folder),
@@ -674,6 +687,47 @@ def _demo_headline(results: dict[str, dict[str, float]]) -> tuple[str, dict[str,
         "+25 points with a condensed set and +28 with the full datasets (100-epoch models)."
     )
     return text, {"weight_no_data": without, "ste_coreset": with_, "gain_points": gain}
+
+
+#: (label, method, renorm) of the N-model part of the demo
+DEMO_MANY = (
+    ("naive average", "naive", None),
+    ("MergeMany", "mergemany", None),
+    ("MergeMany + REPAIR", "mergemany", "repair"),
+    ("C2M3", "c2m3", None),
+    ("C2M3 + REPAIR", "c2m3", "repair"),
+)
+
+
+def _demo_many(
+    models: list[Any], data_root: Path | None, seed: int, limit: int | None, dev: Any
+) -> tuple[list[list[Any]], dict[str, dict[str, float]]]:
+    """Merge three MNIST models at once with MergeMany and C2M3 (REPAIR on DEMO_SAMPLES
+    MNIST train images), evaluated on the MNIST test set."""
+    import torch
+
+    from symmerge.merging import merge
+    from symmerge.solvers import universe_objective
+    from symmerge.spec import trace
+    from symmerge.train import evaluate
+
+    root = None if data_root is None else str(data_root)
+    cpu = [m.to("cpu") for m in models]
+    data = _data_batches("mnist", data_root, min(DEMO_SAMPLES, limit or DEMO_SAMPLES), 500, seed)
+    spec = trace(cpu[0], (torch.randn(2, *cpu[0].input_shape),))
+    sds = [m.state_dict() for m in cpu]
+    rows, out = [], {}
+    for k, m in enumerate(cpu):
+        acc = evaluate(m, "mnist", "test", data_root=root, device=dev)["accuracy"]
+        rows.append([f"MNIST MLP {k + 1}", _pct(acc), "", ""])
+    for label, method, renorm in DEMO_MANY:
+        merged, res = merge(cpu, method, data=data if renorm else None, renorm=renorm,
+                            seed=seed, spec=spec)  # fmt: skip
+        acc = evaluate(merged, "mnist", "test", data_root=root, device=dev)["accuracy"]
+        objective = universe_objective(spec, sds, [res.perms(k) for k in range(len(cpu))])
+        rows.append([f"merged: {label}", _pct(acc), f"{objective:.1f}", f"{res.seconds:.1f}"])
+        out[label] = {"accuracy": acc, "objective": objective, "match_seconds": res.seconds}
+    return rows, out
 
 
 def _parse_shape(value: str | None) -> tuple[int, ...] | None:
@@ -991,6 +1045,40 @@ def _eval_rows(
     return headers, rows, results
 
 
+def _params(items: Sequence[str], method: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> keywords of ``method``: ints, floats, true/false/none, else
+    strings. Keys the method does not take are a usage error (listing the ones it does)."""
+    import inspect
+
+    from symmerge.methods import get_method
+
+    fixed = {"spec", "models", "data", "lam", "seed"}  # set by merge itself
+    accepted = [k for k in inspect.signature(get_method(method)).parameters if k not in fixed]
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--param")
+        value: Any = text
+        low = text.strip().lower()
+        if low in ("true", "false", "none"):
+            value = {"true": True, "false": False, "none": None}[low]
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(text)
+                    break
+                except ValueError:
+                    pass
+        if key.strip() not in accepted:
+            raise click.BadParameter(
+                f"method '{method}' takes no {key.strip()!r}; it takes: {', '.join(accepted)}",
+                param_hint="--param",
+            )
+        out[key.strip()] = value
+    return out
+
+
 def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
@@ -1032,6 +1120,15 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--param",
+    "-p",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A keyword of the method, e.g. -p steps=600 -p lr=0.5 (ste), -p max_iter=400 "
+    "-p init=sinkhorn (c2m3); numbers and true/false are converted.",
+)
+@click.option(
     "--eval-dataset",
     "eval_datasets",
     multiple=True,
@@ -1050,6 +1147,7 @@ def merge_cmd(
     renorm: str | None,
     lam: float,
     seed: int,
+    params: tuple[str, ...],
     eval_datasets: tuple[str, ...],
     eval_limit: int | None,
     output: Path,
@@ -1071,15 +1169,18 @@ def merge_cmd(
     data = _data_batches(data_spec, data_root, data_samples, 500, seed, models=models,
                          datasets=[m.get("dataset") for m in metas])  # fmt: skip
     targets = _eval_targets(metas, eval_datasets)
+    kwargs = _params(params, method)
     try:
-        merged, result = merge(models, method, data=data, renorm=renorm, lam=lam, seed=seed)
+        merged, result = merge(
+            models, method, data=data, renorm=renorm, lam=lam, seed=seed, **kwargs
+        )
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     config = metas[0].get("config")
     if config is None:
         raise click.UsageError("the first checkpoint has no architecture config")
     info = {"method": method, "inputs": [str(p) for p in checkpoints], "lam": lam,
-            "renorm": renorm, "data": data_spec, "seed": seed,
+            "renorm": renorm, "data": data_spec, "seed": seed, "params": kwargs,
             "dataset": metas[0].get("dataset"), "classes": metas[0].get("classes")}  # fmt: skip
     save_checkpoint(output, merged, config, info, overwrite=overwrite)
     named = [
