@@ -1,9 +1,11 @@
 """STE matching (Git Re-Basin's straight-through estimator, as Yamada et al. use it).
 
 Invariants: a model and a permuted copy of it are matched back exactly and merge into the
-model itself; on two briefly trained MNIST MLPs the STE midpoint beats weight matching on the
-data it was trained on; the fast matcher returns what a full weight matching returns every
-step; the warm assignment is an exact LAP; runs are reproducible under a seed.
+model itself (every matcher); on two briefly trained MNIST MLPs the STE midpoint beats weight
+matching on the data it was trained on; the fast and warm matchers return what a full weight
+matching returns every step, also along a drifting proxy; a bound certificate never accepts
+a suboptimal assignment; centred prices stay feasible; the warm assignment is an exact LAP;
+runs are reproducible under a seed.
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ import symmerge
 from symmerge.groupmap import GroupMap, build_state_dict
 from symmerge.methods import get_method
 from symmerge.models.mlp import MLP
-from symmerge.refine import _WarmAssignment, ste_refine
+from symmerge.refine import (
+    _bellman_ford,
+    _centre_prices,
+    _PlainGroup,
+    _proxy_keys,
+    _WarmAssignment,
+    _WarmMatcher,
+    ste_refine,
+)
+from symmerge.similarity import WeightSimilarity, weight_similarity
 from symmerge.solvers.coordinate import weight_matching
 
 needs_data = pytest.mark.skipif(
@@ -65,7 +76,8 @@ def _midpoint_loss(
 # ---------------------------------------------------------------------------------------
 
 
-def test_permuted_copy_is_matched_back_and_merges_to_the_model() -> None:
+@pytest.mark.parametrize("matcher", ["fast", "warm", "full"])
+def test_permuted_copy_is_matched_back_and_merges_to_the_model(matcher: str) -> None:
     torch.manual_seed(0)
     model = MLP(depth=3, width=24, input_shape=(1, 4, 4)).eval()
     spec = symmerge.trace(model, (torch.randn(2, 1, 4, 4),))
@@ -73,8 +85,9 @@ def test_permuted_copy_is_matched_back_and_merges_to_the_model() -> None:
     sb = spec.permute_state_dict(model.state_dict(), applied)
     data = _random_batches(6, (1, 4, 4))
     res = ste_refine(
-        spec, model, sb, data, init=spec.identity_permutations(), lr=0.5, steps=10
-    )  # not even warm-started from the answer
+        spec, model, sb, data, init=spec.identity_permutations(), lr=0.5, steps=10,
+        matcher=matcher,
+    )  # fmt: skip  # not even warm-started from the answer
     for g, p in applied.items():
         assert torch.equal(res.perms[g], torch.argsort(p)), g
     # the midpoint is the model itself: its loss is the model's, batch by batch
@@ -174,11 +187,14 @@ def test_ste_lowers_the_midpoint_loss_below_weight_matching() -> None:
 
 
 @needs_data
-def test_fast_matcher_equals_full_weight_matching_every_step() -> None:
+@pytest.mark.parametrize("matcher", ["fast", "warm"])
+def test_fast_matcher_equals_full_weight_matching_every_step(matcher: str) -> None:
     a, b, x, y = _briefly_trained_pair()
     spec = symmerge.trace(a, (x[:2],))
     kw = dict(steps=15, batch_size=128, lr=0.5, seed=4)
-    fast = ste_refine(spec, a, b.state_dict(), TensorDataset(x, y), max_sweeps=100, **kw)
+    fast = ste_refine(
+        spec, a, b.state_dict(), TensorDataset(x, y), max_sweeps=100, matcher=matcher, **kw
+    )
     full = ste_refine(spec, a, b.state_dict(), TensorDataset(x, y), matcher="full", **kw)
     assert sum(fast.changed) > 0  # the permutations did move
     assert fast.losses == full.losses
@@ -186,6 +202,177 @@ def test_fast_matcher_equals_full_weight_matching_every_step() -> None:
     for g in spec.groups:
         assert torch.equal(fast.last_perms[g], full.last_perms[g])
     assert sum(fast.solves) == 0 and sum(fast.certified) + sum(fast.repaired) > 0
+    assert matcher == "fast" or sum(fast.bounded) == 0  # bounds: see the drifting test
+
+
+def test_fast_matcher_equals_full_on_a_resnet_with_batchnorm() -> None:
+    """Conv members (4-D, permuted on axis 0 or 1), BatchNorm and residual groups."""
+    from symmerge.models import create_model
+
+    a = create_model("resnet20", width=1)[0].eval()
+    torch.manual_seed(1)
+    b = create_model("resnet20", width=1)[0].eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    spec = symmerge.trace(a, (x[:2],))
+    data = [(x[:8], y[:8]), (x[8:], y[8:])]
+    kw = dict(steps=4, lr=0.5, bn="batch", max_sweeps=100)
+    fast = ste_refine(spec, a, b.state_dict(), data, matcher="fast", **kw)  # type: ignore[arg-type]
+    full = ste_refine(spec, a, b.state_dict(), data, matcher="full", **kw)  # type: ignore[arg-type]
+    assert sum(fast.changed) > 0 and fast.losses == full.losses
+    for name in spec.groups:
+        assert torch.equal(fast.last_perms[name], full.last_perms[name]), name
+    match = _WarmMatcher(spec, b.state_dict(), "inner", "scipy", 3, plain=True)
+    assert set(match.plain) == set(spec.groups)  # every group is served by _PlainGroup
+
+
+def _drifting_proxy(
+    width: int, steps: int, seed: int
+) -> tuple[symmerge.SymmetrySpec, dict[str, Tensor], list[dict[str, Tensor]]]:
+    """A spec, B's weights and a sequence of proxies: A, then small random steps, with a few
+    large ones that move the optimal permutations."""
+    torch.manual_seed(seed)
+    a = MLP(depth=3, width=width, input_shape=(1, 4, 4))
+    spec = symmerge.trace(a, (torch.randn(2, 1, 4, 4),))
+    b = MLP(depth=3, width=width, input_shape=(1, 4, 4))
+    sa = a.state_dict()
+    # B: half of A, permuted, plus an independent model: the optimum is clear but moves
+    sb = spec.permute_state_dict(sa, spec.random_permutations(seed=seed))
+    sb = {k: 0.5 * v + w for (k, v), w in zip(sb.items(), b.state_dict().values(), strict=True)}
+    keys = _proxy_keys(spec, sa)
+    theta = {k: sa[k].clone() for k in keys}
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in range(steps):
+        out.append({k: v.clone() for k, v in theta.items()})
+        size = 0.3 if t % 9 == 8 else 0.01
+        for v in theta.values():
+            v += size * v.abs().mean() * torch.randn(v.shape, generator=g)
+    return spec, sb, out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_matcher_follows_full_weight_matching_along_a_drifting_proxy(seed: int) -> None:
+    spec, sb, proxies = _drifting_proxy(width=48, steps=30, seed=seed)
+    fast = _WarmMatcher(spec, sb, "inner", "scipy", max_sweeps=100, plain=True)
+    warm = _WarmMatcher(spec, sb, "inner", "scipy", max_sweeps=100, plain=False)
+    p_fast = p_warm = p_full = spec.identity_permutations()
+    bounded = moved = 0
+    for t, theta in enumerate(proxies):
+        p_fast, stats = fast(theta, p_fast, t)
+        p_warm, _ = warm(theta, p_warm, t)
+        before = p_full
+        p_full = weight_matching(spec, theta, sb, init=p_full, seed=t).perms
+        for g in spec.groups:
+            assert torch.equal(p_fast[g], p_full[g]), (t, g)
+            assert torch.equal(p_warm[g], p_full[g]), (t, g)
+        bounded += stats.bounded
+        moved += t > 0 and any(not torch.equal(before[g], p_full[g]) for g in spec.groups)
+    assert bounded >= len(proxies)  # most groups, most steps: no similarity computed
+    assert moved > 0  # and the permutations did move along the way
+
+
+def test_bound_never_certifies_a_suboptimal_assignment() -> None:
+    spec, sb, proxies = _drifting_proxy(width=32, steps=1, seed=3)
+    theta = proxies[0]
+    match = _WarmMatcher(spec, sb, "inner", "scipy", max_sweeps=100, plain=True)
+    perms, _ = match(theta, spec.identity_permutations(), 0)  # sets every reference
+    g = torch.Generator().manual_seed(0)
+    proven = {True: 0, False: 0}
+    for size in [1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3]:
+        for _ in range(4):
+            moved = {
+                k: v + size * v.abs().mean() * torch.randn(v.shape, generator=g)
+                for k, v in theta.items()
+            }
+            for name, group in match.plain.items():
+                ok = group.prove(moved, perms, match.warm[name].prices, step=2) is not None
+                proven[ok] += 1
+                if ok:
+                    C = weight_similarity(spec, name, moved, sb, perms).double().numpy()
+                    r, c = linear_sum_assignment(C, maximize=True)
+                    own = C[np.arange(len(c)), perms[name].numpy()].sum()
+                    assert own >= C[r, c].sum() - 1e-9, (size, name)
+    assert proven[True] > 0 and proven[False] > 0  # both outcomes were exercised
+
+
+def test_kept_similarity_follows_neighbour_moves_and_matches_a_fresh_one() -> None:
+    spec, sb, proxies = _drifting_proxy(width=20, steps=1, seed=5)
+    theta = proxies[0]
+    fresh = WeightSimilarity(spec, theta, sb)
+    g = torch.Generator().manual_seed(0)
+    for name in spec.groups:
+        group = _PlainGroup.create(spec, name, sb)
+        assert group is not None
+        perms = spec.identity_permutations()
+        C = group.similarity(theta, perms, step=1)
+        assert torch.equal(C, fresh(name, perms).double())  # the same products, bit for bit
+        for _ in range(3):  # move the neighbours a little: a low-rank update, in float64
+            for other in perms:
+                if other != name:
+                    p = perms[other].clone()
+                    i, j = torch.randperm(len(p), generator=g)[:2].tolist()
+                    p[i], p[j] = p[j].clone(), p[i].clone()
+                    perms[other] = p
+            C = group.similarity(theta, perms, step=1)
+            torch.testing.assert_close(C, fresh(name, perms).double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 9, 40])
+def test_centred_prices_stay_feasible_and_open_zero_slacks(n: int) -> None:
+    rng = np.random.default_rng(n)
+    C = rng.standard_normal((n, n))
+    _, cols = linear_sum_assignment(C, maximize=True)
+    ct = torch.from_numpy(C)
+    perm, prices, _ = _bellman_ford(ct, torch.from_numpy(cols), None, 4 * n, 1e-12)
+    assert prices is not None and torch.equal(perm, torch.from_numpy(cols))
+    ca = ct[:, perm]  # the optimal assignment on the diagonal
+
+    def slacks(w: Tensor) -> Tensor:
+        s = (ca.diagonal() - w)[:, None] - (ca - w[None, :])
+        return s[~torch.eye(n, dtype=torch.bool)]
+
+    before = slacks(prices[perm])
+    after = slacks(_centre_prices(ca, prices[perm]))
+    assert float(before.min()) >= -1e-12 and float(after.min()) >= -1e-12
+    assert float(before.min()) <= 1e-12  # longest-path prices have tight pairs
+    assert float(after.min()) > 1e-3 * float(before.abs().max())
+
+
+def test_a_repeated_batch_reuses_the_pass_and_follows_a_loop_that_recomputes() -> None:
+    """Same batch and permutations: same loss and gradient, so the pass is skipped; the run
+    equals a plain STE loop that recomputes every step."""
+    torch.manual_seed(0)
+    a = MLP(depth=2, width=16, input_shape=(1, 4, 4)).eval()
+    b = MLP(depth=2, width=16, input_shape=(1, 4, 4)).eval()
+    spec = symmerge.trace(a, (torch.randn(2, 1, 4, 4),))
+    g = torch.Generator().manual_seed(2)
+    batch = (torch.randn(64, 1, 4, 4, generator=g), torch.randint(0, 10, (64,), generator=g))
+    init = weight_matching(spec, a.state_dict(), b.state_dict()).perms
+    kw = dict(init=init, steps=12, lr=0.3, momentum=0.9, weight_decay=1e-4)
+    res = ste_refine(spec, a, b.state_dict(), [batch], **kw)  # type: ignore[arg-type]
+    assert any(res.reused) and not all(res.reused[1:])  # both kinds of steps happened
+    # the loop without reuse: recompute the midpoint, forward and backward every step
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = _proxy_keys(spec, sa)
+    theta = {k: sa[k].clone().requires_grad_(True) for k in keys}
+    opt = torch.optim.SGD(list(theta.values()), lr=0.3, momentum=0.9, weight_decay=1e-4)
+    perms, losses = init, []
+    for step in range(12):
+        detached = {k: v.detach() for k, v in theta.items()}
+        perms = weight_matching(spec, detached, sb, init=perms, seed=step + 1).perms
+        aligned = spec.permute_state_dict(sb, perms)
+        mid = {k: 0.5 * v + 0.5 * aligned[k] for k, v in sa.items()}
+        for k, t in theta.items():
+            mid[k] = mid[k] + 0.5 * (t - t.detach())
+        loss = F.cross_entropy(functional_call(a, mid, (batch[0],)), batch[1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert res.losses == pytest.approx(losses, rel=1e-5)
+    for name in spec.groups:
+        assert torch.equal(res.last_perms[name], perms[name])
 
 
 # ---------------------------------------------------------------------------------------

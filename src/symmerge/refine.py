@@ -16,15 +16,29 @@ copied per step. BatchNorm models get their midpoint statistics recomputed insid
 (Yamada et al., ``repair: True``), or use batch statistics (``bn="batch"``).
 
 Why it is fast. The authors redo a full weight matching every step: every sweep recomputes
-every similarity and solves every assignment, and that was 82-94% of their step time. Here the
-similarity of each group is computed once per step (:class:`WeightSimilarity`, whose cache also
-serves later sweeps of the step), and the assignment of a group is warm-started from the last
-step instead of solved: column prices from the previous step, corrected by a few Bellman-Ford
-passes, *certify* that the permutation is still optimal (LP duality), and when it is not, the
-improving cycles those passes reveal are canceled until it is (:class:`_WarmAssignment`). A
-LAP is solved only when that does not finish within a budget. The result is the same as
-solving every time (up to exact ties); ``matcher="full"`` runs the unmodified weight matching
-each step, for comparison.
+every similarity and solves every assignment (82-94% of their step time, more as the
+permutations start to move). ``matcher="warm"`` computes each group's similarity at most
+once per step (:class:`WeightSimilarity`, whose cache also serves later sweeps) and
+warm-starts each assignment from the last step instead of solving it: column prices from
+the previous step, corrected by Bellman-Ford passes, *certify* that the permutation is still
+optimal (LP duality), and the improving cycles those passes reveal are canceled until it is
+(:class:`_WarmAssignment`); a LAP is solved only when that does not finish within a budget.
+The default ``matcher="fast"`` also keeps each plain group's similarity across steps
+(:class:`_PlainGroup`): after a proxy step it first tries to prove the assignment still
+optimal from a bound on how far the similarity can have moved (Cauchy-Schwarz: each unit's
+movement times the norm of B's units), with exact similarity rows only where the bound is
+loose, and computes the similarity only when that fails; when a neighbouring permutation
+moves, the kept similarity gets a low-rank update instead of a new product. A step whose
+batch and permutations are those of the step before (condensed or coreset data in one
+batch) reuses that step's loss and gradient instead of a forward/backward pass.
+
+Results. ``"fast"`` and ``"warm"`` take the permutations a full weight matching takes from
+the same start, visiting order and acceptance rule (``matcher="full"``, the unmodified
+weight matching each step) as long as ``max_sweeps`` does not cut a step short: exactly for
+certified and bound-proven assignments (the proofs keep a margin above float32 round-off),
+and up to round-off ties after low-rank updates (float64 updates of a float32 product,
+where a fresh product has float32 round-off). With the default ``max_sweeps=3`` a step may
+stop before the weight matching converges; the next step continues from there.
 
 Reference: Ainsworth, Hayase, Srinivasa, "Git Re-Basin", ICLR 2023, arXiv:2209.04836;
 Yamada et al., "Revisiting Permutation Symmetry for Merging Models between Different
@@ -41,6 +55,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -54,9 +69,11 @@ from symmerge.spec import SymmetrySpec
 
 __all__ = ["MATCHERS", "OPTIMIZERS", "STEResult", "ste_refine"]
 
-#: ``"fast"``: similarities once per step, certified warm assignments, capped sweeps.
+#: ``"fast"``: ``"warm"``, plus similarities kept across steps: bound proofs instead of new
+#: products after a proxy step, low-rank updates after a neighbour's permutation moved.
+#: ``"warm"``: similarities at most once per step, certified warm assignments, capped sweeps.
 #: ``"full"``: a complete weight matching every step (what the authors' code does).
-MATCHERS = ("fast", "full")
+MATCHERS = ("fast", "warm", "full")
 OPTIMIZERS = ("sgd", "adam")
 _KEEP = ("best", "last")
 _PROXY = ("a", "matched")
@@ -84,6 +101,11 @@ class STEResult:
         solves: LAPs solved from scratch per step (``-1``: not counted, ``matcher="full"``).
         certified: assignments proven still optimal (no solve), per step.
         repaired: assignments made optimal again by canceling improving cycles, per step.
+        bounded: assignments proven still optimal without computing their similarity
+            (``matcher="fast"``), per step.
+        reused: whether the step skipped its forward and backward pass: the batch and the
+            permutations were those of the step before, so the midpoint, its loss and the
+            proxy's gradient were too (condensed or coreset data in one batch).
         changed: units whose permutation changed during the step.
         init_seconds: time of the initial weight matching (0 when ``init`` was given).
         log: human-readable progress lines.
@@ -99,6 +121,8 @@ class STEResult:
     solves: list[int] = field(default_factory=list)
     certified: list[int] = field(default_factory=list)
     repaired: list[int] = field(default_factory=list)
+    bounded: list[int] = field(default_factory=list)
+    reused: list[bool] = field(default_factory=list)
     changed: list[int] = field(default_factory=list)
     init_seconds: float = 0.0
     log: list[str] = field(default_factory=list)
@@ -174,16 +198,20 @@ def ste_refine(
         proxy: initial proxy, ``"a"`` (theta_A: Git Re-Basin and the authors' code) or
             ``"matched"`` (``init`` applied to theta_B; then matching starts with a large
             margin around ``init`` and needs bigger steps to move).
-        matcher: ``"fast"`` or ``"full"`` (see :data:`MATCHERS`).
-        max_sweeps: sweeps per step of the fast matcher (the full one uses 100); the next
-            step continues from where a capped step stopped.
+        matcher: ``"fast"``, ``"warm"`` or ``"full"`` (see :data:`MATCHERS` and "Results"
+            above); all three give the same permutations when ``max_sweeps`` does not cut
+            a step short (up to round-off ties).
+        max_sweeps: sweeps per step of the fast and warm matchers (the full one uses 100);
+            the next step continues from where a capped step stopped.
         kind: weight similarity, ``"inner"`` (Git Re-Basin), ``"corr"`` or ``"cos"``.
         bn: BatchNorm models only: ``"reset"`` recomputes the midpoint's running statistics
             on all of ``data`` every step, then runs the batch in eval mode (Yamada et al.);
             ``"batch"`` runs the batch with batch statistics (one pass, much cheaper).
         batch_size: batch size when ``data`` is a ``TensorDataset``.
         loss_fn: ``loss_fn(outputs, labels)``; default cross-entropy on logits (the authors'
-            NLL on log-softmax outputs is the same loss).
+            NLL on log-softmax outputs is the same loss). It must be a function of its
+            arguments: a step with the previous step's batch (the same or equal tensors)
+            and permutations reuses that step's loss and gradient (``result.reused``).
         seed: seeds the visiting order of the matching and the shuffling of a dataset.
         backend: LAP backend (see :func:`symmerge.solvers.solve_lap`).
         log_every: a log line every this many steps.
@@ -240,14 +268,15 @@ def ste_refine(
     else:
         opt = torch.optim.Adam(list(theta.values()), lr=lr, weight_decay=weight_decay)
     match: _Matcher = (
-        _FastMatcher(spec, state_b, kind, backend, max_sweeps)
-        if matcher == "fast"
-        else _FullMatcher(spec, state_b, kind, backend)
+        _FullMatcher(spec, state_b, kind, backend)
+        if matcher == "full"
+        else _WarmMatcher(spec, state_b, kind, backend, max_sweeps, plain=matcher == "fast")
     )
     mid = _Midpoint(spec, model, state_a, state_b, float(lam), bn, feed)
     loss_fn = loss_fn or F.cross_entropy
 
     best = math.inf
+    last: _LastPass | None = None
     with _forward_mode(model, bn):
         for step, batch in enumerate(feed.batches(epochs, steps)):
             x, y = _split(batch, device)
@@ -256,12 +285,21 @@ def ste_refine(
             detached = {k: v.detach() for k, v in theta.items()}
             perms, stats = match(detached, perms, seed * 1_000_003 + step + 1)
             t1 = _now(device)
-            params = mid.params(theta, perms)
-            loss = loss_fn(functional_call(model, params, (x,)), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            same = last is not None and last.fits(x, y, perms)
+            if same:  # the midpoint and the batch did not change: neither did loss and gradient
+                assert last is not None
+                value = last.value
+                for k, g in last.grads.items():
+                    theta[k].grad = g.clone()
+            else:
+                params = mid.params(theta, perms)
+                loss = loss_fn(functional_call(model, params, (x,)), y)
+                loss.backward()
+                value = float(loss.detach())
+                grads = {k: v.grad.clone() for k, v in theta.items() if v.grad is not None}
+                last = _LastPass(x, y, perms, grads, value)
             opt.step()
-            value = float(loss.detach())
             t2 = _now(device)
             if not math.isfinite(value):
                 raise FloatingPointError(
@@ -275,15 +313,17 @@ def ste_refine(
             out.solves.append(stats.solves)
             out.certified.append(stats.certified)
             out.repaired.append(stats.repaired)
+            out.bounded.append(stats.bounded)
+            out.reused.append(same)
             out.changed.append(changed)
             if value < best:
                 best, out.best_step, out.perms = value, step, perms
             if log_every and step % log_every == 0:
                 out.log.append(
                     f"step {step}: loss {value:.4f}, match {t1 - t0:.4f} s "
-                    f"({stats.sweeps} sweeps; {stats.certified} certified, {stats.repaired} "
-                    f"repaired, {stats.solves} solved), rest {t2 - t1:.4f} s, {changed} units "
-                    "moved"
+                    f"({stats.sweeps} sweeps; {stats.bounded} bounded, {stats.certified} "
+                    f"certified, {stats.repaired} repaired, {stats.solves} solved), "
+                    f"rest {t2 - t1:.4f} s, {changed} units moved"
                 )
     if not out.losses:
         raise ValueError("the STE data gave no batches")
@@ -299,6 +339,28 @@ def ste_refine(
     return out
 
 
+@dataclass
+class _LastPass:
+    """The last forward/backward pass: its batch, permutations, gradient and loss."""
+
+    x: Tensor
+    y: Tensor
+    perms: Perms
+    grads: dict[str, Tensor]
+    value: float
+
+    def fits(self, x: Tensor, y: Tensor, perms: Perms) -> bool:
+        """Same batch (the same tensors, or equal ones) and the same permutations."""
+        return (
+            all(
+                new is old or (new.shape == old.shape and torch.equal(new, old))
+                for new, old in ((x, self.x), (y, self.y))
+            )
+            and perms.keys() == self.perms.keys()
+            and all(p is self.perms[g] or torch.equal(p, self.perms[g]) for g, p in perms.items())
+        )
+
+
 # ---------------------------------------------------------------------------------------
 # matching inside a step
 # ---------------------------------------------------------------------------------------
@@ -310,6 +372,7 @@ class _StepStats:
     solves: int = 0
     certified: int = 0
     repaired: int = 0
+    bounded: int = 0
 
 
 _Matcher = Callable[[Mapping[str, Tensor], Perms, int], tuple[Perms, _StepStats]]
@@ -335,12 +398,18 @@ class _FullMatcher:
         return {g: p.cpu() for g, p in res.perms.items()}, _StepStats(res.iterations, -1)
 
 
-class _FastMatcher:
-    """Warm weight matching of B to the proxy: one similarity per group and step, and
-    assignments kept, certified or repaired by :class:`_WarmAssignment` instead of re-solved.
+class _WarmMatcher:
+    """Warm weight matching of B to the proxy: assignments kept, certified or repaired by
+    :class:`_WarmAssignment` instead of re-solved.
 
     Same visiting order and acceptance rule as :func:`coordinate_descent`, so without the
-    sweep cap it returns what a full weight matching returns (up to exact ties).
+    sweep cap it returns what a full weight matching returns (up to exact ties). Without
+    ``plain`` (``matcher="warm"``) every coordinate's similarity comes from
+    :class:`WeightSimilarity`, computed once per step and again for the members whose
+    neighbouring permutation changed. With ``plain`` (``matcher="fast"``), groups that
+    :class:`_PlainGroup` can serve keep their similarity across steps: a proxy step is
+    first met by a bound certificate (no similarity at all), and a neighbour's permutation
+    change by a low-rank update of the kept similarity.
     """
 
     _RTOL = 1e-10  # as coordinate_descent: only real improvements are taken
@@ -352,10 +421,10 @@ class _FastMatcher:
         kind: str,
         backend: str,
         max_sweeps: int,
+        plain: bool,
     ) -> None:
         self.spec, self.kind, self.backend, self.max_sweeps = spec, kind, backend, max_sweeps
         self.coords = coordinates(spec)
-        self.names = [g for c in self.coords for g in c]
         self.state_b = dict(state_b)
         # plain groups (no blocks, no shared heads) keep a warm assignment between steps
         self.warm = {
@@ -363,45 +432,342 @@ class _FastMatcher:
             for c in self.coords
             if len(c) == 1 and not spec.groups[c[0]].blocks
         }
+        self.plain: dict[str, _PlainGroup] = {}
+        if plain and kind == "inner":
+            for g in self.warm:
+                group = _PlainGroup.create(spec, g, self.state_b)
+                if group is not None:
+                    self.plain[g] = group
+        self.calls = 0
 
     def __call__(
         self, theta: Mapping[str, Tensor], perms: Perms, seed: int
     ) -> tuple[Perms, _StepStats]:
+        self.calls += 1
         state_a = dict(self.state_b)
         state_a.update(theta)
-        sim = WeightSimilarity(self.spec, state_a, self.state_b, groups=self.names, kind=self.kind)
+        sims_of: dict[int, WeightSimilarity] = {}  # built on first need, per coordinate
         perms = dict(perms)
         stats = _StepStats()
         gen = torch.Generator().manual_seed(seed)
-        seen: dict[int, dict[str, Tensor]] = {}  # coordinate -> matrices it was settled on
+        seen: dict[int, dict[str, Tensor]] = {}  # coordinate -> what it was settled on
         for _ in range(self.max_sweeps):
             stats.sweeps += 1
             improved = 0
             for i in torch.randperm(len(self.coords), generator=gen).tolist():
                 coord = self.coords[i]
-                sims = {g: sim(g, perms).to(torch.float64) for g in coord}
-                if i in seen and all(torch.equal(sims[g], seen[i][g]) for g in coord):
-                    continue  # same matrices as when this coordinate was last settled
-                seen[i] = sims
-                if coord[0] in self.warm:
+                plain, warm = self.plain.get(coord[0]), self.warm.get(coord[0])
+                if plain is not None and warm is not None:
                     g = coord[0]
-                    perm, how = self.warm[g](sims[g], perms[g])
+                    around = {h: perms[h] for h in plain.neighbours}
+                    if i in seen and all(seen[i][h] is p for h, p in around.items()):
+                        continue  # settled this step, and no neighbour moved since
+                    seen[i] = around
+                    if plain.worth_proving(self.calls) and warm.prices is not None:
+                        prices = plain.prove(theta, perms, warm.prices, self.calls)
+                        if prices is not None:
+                            warm.prices = prices
+                            stats.bounded += 1
+                            continue
+                    sims = {g: plain.similarity(theta, perms, self.calls)}
+                else:
+                    if i not in sims_of:
+                        sims_of[i] = WeightSimilarity(
+                            self.spec, state_a, self.state_b, groups=list(coord), kind=self.kind
+                        )
+                    sims = {g: sims_of[i](g, perms).to(torch.float64) for g in coord}
+                    if i in seen and all(torch.equal(sims[g], seen[i][g]) for g in coord):
+                        continue  # same matrices as when this coordinate was last settled
+                    seen[i] = sims
+                if warm is not None:
+                    g = coord[0]
+                    perm, how = warm(sims[g], perms[g])
                     setattr(stats, how, getattr(stats, how) + 1)
-                    if how == "certified":
-                        continue
                     new = {g: perm}
                 else:
                     cpu = {g: c.cpu() for g, c in sims.items()}
                     new = solve_coordinate(self.spec, coord, cpu, backend=self.backend)
                     stats.solves += 1
-                before = sum(_objective(sims[g], perms[g]) for g in coord)
-                after = sum(_objective(sims[g], new[g]) for g in coord)
-                if after > before + self._RTOL * max(1.0, abs(before)):
-                    perms.update({g: p.cpu() for g, p in new.items()})
-                    improved += 1
+                if not all(torch.equal(new[g], perms[g]) for g in coord):
+                    before = sum(_objective(sims[g], perms[g]) for g in coord)
+                    after = sum(_objective(sims[g], new[g]) for g in coord)
+                    if after > before + self._RTOL * max(1.0, abs(before)):
+                        perms.update({g: p.cpu() for g, p in new.items()})
+                        improved += 1
+                if plain is not None and warm is not None:
+                    g = coord[0]
+                    seen[i] = {h: perms[h] for h in plain.neighbours}
+                    if warm.prices is not None and not torch.equal(new[g], perms[g]):
+                        warm.prices = None  # they certify the permutation not taken
             if not improved:
                 break
         return perms, stats
+
+
+class _PlainGroup:
+    """The weight similarity of one plain group, kept across steps (``matcher="fast"``).
+
+    A plain group has one group per coordinate, no blocks, and members that each span a
+    whole tensor axis, with kind ``"inner"``: ``C = sum_m unfold(theta_m) unfold(P(B_m))^T``
+    (rows: the proxy's units, columns: B's units; ``P`` permutes every other axis).
+
+    *Neighbour moves.* When the permutation of another axis of a member changes at the
+    positions ``S``, only those slices of ``P(B_m)`` change, and ``C`` is updated by the
+    product of the proxy's and the difference's slices (``n x n x |S|`` instead of
+    ``n x n x size``), in float64.
+
+    *Proxy steps: a bound certificate.* Let ``theta_ref`` be the proxy ``C`` was computed
+    for. Unit ``i`` of the proxy has moved by ``r_i = ||theta_i - theta_ref_i||`` since, so
+    by Cauchy-Schwarz ``C_now[i, j] <= C[i, j] + r_i ||B_j||`` (a unit's norm does not
+    depend on the permutations of the other axes). In B's aligned order (``C_a[i, k] =
+    C[i, p(k)]``, the assignment on the diagonal), the diagonal is computed exactly (one
+    elementwise product of the proxy with aligned B), and prices ``w`` prove ``p`` optimal
+    with a margin when ``C_a[i, i] - tol_i - w[i] >= U[i, k] - w[k]`` for all ``k != i``,
+    ``U`` the bound. Rows the last prices cannot prove get their exact similarity row (a
+    ``rows x n`` product) and Bellman-Ford moves the prices; an improving cycle through
+    bounded rows makes those rows exact too. :meth:`prove` gives up (and the caller
+    computes ``C``) when a cycle runs through exact rows only, or when more than a quarter
+    of the rows would be exact. ``tol_i = 2e-5 ||theta_i|| max_j ||B_j||`` exceeds float32
+    round-off, so a proven assignment is also what a full weight matching keeps: every
+    other assignment is worse by more than the round-off of its objective.
+
+    The first proof after ``C`` was computed centres the prices (:func:`_centre_prices`):
+    Bellman-Ford's longest-path prices leave zero slack on many pairs, which any move of the
+    proxy would break. While the permutations keep moving, proofs keep failing; after a
+    failure the next try waits 1, 2, 4, ... up to ``MAX_WAIT`` steps (a success resets it).
+    """
+
+    TOL = 2e-5
+    MAX_ROWS = 0.25  # exact rows beyond this fraction: computing the similarity is cheaper
+    ROUNDS = 4  # rounds of exact rows + Bellman-Ford before giving up
+    PASSES = 64  # Bellman-Ford passes per round
+    MAX_WAIT = 16  # after failed proofs, wait up to this many steps before the next try
+
+    def __init__(
+        self,
+        spec: SymmetrySpec,
+        group: str,
+        state_b: Mapping[str, Tensor],
+        members: list[tuple[str, int]],
+        others: list[dict[int, Any]],
+    ) -> None:
+        self.spec, self.group, self.state_b = spec, group, state_b
+        self.members, self.others = members, others
+        self.neighbours = tuple(
+            sorted(
+                {group}
+                | {
+                    f.group
+                    for o in others
+                    for mem in o.values()
+                    for s in mem.segments
+                    for f in s.factors
+                    if f.group
+                }
+            )
+        )
+        sq = sum(_unit_sums(state_b[k].double() ** 2, ax) for k, ax in members)
+        self.b_norm: Tensor = sq.sqrt()  # type: ignore[union-attr]
+        self.index: list[dict[int, Tensor]] = [{} for _ in members]  # what pb is permuted by
+        self.pb = [state_b[k] for k, _ in members]  # B's members, other axes permuted
+        self.theta: list[Tensor] = []  # the proxy C was computed for
+        self.a_norm: Tensor | None = None
+        self.C: Tensor | None = None  # (n, n) float64, columns in B's unit order
+        self.step = -1  # the matcher call that computed C
+        self.wait, self.next_try = 1, 0  # back-off of proofs that keep failing
+        self.centred = -1  # the matcher call C's prices were last centred for
+
+    @classmethod
+    def create(
+        cls, spec: SymmetrySpec, g: str, state_b: Mapping[str, Tensor]
+    ) -> _PlainGroup | None:
+        """The plain group ``g``, or None when a member is not a plain whole axis."""
+        by_tensor: dict[str, dict[int, Any]] = {}
+        for mem in spec.members():
+            by_tensor.setdefault(mem.tensor, {})[mem.axis] = mem
+        members, others = [], []
+        for mem in spec.groups[g].members:
+            w = state_b.get(mem.tensor)
+            if mem.tensor.endswith(DEFAULT_IGNORE) or w is None or not w.is_floating_point():
+                continue  # what WeightSimilarity leaves out
+            seg = mem.segments[0]
+            if not (mem.is_plain and seg.offset == 0 and seg.size == w.shape[mem.axis]):
+                return None
+            members.append((mem.tensor, mem.axis))
+            others.append({a: m for a, m in by_tensor[mem.tensor].items() if a != mem.axis})
+        return cls(spec, g, state_b, members, others) if members else None
+
+    # -- the similarity --------------------------------------------------------------
+
+    def similarity(self, theta: Mapping[str, Tensor], perms: Perms, step: int) -> Tensor:
+        """``C`` for the proxy ``theta`` of matcher call ``step`` (float64, n x n)."""
+        if self.step == step and self.C is not None:
+            self._sync(perms, update=True)  # same proxy: follow the neighbours' moves
+            return self.C
+        self._sync(perms, update=False)
+        total = None
+        for (key, ax), pb in zip(self.members, self.pb, strict=True):
+            # the products WeightSimilarity computes, so both give the same numbers
+            n = pb.shape[ax]
+            a = torch.movedim(theta[key], ax, 0).reshape(n, -1).contiguous()
+            b = torch.movedim(pb, ax, 0).contiguous()
+            c = a @ b.reshape(n, -1).T
+            total = c.clone() if total is None else total + c
+        assert total is not None
+        self.C = total.to(torch.float64)
+        self.theta = [theta[k].detach().clone() for k, _ in self.members]
+        sq = sum(
+            _unit_sums(t.double() ** 2, ax)
+            for t, (_, ax) in zip(self.theta, self.members, strict=True)
+        )
+        self.a_norm = sq.sqrt()  # type: ignore[union-attr]
+        self.step = step
+        return self.C
+
+    def _sync(self, perms: Perms, update: bool) -> None:
+        """Permute ``pb`` to ``perms`` where it differs; with ``update``, update ``C`` too."""
+        for m, ((key, ax), others) in enumerate(zip(self.members, self.others, strict=True)):
+            for ax2, mem in others.items():
+                idx = self.spec.axis_index(mem, perms)
+                old = self.index[m].get(ax2)
+                if old is None:
+                    old = torch.arange(len(idx))
+                if torch.equal(idx, old):
+                    continue
+                where = torch.nonzero(idx != old).flatten()
+                base = self.state_b[key]  # B with the other axes' current permutations
+                for ax3 in others:
+                    if ax3 != ax2 and ax3 in self.index[m]:
+                        base = base.index_select(ax3, self.index[m][ax3].to(base.device))
+                new_slab = base.index_select(ax2, idx[where].to(base.device))
+                if update and self.C is not None:
+                    old_slab = self.pb[m].index_select(ax2, where.to(base.device))
+                    a = self.theta[m].index_select(ax2, where.to(base.device))
+                    n = a.shape[ax]
+                    a = torch.movedim(a, ax, 0).reshape(n, -1).double()
+                    diff = torch.movedim(new_slab - old_slab, ax, 0).reshape(n, -1).double()
+                    self.C += a @ diff.T
+                pb = self.pb[m].clone() if self.pb[m] is self.state_b[key] else self.pb[m]
+                pb.index_copy_(ax2, where.to(pb.device), new_slab)
+                self.pb[m] = pb
+                self.index[m][ax2] = idx
+
+    # -- the certificate -------------------------------------------------------------
+
+    def worth_proving(self, step: int) -> bool:
+        """Whether to try :meth:`prove` at matcher call ``step``: not when ``C`` is from this
+        call already, and after failures only every 2, 4, ... ``MAX_WAIT`` calls (while the
+        permutations keep moving, proofs keep failing and cost time)."""
+        return self.C is not None and self.step != step and step >= self.next_try
+
+    def prove(
+        self, theta: Mapping[str, Tensor], perms: Perms, prices: Tensor, step: int
+    ) -> Tensor | None:
+        """Prices (B's order) proving ``perms[group]`` optimal for ``theta``, or None."""
+        out = self._prove(theta, perms, prices)
+        if out is None:
+            self.next_try = step + self.wait
+            self.wait = min(2 * self.wait, self.MAX_WAIT)
+        else:
+            self.wait = 1
+        return out
+
+    def _prove(self, theta: Mapping[str, Tensor], perms: Perms, prices: Tensor) -> Tensor | None:
+        if self.C is None or self.a_norm is None:
+            return None
+        self._sync(perms, update=True)  # C for the old proxy and the current neighbours
+        p = perms[self.group].to(self.C.device)
+        sq = diag = None
+        aligned = []
+        for (key, ax), t0, pb in zip(self.members, self.theta, self.pb, strict=True):
+            t = theta[key]
+            d = t - t0
+            sq = _acc(sq, _unit_sums(d * d, ax))
+            al = pb.index_select(ax, p)
+            aligned.append(al)
+            diag = _acc(diag, _unit_sums(t * al, ax))
+        assert sq is not None and diag is not None
+        n = len(p)
+        r = sq.double().sqrt() * (1 + 1e-6)
+        b = self.b_norm.to(self.C.device)[p]
+        own = diag.double() - self.TOL * (self.a_norm + r) * b.max()  # C_a[i, i] - tol_i
+        w = prices.to(self.C.device)[p]
+        ca = self.C[:, p]
+        if self.centred != self.step:  # first proof since C was computed: centre the prices
+            w = _centre_prices(ca, w)
+            self.centred = self.step
+        bound = torch.addr(ca, r, b)  # >= C_a[i, k] for k != i
+        ar = torch.arange(n, device=self.C.device)
+        bound[ar, ar] = own
+        rows = torch.nonzero((bound - w[None, :]).amax(1) > own - w).flatten()
+        if rows.numel() == 0:
+            out = torch.empty_like(w)
+            out[p] = w
+            return out  # the last prices still prove it
+        exact = torch.zeros(n, dtype=torch.bool, device=self.C.device)
+        tol = 1e-12 * max(1.0, float(bound.abs().max()))
+        for _ in range(self.ROUNDS):
+            if int(exact.sum()) + rows.numel() > self.MAX_ROWS * n:
+                return None
+            bound[rows] = self._exact_rows(theta, rows, aligned).double()
+            bound[rows, rows] = own[rows]
+            exact[rows] = True
+            x, v, _ = _bellman_ford(bound, ar, w, self.PASSES, tol)
+            if v is not None and torch.equal(x, ar):
+                out = torch.empty_like(v)
+                out[p] = v
+                return out
+            rows = torch.nonzero((x != ar) & ~exact).flatten()
+            if rows.numel() == 0:  # a cycle through exact rows: p may really improve
+                return None
+        return None
+
+    def _exact_rows(
+        self, theta: Mapping[str, Tensor], rows: Tensor, aligned: list[Tensor]
+    ) -> Tensor:
+        """``C_a[rows, :]`` for the proxy ``theta`` (float32)."""
+        out = None
+        for (key, ax), al in zip(self.members, aligned, strict=True):
+            n = al.shape[ax]
+            a = torch.movedim(theta[key].index_select(ax, rows.to(al.device)), ax, 0)
+            out = _acc(out, a.reshape(len(rows), -1) @ torch.movedim(al, ax, 0).reshape(n, -1).T)
+        assert out is not None
+        return out
+
+
+def _unit_sums(t: Tensor, axis: int) -> Tensor:
+    """Sum over every axis but ``axis``: one value per unit."""
+    return t.sum(dim=[d for d in range(t.dim()) if d != axis]) if t.dim() > 1 else t
+
+
+def _acc(total: Tensor | None, x: Tensor) -> Tensor:
+    return x if total is None else total + x
+
+
+def _centre_prices(ca: Tensor, w: Tensor, iterations: int = 12) -> Tensor:
+    """Prices deep inside the region that certifies the diagonal assignment of ``ca``.
+
+    Slack ``S[i, k] = (ca[i, i] - w[i]) - (ca[i, k] - w[k]) >= 0``. With the other prices
+    fixed, ``w[x]`` may drop by the smallest slack of column ``x`` and rise by the smallest
+    slack of row ``x``; each iteration moves every price halfway to the middle of that
+    interval, all at once. A slack loses at most a quarter of itself to each of its two
+    prices, so the prices stay feasible, and the zero slacks of Bellman-Ford's longest-path
+    prices open up wherever the region allows (a slack stays 0 only on a tie: a cycle of
+    zero gain).
+    """
+    n = len(w)
+    if n < 2:
+        return w
+    s = (ca.diagonal() - w)[:, None] - (ca - w[None, :])
+    s.fill_diagonal_(math.inf)  # stays inf: the updates add finite numbers
+    for _ in range(iterations):
+        step = (s.amin(1) - s.amin(0)) / 4  # (up-room - down-room) / 4
+        if not bool(torch.isfinite(step).all()):
+            break
+        w = w + step
+        s += step[None, :]
+        s -= step[:, None]
+    return w
 
 
 class _WarmAssignment:
@@ -432,8 +798,10 @@ class _WarmAssignment:
             self.prices = prices
             return p.cpu(), "repaired" if cancels else "certified"
         p = solve_lap(C, backend=self.backend)
-        # None when it does not converge (ties, round-off): the next call starts cold
-        _, self.prices, _ = _bellman_ford(C, p.to(C.device), None, 4 * len(p), tol)
+        # prices for the optimum: longest paths from the last prices need at most n - 1
+        # passes; None when they do not converge (ties, round-off): the next call starts cold
+        x, prices, _ = _bellman_ford(C, p.to(C.device), self.prices, 4 * len(p), tol)
+        self.prices = prices if torch.equal(x.cpu(), p) else None
         return p, "solves"
 
 
@@ -443,55 +811,64 @@ def _bellman_ford(
     """Longest-path prices for ``perm``, canceling improving cycles on the way.
 
     A pass sets ``v[j] = max(v[j], max_i C[i, j] + v[p(i)] - C[i, p(i)])`` (row ``i`` leaving
-    its column for ``j``) and remembers the maximizing column as ``j``'s predecessor.
+    its column for ``j``) and remembers the maximizing column as ``j``'s predecessor. Only
+    rows whose own column's price (or column) changed can raise a price, so after the first
+    pass only those rows are read: a pass costs ``rows x n``, not ``n x n``. Runs in numpy
+    (a pass is many small operations, each far cheaper there); CUDA matrices are copied.
     Returns ``(perm, prices or None if not converged, number of cancel rounds)``.
     """
-    n, dev = len(perm), C.device
-    ar = torch.arange(n, device=dev)
-    x = perm.clone()
-    rows = torch.empty_like(x)
+    dev, dtype = C.device, C.dtype
+    c = C.detach().cpu().numpy()
+    n = len(perm)
+    ar = np.arange(n)
+    x = perm.detach().cpu().numpy().astype(np.int64)  # a copy
+    rows = np.empty_like(x)
     rows[x] = ar  # rows[k]: the row on column k
-    ct = C.T.contiguous()  # ct[j, i] = C[i, j]: reduce along rows
-    own = C[ar, x]  # C[i, p(i)]
-    v = torch.zeros(n, dtype=C.dtype, device=dev) if prices is None else prices.clone()
-    pred = ar.clone()
-    buf = torch.empty_like(ct)
+    own = c[ar, x]  # C[i, p(i)]
+    v = np.zeros(n, dtype=c.dtype) if prices is None else prices.detach().cpu().numpy().copy()
+    pred = ar.copy()
+    active = ar  # the rows that may raise a price this pass
     cancels = 0
     for _ in range(max_passes):
-        best = torch.add(ct, (v[x] - own)[None, :], out=buf).amax(1)
-        raised = best > v + tol
-        up = torch.nonzero(raised).flatten()
-        if up.numel() == 0:
-            return x, v - v.mean(), cancels
-        pred[up] = x[buf[up].argmax(1)]
-        v = torch.where(raised, best, v)
+        cand = c[active] if len(active) < n else c
+        cand = cand + (v[x[active]] - own[active])[:, None]  # column j's price via a row
+        best = cand.max(0)
+        up = np.flatnonzero(best > v + tol)
+        if up.size == 0:
+            out = torch.from_numpy(v - v.mean()).to(dev, dtype)
+            return torch.from_numpy(x).to(dev), out, cancels
+        pred[up] = x[active[cand[:, up].argmax(0)]]
+        v[up] = best[up]
+        active = rows[up]  # the rows on raised columns
         # with strict updates, a cycle of predecessors is an improving cycle: cancel it
         heads = _cycle_nodes(pred)
         if not heads:
             continue
-        p_, r_ = pred.tolist(), rows.tolist()
+        r_ = rows.tolist()
+        p_ = pred.tolist()
         done: set[int] = set()
-        for c in heads:
-            if c in done:
+        for h in heads:
+            if h in done:
                 continue
-            cycle = [c]
-            while (j := p_[cycle[-1]]) != c:
+            cycle = [h]
+            while (j := p_[cycle[-1]]) != h:
                 cycle.append(j)
             done.update(cycle)
             for r, j in [(r_[p_[j]], j) for j in cycle]:  # row r moves onto column j
                 r_[j] = r
-        rows = torch.tensor(r_, device=dev)
+        rows = np.asarray(r_, dtype=np.int64)
+        moved = np.flatnonzero(x[rows] != ar)  # columns that got a new row
         x[rows] = ar
-        own = C[ar, x]
-        pred = ar.clone()
+        own = c[ar, x]
+        pred = ar.copy()
+        active = np.unique(np.concatenate([rows[up], rows[moved]]))
         cancels += 1
-    return x, None, cancels
+    return torch.from_numpy(x).to(dev), None, cancels
 
 
-def _cycle_nodes(pred: Tensor) -> list[int]:
+def _cycle_nodes(pred: np.ndarray) -> list[int]:
     """One node of every non-trivial cycle of the functional graph ``j -> pred[j]``."""
-    q = pred.numpy() if pred.device.type == "cpu" else pred  # numpy indexes ~10x faster
-    p = q
+    q = p = pred
     for _ in range(max(1, (len(p) - 1).bit_length())):  # 2^levels >= n steps: onto a cycle
         q = q[q]
     on = q[p[q] != q]
