@@ -681,10 +681,10 @@ def discussion(summ: dict[str, Any], n_pairs: int, args: Any) -> list[str]:
         "normalises each dataset with its own mean/std, which gives the two datasets different "
         "backgrounds (-0.42 vs -0.81) and may change the data-free baseline; not measured here "
         "(`--space normalised` runs it).",
-        f"- **Compute**: {n_pairs} pair{'s' if n_pairs > 1 else ''} and no rotated-MNIST sweep "
-        "because of the CPU budget (2 CPU cores shared with other jobs, load average up to ~5 "
-        "during the run); one pair takes about 15 minutes at 1 thread, most of it STE, whose "
-        "per-step weight matching took 0.15-0.2 s here under that load (not investigated).",
+        f"- **Compute**: {n_pairs} pair{'s' if n_pairs > 1 else ''}"
+        + ("" if args.rotations else " and no rotated-MNIST sweep")
+        + " because of the CPU budget (2 CPU cores shared with other jobs); one pair takes "
+        "about 15 minutes at 1 thread, most of it STE (per-step times: ste_speed.md).",
     ]
     return lines
 
