@@ -364,13 +364,15 @@ def _apply_all(w: torch.Tensor, pc: _Piece, maps: Mapping[str, torch.Tensor]) ->
     return out
 
 
+def _pair_sum(us: Sequence[torch.Tensor]) -> float:
+    """``sum_{i<j} <u_i, u_j> = (||sum_i u_i||^2 - sum_i ||u_i||^2) / 2``: one piece's share
+    of F."""
+    s = torch.stack(list(us)).sum(0)
+    return 0.5 * (_dot(s, s) - sum(_dot(u, u) for u in us))
+
+
 def _objective(prefixes: list[list[list[torch.Tensor]]], pieces: list[_Piece]) -> float:
-    total = 0.0
-    for p in range(len(pieces)):
-        us = [pre[p][-1] for pre in prefixes]
-        s = torch.stack(us).sum(0)
-        total += 0.5 * (_dot(s, s) - sum(_dot(u, u) for u in us))
-    return total
+    return float(sum(_pair_sum([pre[p][-1] for pre in prefixes]) for p in range(len(pieces))))
 
 
 def _gradients(
@@ -468,7 +470,7 @@ def _line_search(
         flat = torch.stack([x.reshape(-1) for i in range(n) for x in nodes[i][p][k]])
         # inner products of every (model, coefficient) pair; F needs those across models
         inner = (flat @ flat.T).to("cpu", torch.float64).reshape(n, k + 1, n, k + 1)
-        gram = inner.sum((0, 2)) - torch.einsum("aibj,ab->ij", inner, torch.eye(n).double())
+        gram = inner.sum((0, 2)) - torch.einsum("aiaj->ij", inner)
         grams[k] = grams[k] + gram if k in grams else gram
     poly = np.polynomial.Polynomial([0.0])
     for k, gram in grams.items():
@@ -511,9 +513,9 @@ def universe_objective(
     aligned = [
         spec.permute_state_dict(sd, p) for sd, p in zip(state_dicts, model_perms, strict=True)
     ]
-    total = 0.0
-    for pc in _pieces(spec, state_dicts[0], ignore):
-        us = [pc.view(a[pc.key]).to(torch.float64) for a in aligned]
-        s = torch.stack(us).sum(0)
-        total += 0.5 * (_dot(s, s) - sum(_dot(u, u) for u in us))
-    return total
+    return float(
+        sum(
+            _pair_sum([pc.view(a[pc.key]).to(torch.float64) for a in aligned])
+            for pc in _pieces(spec, state_dicts[0], ignore)
+        )
+    )
