@@ -26,13 +26,7 @@ from symmerge.solvers import frank_wolfe as fw
 from symmerge.solvers import weight_matching
 from symmerge.spec import SymmetrySpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _BUILDERS = {

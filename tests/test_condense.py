@@ -33,7 +33,7 @@ from symmerge.condense import (
 )
 from symmerge.models import MLP
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUM_CLASSES = 10
 

@@ -17,14 +17,7 @@ from symmerge.spec import Factor, Group, Member, Segment, SymmetrySpec
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (10x slower on a busy 2-core
-    machine), so this module runs single-threaded and restores the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _traced(name: str, seed: int = 0, **kw: object) -> tuple[nn.Module, SymmetrySpec]:

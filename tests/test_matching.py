@@ -46,15 +46,7 @@ from symmerge.solvers import (
 )
 from symmerge.spec import SymmetrySpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add wake-up latency (10x slower on a busy 2-core
-    machine), so this module runs single-threaded and restores the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- models ----------------------------------------------------------------------------------

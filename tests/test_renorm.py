@@ -15,13 +15,7 @@ from symmerge.renorm import _affine_hook, _find_points, _fold, _Point, repair, r
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _native_cpu_convs():
-    """oneDNN float32 convs are 2-40x slower than ATen's on some CPUs (AMD EPYC here)."""
-    prev = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = prev
+pytestmark = pytest.mark.usefixtures("native_cpu_convs")
 
 
 def _pair(

@@ -24,14 +24,7 @@ from symmerge.stats import (
     unflatten_units,
 )
 
-
-@pytest.fixture(autouse=True)
-def _native_cpu_convs():
-    """oneDNN float32 convs are 2-40x slower than ATen's on some CPUs (AMD EPYC here)."""
-    prev = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = prev
+pytestmark = pytest.mark.usefixtures("native_cpu_convs")
 
 
 def _models(name: str, n: int, seed: int = 0, **kw) -> list[nn.Module]:

@@ -44,9 +44,7 @@ needs_data = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_batches(n: int, shape: tuple[int, ...], seed: int = 0) -> list[tuple[Tensor, Tensor]]:
