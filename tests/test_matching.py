@@ -37,11 +37,13 @@ from symmerge.similarity import (
     weight_similarity,
 )
 from symmerge.solvers import (
+    centre_prices,
     coordinates,
     lap_objective,
     merge_many,
     solve_lap,
     solve_shared_blocks,
+    warm_lap,
     weight_matching,
 )
 from symmerge.spec import SymmetrySpec
@@ -117,6 +119,58 @@ def test_lap_on_a_permuted_identity_returns_the_inverse() -> None:
     p = torch.randperm(50, generator=torch.Generator().manual_seed(0))
     C = torch.eye(50)[p]  # C[i, j] = 1 iff j == p[i]
     assert torch.equal(solve_lap(C), p)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 64])
+def test_warm_lap_is_exact_from_any_start_and_keeps_an_optimum(n: int) -> None:
+    rng = np.random.default_rng(n)
+    C = rng.normal(size=(n, n))
+    r, c = linear_sum_assignment(C, maximize=True)
+    best = C[r, c].sum()
+    for start in (np.arange(n), rng.permutation(n)):  # cold: zero prices
+        x, v, _ = warm_lap(C, start)
+        assert sorted(x.tolist()) == list(range(n))
+        assert C[np.arange(n), x].sum() == pytest.approx(best, abs=1e-10)
+        red = C - v[None, :]  # the prices prove it: each row's column maximizes C - v
+        np.testing.assert_allclose(red[np.arange(n), x], red.max(1), atol=1e-10)
+    y, w, released = warm_lap(C, x, v, tol=1e-12)  # its own prices: nothing moves
+    assert released == 0 and np.array_equal(y, x) and np.array_equal(w, v)
+    for _ in range(5):  # drift: warm starts stay exact
+        C = C + 0.05 * rng.normal(size=(n, n))
+        x, v, _ = warm_lap(C, x, v)
+        r, c = linear_sum_assignment(C, maximize=True)
+        assert C[np.arange(n), x].sum() == pytest.approx(C[r, c].sum(), abs=1e-10)
+
+
+@pytest.mark.parametrize("n", [2, 9, 40])
+def test_centred_prices_stay_feasible_and_open_zero_slacks(n: int) -> None:
+    rng = np.random.default_rng(n)
+    C = rng.standard_normal((n, n))
+    x, v, _ = warm_lap(C, np.arange(n))
+    ca = C[:, x]  # the optimal assignment on the diagonal
+
+    def slacks(prices: np.ndarray) -> np.ndarray:
+        w = prices[x]
+        s = (ca.diagonal() - w)[:, None] - (ca - w[None, :])
+        return s[~np.eye(n, dtype=bool)]
+
+    before, after = slacks(v), slacks(centre_prices(C, x, v, 12))
+    assert before.min() >= -1e-12 and after.min() >= -1e-12  # both prove x optimal
+    assert before.min() <= 1e-12  # a solve's prices have tight pairs
+    assert after.min() > 1e-3 * np.abs(before).max()  # centred: every pair has slack
+    assert np.array_equal(centre_prices(C, x, v, 0), v)
+
+
+def test_warm_lap_with_ties_and_bad_shapes() -> None:
+    x, v, _ = warm_lap(np.ones((5, 5)), np.arange(5)[::-1].copy())
+    assert sorted(x.tolist()) == list(range(5))  # every assignment is optimal
+    p = np.random.default_rng(0).permutation(30)
+    x, _, _ = warm_lap(np.eye(30)[p], np.arange(30))
+    assert np.array_equal(x, p)
+    with pytest.raises(ValueError, match="square"):
+        warm_lap(np.ones((3, 4)), np.arange(3))
+    with pytest.raises(ValueError, match="square"):
+        warm_lap(np.ones((3, 3)), np.arange(3), np.zeros(2))
 
 
 @pytest.mark.parametrize("blocks,width", [(3, 2), (2, 3), (2, 5), (4, 1)])

@@ -20,9 +20,9 @@ every similarity and solves every assignment (82-94% of their step time, more as
 permutations start to move). ``matcher="warm"`` computes each group's similarity at most
 once per step (:class:`WeightSimilarity`, whose cache also serves later sweeps) and
 warm-starts each assignment from the last step instead of solving it: column prices from
-the previous step, corrected by Bellman-Ford passes, *certify* that the permutation is still
-optimal (LP duality), and the improving cycles those passes reveal are canceled until it is
-(:class:`_WarmAssignment`); a LAP is solved only when that does not finish within a budget.
+the previous step *certify* that the permutation is still optimal (LP duality), and only
+the rows they do not certify are re-assigned, by shortest augmenting paths
+(:class:`_WarmAssignment`, :func:`~symmerge.solvers.lap.warm_lap`).
 The default ``matcher="fast"`` also keeps each plain group's similarity across steps
 (:class:`_PlainGroup`): after a proxy step it first tries to prove the assignment still
 optimal from a bound on how far the similarity can have moved (Cauchy-Schwarz: each unit's
@@ -64,7 +64,7 @@ from torch.utils.data import TensorDataset
 
 from symmerge.similarity import DEFAULT_IGNORE, WeightSimilarity
 from symmerge.solvers.coordinate import coordinates, solve_coordinate, weight_matching
-from symmerge.solvers.lap import solve_lap
+from symmerge.solvers.lap import centre_prices, warm_lap
 from symmerge.spec import SymmetrySpec
 
 __all__ = ["MATCHERS", "OPTIMIZERS", "STEResult", "ste_refine"]
@@ -428,7 +428,7 @@ class _WarmMatcher:
         self.state_b = dict(state_b)
         # plain groups (no blocks, no shared heads) keep a warm assignment between steps
         self.warm = {
-            c[0]: _WarmAssignment(backend)
+            c[0]: _WarmAssignment()
             for c in self.coords
             if len(c) == 1 and not spec.groups[c[0]].blocks
         }
@@ -524,23 +524,22 @@ class _PlainGroup:
     elementwise product of the proxy with aligned B), and prices ``w`` prove ``p`` optimal
     with a margin when ``C_a[i, i] - tol_i - w[i] >= U[i, k] - w[k]`` for all ``k != i``,
     ``U`` the bound. Rows the last prices cannot prove get their exact similarity row (a
-    ``rows x n`` product) and Bellman-Ford moves the prices; an improving cycle through
+    ``rows x n`` product) and a warm assignment moves the prices; an improving cycle through
     bounded rows makes those rows exact too. :meth:`prove` gives up (and the caller
     computes ``C``) when a cycle runs through exact rows only, or when more than a quarter
     of the rows would be exact. ``tol_i = 2e-5 ||theta_i|| max_j ||B_j||`` exceeds float32
     round-off, so a proven assignment is also what a full weight matching keeps: every
     other assignment is worse by more than the round-off of its objective.
 
-    The first proof after ``C`` was computed centres the prices (:func:`_centre_prices`):
-    Bellman-Ford's longest-path prices leave zero slack on many pairs, which any move of the
-    proxy would break. While the permutations keep moving, proofs keep failing; after a
-    failure the next try waits 1, 2, 4, ... up to ``MAX_WAIT`` steps (a success resets it).
+    The first proof after ``C`` was computed centres the prices
+    (:func:`~symmerge.solvers.lap.centre_prices`). While the permutations keep moving, proofs
+    keep failing; after a failure the next try waits 1, 2, 4, ... up to ``MAX_WAIT`` steps (a
+    success resets it).
     """
 
     TOL = 2e-5
     MAX_ROWS = 0.25  # exact rows beyond this fraction: computing the similarity is cheaper
-    ROUNDS = 4  # rounds of exact rows + Bellman-Ford before giving up
-    PASSES = 64  # Bellman-Ford passes per round
+    ROUNDS = 4  # rounds of exact rows + warm assignment before giving up
     MAX_WAIT = 16  # after failed proofs, wait up to this many steps before the next try
 
     def __init__(
@@ -616,11 +615,7 @@ class _PlainGroup:
         assert total is not None
         self.C = total.to(torch.float64)
         self.theta = [theta[k].detach().clone() for k, _ in self.members]
-        sq = sum(
-            _unit_sums(t.double() ** 2, ax)
-            for t, (_, ax) in zip(self.theta, self.members, strict=True)
-        )
-        self.a_norm = sq.sqrt()  # type: ignore[union-attr]
+        self.a_norm = None  # the proxy's unit norms, computed when a proof needs them
         self.step = step
         return self.C
 
@@ -673,8 +668,14 @@ class _PlainGroup:
         return out
 
     def _prove(self, theta: Mapping[str, Tensor], perms: Perms, prices: Tensor) -> Tensor | None:
-        if self.C is None or self.a_norm is None:
+        if self.C is None:
             return None
+        if self.a_norm is None:
+            sq = sum(
+                _unit_sums(t.double() ** 2, ax)
+                for t, (_, ax) in zip(self.theta, self.members, strict=True)
+            )
+            self.a_norm = sq.sqrt()  # type: ignore[union-attr]
         self._sync(perms, update=True)  # C for the old proxy and the current neighbours
         p = perms[self.group].to(self.C.device)
         sq = diag = None
@@ -694,7 +695,8 @@ class _PlainGroup:
         w = prices.to(self.C.device)[p]
         ca = self.C[:, p]
         if self.centred != self.step:  # first proof since C was computed: centre the prices
-            w = _centre_prices(ca, w)
+            w = torch.from_numpy(centre_prices(ca.cpu().numpy(), np.arange(n), w.cpu().numpy(), 12))
+            w = w.to(self.C.device, self.C.dtype)
             self.centred = self.step
         bound = torch.addr(ca, r, b)  # >= C_a[i, k] for k != i
         ar = torch.arange(n, device=self.C.device)
@@ -712,8 +714,10 @@ class _PlainGroup:
             bound[rows] = self._exact_rows(theta, rows, aligned).double()
             bound[rows, rows] = own[rows]
             exact[rows] = True
-            x, v, _ = _bellman_ford(bound, ar, w, self.PASSES, tol)
-            if v is not None and torch.equal(x, ar):
+            xs, vs, _ = warm_lap(bound.cpu().numpy(), np.arange(n), w.cpu().numpy(), tol)
+            x = torch.from_numpy(xs).to(self.C.device)
+            if torch.equal(x, ar):
+                v = torch.from_numpy(vs).to(self.C.device, self.C.dtype)
                 out = torch.empty_like(v)
                 out[p] = v
                 return out
@@ -744,137 +748,29 @@ def _acc(total: Tensor | None, x: Tensor) -> Tensor:
     return x if total is None else total + x
 
 
-def _centre_prices(ca: Tensor, w: Tensor, iterations: int = 12) -> Tensor:
-    """Prices deep inside the region that certifies the diagonal assignment of ``ca``.
-
-    Slack ``S[i, k] = (ca[i, i] - w[i]) - (ca[i, k] - w[k]) >= 0``. With the other prices
-    fixed, ``w[x]`` may drop by the smallest slack of column ``x`` and rise by the smallest
-    slack of row ``x``; each iteration moves every price halfway to the middle of that
-    interval, all at once. A slack loses at most a quarter of itself to each of its two
-    prices, so the prices stay feasible, and the zero slacks of Bellman-Ford's longest-path
-    prices open up wherever the region allows (a slack stays 0 only on a tie: a cycle of
-    zero gain).
-    """
-    n = len(w)
-    if n < 2:
-        return w
-    s = (ca.diagonal() - w)[:, None] - (ca - w[None, :])
-    s.fill_diagonal_(math.inf)  # stays inf: the updates add finite numbers
-    for _ in range(iterations):
-        step = (s.amin(1) - s.amin(0)) / 4  # (up-room - down-room) / 4
-        if not bool(torch.isfinite(step).all()):
-            break
-        w = w + step
-        s += step[None, :]
-        s -= step[:, None]
-    return w
-
-
 class _WarmAssignment:
     """Exact LAP ``max sum_i C[i, p(i)]`` warm-started from the last permutation and prices.
 
     Column prices ``v`` with ``C[i, p(i)] - v[p(i)] >= C[i, j] - v[j]`` for all ``i, j`` prove
-    ``p`` optimal (they and ``u_i = max_j C[i, j] - v[j]`` are optimal LP duals). These are
-    difference constraints ``v[j] >= v[k] + G[k, j]``, with ``G[k, j]`` the gain of moving the
-    row on column ``k`` to column ``j``, so Bellman-Ford (longest paths) from the previous
-    step's prices finds them in a few O(n^2) passes when ``p`` is still optimal. When it is
-    not, an improving cycle exists and shows up as a cycle of the Bellman-Ford predecessors;
-    moving the rows along it (cycle canceling) improves ``p``, and the passes go on. Within
-    ``max_passes`` this ends with ``p`` optimal; otherwise the LAP is solved (scipy/lapx).
-
-    Returns ``(p, how)``, ``how`` one of ``"certified"`` (``p`` unchanged, proven optimal),
-    ``"repaired"`` (improved by cycle canceling, optimal) or ``"solves"`` (solved).
+    ``p`` optimal. After a small change of ``C`` most rows still satisfy this with the last
+    step's prices; :func:`~symmerge.solvers.lap.warm_lap` re-assigns only the others, by
+    shortest augmenting paths (the first call starts from zero prices). Returns ``(p, how)``,
+    ``how`` ``"certified"`` (``p`` unchanged, proven optimal) or ``"repaired"`` (improved).
     """
 
-    def __init__(self, backend: str, max_passes: int = 128) -> None:
-        self.backend, self.max_passes = backend, max_passes
+    def __init__(self) -> None:
         self.prices: Tensor | None = None
 
     def __call__(self, C: Tensor, perm: Tensor) -> tuple[Tensor, str]:
         """``C``: float64 on any device; ``perm``: int64 CPU. Returns a CPU permutation."""
-        tol = 1e-12 * max(1.0, float(C.abs().max()))
-        p, prices, cancels = _bellman_ford(C, perm.to(C.device), self.prices, self.max_passes, tol)
-        if prices is not None:
-            self.prices = prices
-            return p.cpu(), "repaired" if cancels else "certified"
-        p = solve_lap(C, backend=self.backend)
-        # prices for the optimum: longest paths from the last prices need at most n - 1
-        # passes; None when they do not converge (ties, round-off): the next call starts cold
-        x, prices, _ = _bellman_ford(C, p.to(C.device), self.prices, 4 * len(p), tol)
-        self.prices = prices if torch.equal(x.cpu(), p) else None
-        return p, "solves"
-
-
-def _bellman_ford(
-    C: Tensor, perm: Tensor, prices: Tensor | None, max_passes: int, tol: float
-) -> tuple[Tensor, Tensor | None, int]:
-    """Longest-path prices for ``perm``, canceling improving cycles on the way.
-
-    A pass sets ``v[j] = max(v[j], max_i C[i, j] + v[p(i)] - C[i, p(i)])`` (row ``i`` leaving
-    its column for ``j``) and remembers the maximizing column as ``j``'s predecessor. Only
-    rows whose own column's price (or column) changed can raise a price, so after the first
-    pass only those rows are read: a pass costs ``rows x n``, not ``n x n``. Runs in numpy
-    (a pass is many small operations, each far cheaper there); CUDA matrices are copied.
-    Returns ``(perm, prices or None if not converged, number of cancel rounds)``.
-    """
-    dev, dtype = C.device, C.dtype
-    c = C.detach().cpu().numpy()
-    n = len(perm)
-    ar = np.arange(n)
-    x = perm.detach().cpu().numpy().astype(np.int64)  # a copy
-    rows = np.empty_like(x)
-    rows[x] = ar  # rows[k]: the row on column k
-    own = c[ar, x]  # C[i, p(i)]
-    v = np.zeros(n, dtype=c.dtype) if prices is None else prices.detach().cpu().numpy().copy()
-    pred = ar.copy()
-    active = ar  # the rows that may raise a price this pass
-    cancels = 0
-    for _ in range(max_passes):
-        cand = c[active] if len(active) < n else c
-        cand = cand + (v[x[active]] - own[active])[:, None]  # column j's price via a row
-        best = cand.max(0)
-        up = np.flatnonzero(best > v + tol)
-        if up.size == 0:
-            out = torch.from_numpy(v - v.mean()).to(dev, dtype)
-            return torch.from_numpy(x).to(dev), out, cancels
-        pred[up] = x[active[cand[:, up].argmax(0)]]
-        v[up] = best[up]
-        active = rows[up]  # the rows on raised columns
-        # with strict updates, a cycle of predecessors is an improving cycle: cancel it
-        heads = _cycle_nodes(pred)
-        if not heads:
-            continue
-        r_ = rows.tolist()
-        p_ = pred.tolist()
-        done: set[int] = set()
-        for h in heads:
-            if h in done:
-                continue
-            cycle = [h]
-            while (j := p_[cycle[-1]]) != h:
-                cycle.append(j)
-            done.update(cycle)
-            for r, j in [(r_[p_[j]], j) for j in cycle]:  # row r moves onto column j
-                r_[j] = r
-        rows = np.asarray(r_, dtype=np.int64)
-        moved = np.flatnonzero(x[rows] != ar)  # columns that got a new row
-        x[rows] = ar
-        own = c[ar, x]
-        pred = ar.copy()
-        active = np.unique(np.concatenate([rows[up], rows[moved]]))
-        cancels += 1
-    return torch.from_numpy(x).to(dev), None, cancels
-
-
-def _cycle_nodes(pred: np.ndarray) -> list[int]:
-    """One node of every non-trivial cycle of the functional graph ``j -> pred[j]``."""
-    q = p = pred
-    for _ in range(max(1, (len(p) - 1).bit_length())):  # 2^levels >= n steps: onto a cycle
-        q = q[q]
-    on = q[p[q] != q]
-    if len(on) == 0:
-        return []
-    return sorted({int(c) for c in on.tolist()})
+        c = C.detach().cpu().numpy()
+        tol = 1e-12 * max(1.0, float(np.abs(c).max()))
+        last = None if self.prices is None else self.prices.cpu().numpy()
+        x, v, _ = warm_lap(c, perm.numpy(), last, tol)
+        v = centre_prices(c, x, v, 4)  # robust to the next step's drift: fewer rows released
+        self.prices = torch.from_numpy(v - v.mean()).to(C.device, C.dtype)
+        out = torch.from_numpy(x)
+        return out, "certified" if torch.equal(out, perm) else "repaired"
 
 
 def _objective(C: Tensor, perm: Tensor) -> float:

@@ -10,11 +10,19 @@ from symmerge.solvers.coordinate import (
     weight_matching,
 )
 from symmerge.solvers.frank_wolfe import frank_wolfe_matching, universe_objective
-from symmerge.solvers.lap import BACKENDS, lap_objective, solve_lap, solve_shared_blocks
+from symmerge.solvers.lap import (
+    BACKENDS,
+    centre_prices,
+    lap_objective,
+    solve_lap,
+    solve_shared_blocks,
+    warm_lap,
+)
 
 __all__ = [
     "BACKENDS",
     "MatchResult",
+    "centre_prices",
     "coordinate_descent",
     "coordinates",
     "frank_wolfe_matching",
@@ -25,5 +33,6 @@ __all__ = [
     "solve_lap",
     "solve_shared_blocks",
     "universe_objective",
+    "warm_lap",
     "weight_matching",
 ]
