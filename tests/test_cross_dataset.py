@@ -17,6 +17,12 @@ from symmerge.condense import CondensedSet, condense, save_condensed
 from symmerge.data import dataset_info
 from symmerge.io import save_checkpoint
 from symmerge.models import create_model
+from symmerge.sources import (
+    DataSourceError,
+    DataUnavailableError,
+    data_source_batches,
+    load_data_sources,
+)
 
 needs_data = pytest.mark.skipif(
     not os.environ.get("SYMMERGE_DATA"), reason="needs SYMMERGE_DATA (CI sets it)"
@@ -157,6 +163,83 @@ def test_merge_with_ste_on_two_condensed_sets(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert out.exists() and "merged (ste, repair)" in result.output
     assert "mnist" in result.output and "fashion-mnist" in result.output  # both test sets
+
+
+# --- the library API (symmerge.sources), which the CLI wraps --------------------------------
+
+
+def test_library_converts_a_condensed_set_from_another_space_exactly(tmp_path: Path) -> None:
+    path = _cset(tmp_path / "half.st", mean=[0.5], std=[0.25])
+    from symmerge.condense import load_condensed
+
+    stored = load_condensed(path)
+    view = (1, -1, 1, 1)
+    mean, std = (torch.tensor(dataset_info("mnist")[k]).view(view) for k in ("mean", "std"))
+    pixels = stored.images * torch.tensor([0.25]).view(view) + torch.tensor([0.5]).view(view)
+    want = (pixels - mean) / std  # back to [0, 1], then into MNIST's space
+    x, y = load_data_sources(f"condensed:{path}", seed=3)
+    order = torch.randperm(len(want), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(x, want[order]) and torch.equal(y, stored.labels[order])
+    # a set already in MNIST's space is returned bit for bit
+    same = _cset(tmp_path / "same.st")
+    x, _ = load_data_sources(f"condensed:{same}", seed=3)
+    assert torch.equal(_sorted_rows(x), _sorted_rows(load_condensed(same).images))
+
+
+def test_library_batches_are_the_shuffled_sources_cut_in_order(tmp_path: Path) -> None:
+    path = _cset(tmp_path / "a.st", ipc=3)
+    x, y = load_data_sources(f"condensed:{path}", seed=1)
+    batches = data_source_batches(f"condensed:{path}", 8, seed=1)
+    assert [len(b[0]) for b in batches] == [8, 8, 8, 6]
+    assert torch.equal(torch.cat([b[0] for b in batches]), x)
+    assert torch.equal(torch.cat([b[1] for b in batches]), y)
+
+
+@needs_data
+def test_library_coreset_gives_k_per_class() -> None:
+    x, y = load_data_sources("coreset:herding:3:mnist")
+    assert x.shape == (30, 1, 28, 28) and torch.bincount(y).tolist() == [3] * 10
+    x, y = load_data_sources("coreset:random:2", datasets=[None, "fashion-mnist", "fmnist"])
+    assert x.shape == (20, 1, 28, 28) and torch.bincount(y).tolist() == [2] * 10
+
+
+def test_library_bad_sources_raise_data_source_error(tmp_path: Path) -> None:
+    mnist, cifar = _cset(tmp_path / "m.st"), _cset(tmp_path / "c.st", "cifar10", ipc=1)
+    mlp, _ = create_model("mlp", depth=2, width=16, num_classes=10)
+    mlp5, _ = create_model("mlp", depth=2, width=16, num_classes=5)
+    cases = [
+        (" , ", {}, "no data source"),
+        ("imagenet", {}, "unknown dataset 'imagenet'.*or one of condensed:FILE"),
+        ("coreset:kmeans:10:mnist", {}, "METHOD one of \\('random', 'herding'\\)"),
+        ("coreset:random:ten:mnist", {}, "K \\(images per class\\) must be an integer"),
+        ("coreset:random:0:mnist", {}, "must be >= 1, got 0"),
+        ("coreset:random:1", {}, "do not record their dataset"),
+        (f"condensed:{tmp_path}/missing.st", {}, "missing.st does not exist"),
+        (f"condensed:{cifar}", {"model": mlp}, "shape \\(C, H, W\\) = \\(3, 32, 32\\)"),
+        (f"condensed:{mnist}", {"model": mlp5}, "labels 0..9 but the models have 5 outputs"),
+    ]
+    for spec, kwargs, message in cases:
+        with pytest.raises(DataSourceError, match=message):
+            load_data_sources(spec, **kwargs)
+    assert mlp.training  # the fit check leaves the model's mode alone
+
+
+def test_missing_dataset_files_are_unavailable_not_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SYMMERGE_NO_DOWNLOAD", "1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataUnavailableError, match="data not found") as info:
+        load_data_sources("mnist", root=empty)
+    assert info.value.source == "mnist" and isinstance(info.value, ValueError)
+    # the CLI keeps its message and exit status 1 (ClickException), and writes nothing
+    a, b, out = _ckpt(tmp_path / "a.st", 0), _ckpt(tmp_path / "b.st", 1), tmp_path / "o.st"
+    args = ["merge", str(a), str(b), "-m", "ste", "--data", "mnist", "-o", str(out),
+            "--data-root", str(empty)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "Error: --data mnist: " in result.output and not out.exists()
 
 
 def test_demo_headline_reports_the_gain() -> None:

@@ -824,11 +824,6 @@ DATA_HELP = (
     "coreset:random:K or coreset:herding:K: K images per class of each dataset the "
     "checkpoints were trained on (coreset:random:K:DATASET names one)."
 )
-CORESET_METHODS = ("random", "herding")
-
-
-def _data_error(message: str) -> click.BadParameter:
-    return click.BadParameter(message, param_hint="'--data'")
 
 
 def _data_batches(
@@ -841,177 +836,22 @@ def _data_batches(
     models: Sequence[Any] = (),
     datasets: Sequence[str | None] = (),
 ) -> list[tuple[Any, Any]] | None:
-    """``(x, y)`` batches of the ``--data`` sources (see :data:`DATA_HELP`), concatenated,
-    shuffled with ``seed`` and cut into ``batch_size`` batches; ``None`` when ``spec`` is None.
-
-    Every source is put in the normalised space of its dataset, the one
-    :func:`symmerge.data.get_dataset` (and so ``symmerge train``) gives: condensed images are
-    stored in it, and a file that records another space (``mean``/``std`` in its metadata) is
-    converted exactly. ``models`` (the checkpoints) check that the images fit their input and
-    the labels their outputs; ``datasets`` (the checkpoints' training sets) are what a
-    ``coreset:METHOD:K`` without a dataset draws from. Bad sources raise ``BadParameter``.
-    """
+    """``--data`` batches from :func:`symmerge.sources.data_source_batches` (``None`` when
+    ``spec`` is None), checked against ``models[0]``. A bad source is a usage error
+    (``BadParameter``); dataset files that cannot be read are a ``ClickException``."""
     if spec is None:
         return None
-    import torch
+    from symmerge.sources import DataSourceError, DataUnavailableError, data_source_batches
 
-    items = [s.strip() for s in spec.split(",") if s.strip()]
-    if not items:
-        raise _data_error(
-            f"no data source in {spec!r}; give e.g. 'mnist,fashion-mnist', "
-            "'condensed:FILE' or 'coreset:random:10'"
+    try:
+        model = models[0] if models else None
+        return data_source_batches(
+            spec, batch_size, root=root, samples=samples, seed=seed, datasets=datasets, model=model
         )
-    xs, ys = [], []
-    for item in items:
-        x, y = _data_source(item, root, samples, seed, datasets)
-        if len(y) == 0:
-            raise _data_error(f"data source {item!r} holds no images")
-        if xs and tuple(x.shape[1:]) != tuple(xs[0].shape[1:]):
-            raise _data_error(
-                f"data source {item!r} has images of shape {tuple(x.shape[1:])} but "
-                f"{items[0]!r} has {tuple(xs[0].shape[1:])}; sources must share one shape"
-            )
-        if models:
-            _check_data_fits(models[0], x, y, item)
-        xs.append(x)
-        ys.append(y)
-    x, y = torch.cat(xs), torch.cat(ys)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-
-
-def _data_source(
-    item: str, root: Path | None, samples: int, seed: int, datasets: Sequence[str | None]
-) -> tuple[Any, Any]:
-    """Images and labels of one ``--data`` source, in its dataset's normalised space."""
-    import torch
-
-    from symmerge.data import get_dataset
-
-    kind, colon, rest = item.partition(":")
-    if kind.lower() == "condensed" and colon:
-        return _condensed_source(item, rest)
-    if kind.lower() == "coreset" and colon:
-        return _coreset_source(item, rest, root, seed, datasets)
-    try:
-        name = str(_dataset_info(item, "'--data'")["name"])
-    except click.BadParameter as exc:
-        raise _data_error(
-            f"{exc.message}; or one of condensed:FILE, coreset:random:K, coreset:herding:K"
-        ) from None
-    try:
-        ds = get_dataset(name, "train", root=root)
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(f"--data {item}: {exc}") from None
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(ds), generator=gen)[:samples]
-    x, y = ds.tensors
-    return x[idx], y[idx]
-
-
-def _condensed_source(item: str, file: str) -> tuple[Any, Any]:
-    import torch
-
-    from symmerge.condense import load_condensed
-    from symmerge.data import dataset_info
-
-    if not file:
-        raise _data_error(f"{item!r}: write condensed:FILE (a file from `symmerge condense`)")
-    path = Path(file)
-    if not path.is_file():
-        raise _data_error(f"condensed set {path} does not exist (or is not a file)")
-    try:
-        cset = load_condensed(path)
-    except (ValueError, OSError) as exc:
-        raise _data_error(str(exc)) from None
-    info = dataset_info(str(cset.dataset))
-    mean = [float(v) for v in cset.metadata.get("mean", info["mean"])]
-    std = [float(v) for v in cset.metadata.get("std", info["std"])]
-    x = cset.images
-    if len(mean) != x.shape[1] or len(std) != x.shape[1]:
-        raise _data_error(
-            f"{path}: metadata mean/std have {len(mean)}/{len(std)} values for "
-            f"{x.shape[1]} channels"
-        )
-    stored, wanted = [*mean, *std], [*info["mean"], *info["std"]]
-    if not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(stored, wanted, strict=True)):
-        # stored in another space: back to [0, 1], then to the dataset's normalised space
-        view = (1, -1, 1, 1)
-        x = x * torch.tensor(std).view(view) + torch.tensor(mean).view(view)
-        x = (x - torch.tensor(info["mean"]).view(view)) / torch.tensor(info["std"]).view(view)
-    return x, cset.labels
-
-
-def _coreset_source(
-    item: str, rest: str, root: Path | None, seed: int, datasets: Sequence[str | None]
-) -> tuple[Any, Any]:
-    import torch
-
-    from symmerge.condense import condense
-
-    parts = rest.split(":")
-    usage = f"{item!r}: write coreset:METHOD:K[:DATASET], METHOD one of {CORESET_METHODS}"
-    if len(parts) not in (2, 3) or parts[0].lower() not in CORESET_METHODS:
-        raise _data_error(usage)
-    try:
-        ipc = int(parts[1])
-    except ValueError:
-        raise _data_error(f"{usage}; K (images per class) must be an integer") from None
-    if ipc < 1:
-        raise _data_error(f"{item!r}: K (images per class) must be >= 1, got {ipc}")
-    if len(parts) == 3:
-        names = [str(_dataset_info(parts[2], "'--data'")["name"])]
-    else:
-        names = []
-        for d in datasets:
-            if d and (n := str(_dataset_info(d, "'--data'")["name"])) not in names:
-                names.append(n)
-        if not names:
-            raise _data_error(
-                f"{item!r}: the checkpoints do not record their dataset; name it, e.g. "
-                f"coreset:{parts[0]}:{ipc}:mnist"
-            )
-    xs, ys = [], []
-    for name in names:
-        try:
-            cset = condense(
-                name, ipc=ipc, method=parts[0].lower(), seed=seed, data_root=root,
-                device="cpu", progress=False,
-            )  # fmt: skip
-        except ValueError as exc:
-            raise _data_error(f"{item!r}: {exc}") from None
-        except FileNotFoundError as exc:
-            raise click.ClickException(f"--data {item}: {exc}") from None
-        xs.append(cset.images)
-        ys.append(cset.labels)
-    return torch.cat(xs), torch.cat(ys)
-
-
-def _check_data_fits(model: Any, x: Any, y: Any, item: str) -> None:
-    """The checkpoints take these images and have an output for every label."""
-    import torch
-
-    shape = getattr(model, "input_shape", None)
-    if shape is not None and tuple(shape) != tuple(x.shape[1:]):
-        raise _data_error(
-            f"data source {item!r} has images of shape (C, H, W) = {tuple(x.shape[1:])} but "
-            f"the models take {tuple(shape)}"
-        )
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x[:2].to(next(model.parameters()).device))
-    except RuntimeError as exc:
-        raise _data_error(f"the models do not accept the images of {item!r}: {exc}") from None
-    finally:
-        model.train(was_training)
-    if out.ndim != 2 or int(y.max()) >= out.shape[1] or int(y.min()) < 0:
-        raise _data_error(
-            f"data source {item!r} has labels {int(y.min())}..{int(y.max())} but the models "
-            f"have {out.shape[-1]} outputs"
-        )
+    except DataUnavailableError as exc:
+        raise click.ClickException(f"--data {exc.source}: {exc.reason}") from None
+    except DataSourceError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--data'") from None
 
 
 def _eval_targets(metas: Sequence[dict[str, Any]], datasets: Sequence[str]) -> list[tuple]:
