@@ -126,6 +126,9 @@ def test_paper_convnet_and_zoo_model_names(data: tuple) -> None:
     assert cset.metadata["model"] == "convnet" and cset.metadata["lr_img"] == 1.0
     mlp = condense("mnist", data=data, method="dm", ipc=3, iterations=1, progress=False)
     assert mlp.metadata["model"] == "mlp" and mlp.metadata["lr_img"] == 30.0  # 10 * ipc
+    res = condense("mnist", data=data, model="resnet20", method="dm", ipc=3, iterations=1,
+                   batch_real=4, progress=False)  # fmt: skip
+    assert res.metadata["lr_img"] == 1.0  # normalised features: the paper's rate, not 10 * ipc
     own = condense("mnist", data=data, model=_small_mlp, method="random", ipc=1, progress=False)
     assert own.metadata["model"] == "callable:_small_mlp"
     with pytest.raises(ValueError, match="unknown model name"):
