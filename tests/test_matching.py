@@ -171,6 +171,10 @@ def test_warm_lap_with_ties_and_bad_shapes() -> None:
         warm_lap(np.ones((3, 4)), np.arange(3))
     with pytest.raises(ValueError, match="square"):
         warm_lap(np.ones((3, 3)), np.arange(3), np.zeros(2))
+    with pytest.raises(ValueError, match="finite"):
+        warm_lap(np.array([[0.0, np.nan], [1.0, 0.0]]), np.arange(2))
+    with pytest.raises(ValueError, match="permutation"):
+        warm_lap(np.ones((3, 3)), np.array([0, 0, 2]))
 
 
 @pytest.mark.parametrize("blocks,width", [(3, 2), (2, 3), (2, 5), (4, 1)])

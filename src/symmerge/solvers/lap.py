@@ -246,6 +246,10 @@ def warm_lap(
     v = np.zeros(len(x)) if prices is None else -np.array(prices, dtype=np.float64)
     if c.ndim != 2 or c.shape != (len(x), len(x)) or len(v) != len(x):
         raise ValueError(f"warm_lap needs a square C matching perm; got {c.shape}, {x.shape}")
+    if not (np.isfinite(c).all() and np.isfinite(v).all()):
+        raise ValueError("warm_lap needs finite similarities and prices (found NaN or inf)")
+    if not np.array_equal(np.sort(x), np.arange(len(x))):
+        raise ValueError("warm_lap needs perm to be a permutation of 0..n-1")
     released = _augment_released(c, x, v, float(tol))
     return x, -v, released
 
