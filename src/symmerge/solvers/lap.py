@@ -270,23 +270,30 @@ def centre_prices(
     """
     v = np.array(prices, dtype=np.float64)
     x = np.asarray(perm, dtype=np.int64)
+    C = np.asarray(C, dtype=np.float64)
+    if not (np.isfinite(C).all() and np.isfinite(v).all()):
+        raise ValueError("centre_prices needs finite similarities and prices")
     if len(x) >= 2 and iterations > 0:
         _centre(np.ascontiguousarray(C, dtype=np.float64), x, v, int(iterations))
     return v
 
 
-def _njit(fn):  # type: ignore[no-untyped-def]
-    """numba's compiler when installed (a release pass in it is ~50x faster than Python)."""
+def _njit(fn, **options):  # type: ignore[no-untyped-def]
+    """numba's compiler when installed (these loops run ~50x faster than in Python)."""
     try:
         from numba import njit
     except ImportError:  # pragma: no cover - numba is a dependency
         return fn
-    return njit(cache=True, nogil=True)(fn)
+    return njit(cache=True, nogil=True, **options)(fn)
 
 
-@_njit
+def _njit_fastmath(fn):  # type: ignore[no-untyped-def]
+    return _njit(fn, fastmath=True)
+
+
+@_njit_fastmath
 def _centre(c: np.ndarray, x: np.ndarray, v: np.ndarray, iterations: int) -> None:
-    """:func:`centre_prices` in place (``n >= 2``)."""
+    """:func:`centre_prices` in place (``n >= 2``; finite inputs: compiled with fastmath)."""
     n = c.shape[0]
     ca = np.empty((n, n))  # C in perm's order, so the inner loops read contiguous rows
     for i in range(n):
@@ -297,17 +304,18 @@ def _centre(c: np.ndarray, x: np.ndarray, v: np.ndarray, iterations: int) -> Non
         w[k] = v[x[k]]
     up = np.empty(n)  # row k's smallest slack: how far w[k] may rise
     down = np.empty(n)  # column k's smallest slack: how far w[k] may drop
+    row = np.empty(n)
     for _ in range(iterations):
-        up[:] = np.inf
         down[:] = np.inf
         for i in range(n):
             own = ca[i, i] - w[i]
-            low = np.inf
             for k in range(n):
-                s = own - ca[i, k] + w[k]
-                if k != i:
-                    low = min(low, s)
-                    down[k] = min(down[k], s)
+                row[k] = own - ca[i, k] + w[k]
+            row[i] = np.inf  # a row's own column is no alternative
+            low = np.inf
+            for k in range(n):  # branch-free, so the two reductions vectorise
+                low = min(low, row[k])
+                down[k] = min(down[k], row[k])
             up[i] = low
         for k in range(n):
             w[k] += (up[k] - down[k]) / 4
