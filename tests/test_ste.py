@@ -125,6 +125,32 @@ def test_batchnorm_midpoint_uses_reset_or_batch_statistics() -> None:
         assert res.losses[0] == pytest.approx(float(F.cross_entropy(ref(data[0][0]), data[0][1])))
 
 
+def test_reset_statistics_are_recomputed_only_when_the_permutations_move(monkeypatch) -> None:
+    """The forward pass sees (1 - lam) A + lam pi(B) whatever the proxy, so the statistics
+    depend on the permutations only: a permuted copy, recovered at once, needs one reset,
+    and every step's loss is that of the model with statistics reset on the data."""
+    import symmerge.renorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)
+    ).eval()
+    spec = symmerge.trace(model, (torch.randn(4, 1, 4, 4),))
+    sb = spec.permute_state_dict(model.state_dict(), spec.random_permutations(seed=1))
+    data = _random_batches(4, (1, 4, 4), seed=2)
+    calls = []
+    real = symmerge.renorm.reset_bn
+    monkeypatch.setattr(
+        symmerge.renorm, "reset_bn", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    res = ste_refine(spec, model, sb, data, steps=4, lr=0.1, bn="reset", keep="last")
+    assert sum(res.changed) == 0 and len(calls) == 1
+    ref = real(copy.deepcopy(model), data).eval()
+    with torch.no_grad():
+        want = [float(F.cross_entropy(ref(x), y)) for x, y in data]
+    assert res.losses == pytest.approx(want, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------
 # STE beats weight matching on real data
 # ---------------------------------------------------------------------------------------

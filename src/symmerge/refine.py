@@ -205,7 +205,8 @@ def ste_refine(
             the next step continues from where a capped step stopped.
         kind: weight similarity, ``"inner"`` (Git Re-Basin), ``"corr"`` or ``"cos"``.
         bn: BatchNorm models only: ``"reset"`` recomputes the midpoint's running statistics
-            on all of ``data`` every step, then runs the batch in eval mode (Yamada et al.);
+            on all of ``data`` at every step whose permutations moved, then runs the batch in
+            eval mode (Yamada et al.);
             ``"batch"`` runs the batch with batch statistics (one pass, much cheaper).
         batch_size: batch size when ``data`` is a ``TensorDataset``.
         loss_fn: ``loss_fn(outputs, labels)``; default cross-entropy on logits (the authors'
@@ -799,7 +800,9 @@ class _Midpoint:
     """The parameters of ``(1 - lam) theta_A + lam theta_ste`` for ``functional_call``.
 
     The constant part ``(1 - lam) theta_A + lam pi(theta_B)`` is rebuilt only when the
-    permutations change; BatchNorm statistics are recomputed per step (``bn="reset"``).
+    permutations change, and so are the BatchNorm statistics (``bn="reset"``): the forward
+    pass sees the constant part's values (the proxy only receives the gradient), so the
+    statistics of a step whose permutations did not move are the last step's.
     """
 
     def __init__(
@@ -821,6 +824,7 @@ class _Midpoint:
             k for k in state_a if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
         }
         self.scratch: nn.Module | None = None
+        self.bn_stats: dict[str, Tensor] | None = None
         if self.bns and bn == "reset":
             try:
                 from symmerge.renorm import reset_bn
@@ -841,15 +845,18 @@ class _Midpoint:
                 for k, a in self.state_a.items()
             }
             self.perms = perms
+            self.bn_stats = None
         out = dict(self.const)
         for k, t in theta.items():
             out[k] = _StraightThrough.apply(t, self.const[k], self.lam)
         if self.bns:
             if self.scratch is not None:
-                self.scratch.load_state_dict(self.const)
-                self.reset_bn(self.scratch, self.feed.epoch(0))
-                buffers = dict(self.scratch.named_buffers())
-                out.update({k: buffers[k] for k in self.stats_keys if k in buffers})
+                if self.bn_stats is None:  # the midpoint's values changed with the perms
+                    self.scratch.load_state_dict(self.const)
+                    self.reset_bn(self.scratch, self.feed.epoch(0))
+                    buffers = dict(self.scratch.named_buffers())
+                    self.bn_stats = {k: buffers[k] for k in self.stats_keys if k in buffers}
+                out.update(self.bn_stats)  # eval mode: the forward pass leaves them alone
             else:  # batch statistics: BN layers update their buffers, so give them copies
                 out.update({k: self.const[k].clone() for k in self.stats_keys})
         return out
