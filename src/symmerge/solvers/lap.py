@@ -265,8 +265,9 @@ def centre_prices(
     moves every price halfway to the middle of that interval, all at once (a slack loses at
     most a quarter of itself to each of its two prices, so the prices stay feasible). The
     prices a solve returns leave zero slack on many pairs, which any change of ``C`` breaks;
-    centred, a warm start releases about half as many rows after an STE step. Returns new
-    prices (``prices`` is not modified); they prove ``perm`` if ``prices`` did.
+    centred, they keep proving ``perm`` under small changes (STE's bound certificates use
+    this). Returns new prices (``prices`` is not modified); they prove ``perm`` if
+    ``prices`` did.
     """
     v = np.array(prices, dtype=np.float64)
     x = np.asarray(perm, dtype=np.int64)
