@@ -12,7 +12,7 @@ the rest (midpoint, forward, backward, optimizer), for
     and solves every group with scipy's LAP, until a sweep improves no group (or 100 sweeps);
 (b) ``full``: ``ste_refine(matcher="full")``, symmerge's complete weight matching each step;
 (c) ``warm``: ``ste_refine(matcher="warm")``, the matcher called "fast" before issue 6
-    (similarities once per step, Bellman-Ford certificates, at most 3 sweeps);
+    (similarities once per step, warm-started assignments, at most 3 sweeps);
 (d) ``fast``: ``ste_refine(matcher="fast")``, the default since issue 6 (similarities kept
     across steps: bound certificates instead of products after a proxy step, low-rank
     updates after a neighbour's permutation moved); ``fast:K`` sets ``max_sweeps=K``
@@ -518,8 +518,9 @@ def write_md(path: Path, result: dict[str, Any]) -> None:
         "group with scipy's LAP, until a sweep improves nothing); **full** = "
         "`ste_refine(matcher='full')` (symmerge's full weight matching each step); **warm** = "
         "`ste_refine(matcher='warm')` (the matcher called 'fast' before issue 6: similarities "
-        "once per step, Bellman-Ford certificates, 3 sweeps at most; it shares issue 6's "
-        "faster Bellman-Ford, so it is faster than that matcher was); **fast** = "
+        "once per step, assignments re-solved from the last step's prices by a compiled "
+        "Jonker-Volgenant warm start (`symmerge.solvers.warm_lap`), 3 sweeps at most; it "
+        "shares issue 6's solver, so it is faster than that matcher was); **fast** = "
         "`ste_refine(matcher='fast')` (warm, plus kept similarities: bound certificates "
         "instead of products after a proxy step, low-rank updates after a neighbour's move); "
         "`:k` = `max_sweeps=k` (default 3; 100 = until a sweep improves nothing, as the "
