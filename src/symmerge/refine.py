@@ -21,8 +21,8 @@ permutations start to move). ``matcher="warm"`` computes each group's similarity
 once per step (:class:`WeightSimilarity`, whose cache also serves later sweeps) and
 warm-starts each assignment from the last step instead of solving it: column prices from
 the previous step *certify* that the permutation is still optimal (LP duality), and only
-the rows they do not certify are re-assigned, by shortest augmenting paths
-(:class:`_WarmAssignment`, :func:`~symmerge.solvers.lap.warm_lap`).
+the rows they do not certify are re-assigned (Jonker-Volgenant row reduction, then shortest
+augmenting paths, compiled: :class:`_WarmAssignment`, :func:`~symmerge.solvers.lap.warm_lap`).
 The default ``matcher="fast"`` also keeps each plain group's similarity across steps
 (:class:`_PlainGroup`): after a proxy step it first tries to prove the assignment still
 optimal from a bound on how far the similarity can have moved (Cauchy-Schwarz: each unit's

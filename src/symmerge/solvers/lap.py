@@ -226,10 +226,11 @@ def warm_lap(
 
     Column prices ``v`` prove ``p`` optimal when every row's column maximizes its
     ``C[i, j] - v[j]`` (they are optimal LP duals). Rows where that fails by more than ``tol``
-    are released, and each is re-assigned by one shortest augmenting path (the augmentation
-    step of Jonker-Volgenant, compiled), which keeps the prices dual feasible. When ``C``
-    moved little since ``p`` and ``v`` were optimal, few rows are released and the solve
-    costs a small part of a cold one; an STE step re-solves its groups this way.
+    are released and re-assigned by Jonker-Volgenant's augmenting row reduction, then one
+    shortest augmenting path per row still free (compiled); both keep the prices dual
+    feasible. When ``C`` moved little since ``p`` and ``v`` were optimal, few rows are
+    released and the solve costs a small part of a cold one; an STE step re-solves its
+    groups this way.
 
     Args:
         C: (n, n) float64 similarities (not modified).
