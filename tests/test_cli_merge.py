@@ -44,6 +44,28 @@ def test_merge_writes_a_checkpoint_and_a_table(tmp_path: Path) -> None:
     assert code != 0 and "exists" in text  # never overwritten silently
 
 
+def test_merging_batchnorm_models_without_renormalisation_says_how_to_fix_it(
+    tmp_path: Path,
+) -> None:
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model, config = create_model("resnet20", width=1, input_shape=[1, 28, 28])
+        paths.append(tmp_path / f"r{seed}.safetensors")
+        save_checkpoint(paths[-1], model, config, {"dataset": "mnist", "classes": None})
+    common = ["merge", *map(str, paths), "--method", "weight", "--eval-limit", "50"]
+    code, text = _run(*common, "-o", str(tmp_path / "plain.safetensors"))
+    assert code == 0, text
+    assert "BatchNorm statistics are averages" in text and "--reset-bn" in text
+    code, text = _run(*common, "-o", str(tmp_path / "reset.safetensors"), "--reset-bn",
+                      "--data", "mnist", "--data-samples", "100")  # fmt: skip
+    assert code == 0, text
+    assert "BatchNorm statistics are averages" not in text
+    mlps = [str(_ckpt(tmp_path / f"m{k}.safetensors", k)) for k in (0, 1)]
+    code, text = _run("merge", *mlps, "-o", str(tmp_path / "m.safetensors"))
+    assert code == 0 and "BatchNorm" not in text  # no BatchNorm, no note
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [("same-as-input", "one of the inputs"), ("widths", "different width"),

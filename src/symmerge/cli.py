@@ -919,6 +919,12 @@ def _params(items: Sequence[str], method: str) -> dict[str, Any]:
     return out
 
 
+def _has_bn_statistics(model: Any) -> bool:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
+
+
 def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
@@ -1033,6 +1039,12 @@ def merge_cmd(
     click.echo(
         f"merge time {result.seconds:.2f} s (LAP {result.lap_seconds:.2f} s); saved {output}"
     )
+    if renorm is None and _has_bn_statistics(merged):
+        click.echo(
+            "note: the merged model's BatchNorm statistics are averages of the inputs', which "
+            "rarely fit merged weights; add --reset-bn or --repair (with --data) to recompute them",
+            err=True,
+        )
     _write_json(
         json_path,
         {
