@@ -281,7 +281,7 @@ def centre_prices(
 
 
 def _njit(fn, **options):  # type: ignore[no-untyped-def]
-    """numba's compiler when installed (these loops run ~50x faster than in Python)."""
+    """numba's compiler when installed (these element-wise loops are far too slow in Python)."""
     try:
         from numba import njit
     except ImportError:  # pragma: no cover - numba is a dependency
