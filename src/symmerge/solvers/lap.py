@@ -242,16 +242,18 @@ def warm_lap(
         ``(perm, prices, released)``: an optimal permutation, prices proving it, and how many
         rows were re-assigned (0: ``perm`` was already optimal).
     """
-    c = np.ascontiguousarray(-np.asarray(C, dtype=np.float64))  # costs to minimise
+    s = np.ascontiguousarray(C, dtype=np.float64)  # read in place: no copy when it is already
     x = np.array(perm, dtype=np.int64)
     v = np.zeros(len(x)) if prices is None else -np.array(prices, dtype=np.float64)
-    if c.ndim != 2 or c.shape != (len(x), len(x)) or len(v) != len(x):
-        raise ValueError(f"warm_lap needs a square C matching perm; got {c.shape}, {x.shape}")
-    if not (np.isfinite(c).all() and np.isfinite(v).all()):
+    if s.ndim != 2 or s.shape != (len(x), len(x)) or len(v) != len(x):
+        raise ValueError(f"warm_lap needs a square C matching perm; got {s.shape}, {x.shape}")
+    if not np.isfinite(v).all():
         raise ValueError("warm_lap needs finite similarities and prices (found NaN or inf)")
-    if not np.array_equal(np.sort(x), np.arange(len(x))):
+    released = _augment_released(s, x, v, float(tol))
+    if released == -1:
+        raise ValueError("warm_lap needs finite similarities and prices (found NaN or inf)")
+    if released == -2:
         raise ValueError("warm_lap needs perm to be a permutation of 0..n-1")
-    released = _augment_released(c, x, v, float(tol))
     return x, -v, released
 
 
@@ -327,7 +329,7 @@ def _centre(c: np.ndarray, x: np.ndarray, v: np.ndarray, iterations: int) -> Non
 
 @_njit
 def _reduce_rows(
-    c: np.ndarray, x: np.ndarray, y: np.ndarray, v: np.ndarray, free: np.ndarray, nfree: int
+    s: np.ndarray, x: np.ndarray, y: np.ndarray, v: np.ndarray, free: np.ndarray, nfree: int
 ) -> int:
     """Jonker-Volgenant's augmenting row reduction: cheap O(n) moves for the free rows.
 
@@ -337,7 +339,7 @@ def _reduce_rows(
     with a work bound; the rows still free are left to the augmenting paths. Returns how many
     are, in ``free[:count]``.
     """
-    n = c.shape[0]
+    n = s.shape[0]
     if n < 2:
         return nfree
     budget = 8 * n
@@ -354,7 +356,7 @@ def _reduce_rows(
             j1 = -1
             j2 = -1
             for j in range(n):
-                h = c[i, j] - v[j]
+                h = -s[i, j] - v[j]
                 if h < u2:
                     if h >= u1:
                         u2 = h
@@ -388,19 +390,27 @@ def _reduce_rows(
 
 
 @_njit
-def _augment_released(c: np.ndarray, x: np.ndarray, v: np.ndarray, tol: float) -> int:
-    """Release rows whose column is not a reduced-cost minimum, then augment each (in place)."""
-    n = c.shape[0]
-    y = np.empty(n, np.int64)  # column -> row
+def _augment_released(s: np.ndarray, x: np.ndarray, v: np.ndarray, tol: float) -> int:
+    """Release rows whose column is not a reduced-cost minimum, then augment each (in place).
+
+    Costs are ``-s`` (minimised), read in place. Returns the number of rows released, or
+    -1 when ``s`` holds a NaN/inf, -2 when ``x`` is not a permutation (checked on the way).
+    """
+    n = s.shape[0]
+    y = np.full(n, -1, np.int64)  # column -> row
     for i in range(n):
+        if x[i] < 0 or x[i] >= n or y[x[i]] >= 0:
+            return -2
         y[x[i]] = i
     free = np.empty(n, np.int64)
     nfree = 0
     for i in range(n):
-        own = c[i, x[i]] - v[x[i]]
+        own = -s[i, x[i]] - v[x[i]]
         low = own
         for j in range(n):
-            r = c[i, j] - v[j]
+            r = -s[i, j] - v[j]
+            if not np.isfinite(r):
+                return -1
             if r < low:
                 low = r
         if own > low + tol:
@@ -410,7 +420,7 @@ def _augment_released(c: np.ndarray, x: np.ndarray, v: np.ndarray, tol: float) -
         y[x[free[k]]] = -1
         x[free[k]] = -1
     released = nfree
-    nfree = _reduce_rows(c, x, y, v, free, nfree)
+    nfree = _reduce_rows(s, x, y, v, free, nfree)
     d = np.empty(n)
     pred = np.empty(n, np.int64)
     cols = np.empty(n, np.int64)
@@ -418,7 +428,7 @@ def _augment_released(c: np.ndarray, x: np.ndarray, v: np.ndarray, tol: float) -
         f = free[k]
         for j in range(n):
             cols[j] = j
-            d[j] = c[f, j] - v[j]
+            d[j] = -s[f, j] - v[j]
             pred[j] = f
         # cols[:lo]: scanned; cols[lo:hi]: at the current minimum mu, to scan; rest: open
         lo = 0
@@ -448,10 +458,10 @@ def _augment_released(c: np.ndarray, x: np.ndarray, v: np.ndarray, tol: float) -
             j = cols[lo]
             lo += 1
             i = y[j]
-            h0 = c[i, j] - v[j] - mu
+            h0 = -s[i, j] - v[j] - mu
             for t in range(hi, n):
                 jj = cols[t]
-                h = c[i, jj] - v[jj] - h0
+                h = -s[i, jj] - v[jj] - h0
                 if h < d[jj]:
                     d[jj] = h
                     pred[jj] = i
