@@ -27,8 +27,12 @@ steps, the midpoint ``(A + pi(B)) / 2`` is evaluated on both test sets (mean of 
 accuracies), with the permutations of the lowest-loss step (the authors' choice) and of
 the last step.
 
-Writes ``<out>/ste_speed.{json,md}``. Times are wall-clock seconds with one torch thread on
-a shared machine; compare ratios measured in one run.
+The authors' loop runs interleaved with one symmerge variant (``--interleave``, default
+``fast``): step k of the authors, then step k of symmerge, and so on, so the slow phases of a
+shared machine hit both and their ratio is steady; the other variants run on their own.
+
+Writes ``<out>/ste_speed.{json,md}``. Times are wall-clock seconds with ``--threads`` torch
+threads (default 1) on a shared machine; compare ratios measured in one run.
 
     .venv/bin/python benchmarks/ste_speed.py [--steps full=100,coreset=200] [--time-steps 50]
 """
@@ -62,7 +66,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 NAME = "ste_speed"
-VARIANTS = ("authors", "full", "warm", "fast", "fast:1", "fast:100")
+VARIANTS = ("authors", "full", "warm", "fast", "fast:1", "fast:2", "fast:100")
 SETTINGS = {  # data setting -> (learning rate, description)
     "full": (0.05, "batches of 500 from MNIST train + Fashion-MNIST train (120k images)"),
     "coreset": (0.5, "10 random images per class of each training set (200), one batch"),
@@ -177,6 +181,46 @@ class AuthorsSTE:
         return value, t1 - t0, time.perf_counter() - t1, sweeps
 
 
+class AuthorsRun:
+    """The authors' loop, one step per call, recording what ``run_symmerge`` records."""
+
+    def __init__(
+        self,
+        spec: Any,
+        model: nn.Module,
+        state_b: Mapping[str, Tensor],
+        init: Mapping[str, Tensor],
+        lr: float,
+        seed: int,
+    ) -> None:
+        self.ste = AuthorsSTE(spec, model, state_b, init, lr, seed=seed)
+        self.rec: dict[str, Any] = {
+            "losses": [], "match": [], "rest": [], "sweeps": [], "changed": []
+        }  # fmt: skip
+        self.best, self.best_perms, self.best_step = math.inf, None, 0
+
+    def __call__(self, step: int, x: Tensor, y: Tensor) -> None:
+        ste, rec = self.ste, self.rec
+        before = {g: p.clone() for g, p in ste.perms.items()}
+        loss, tm, tr, sweeps = ste.step(x, y)
+        rec["losses"].append(loss)
+        rec["match"].append(tm)
+        rec["rest"].append(tr)
+        rec["sweeps"].append(sweeps)
+        rec["changed"].append(sum(int((ste.perms[g] != before[g]).sum()) for g in before))
+        if loss < self.best:
+            self.best, self.best_step = loss, step
+            self.best_perms = {g: p.clone() for g, p in ste.perms.items()}
+
+    def result(self) -> dict[str, Any]:
+        return {
+            **self.rec,
+            "perms": self.best_perms,
+            "last_perms": self.ste.perms,
+            "best_step": self.best_step,
+        }
+
+
 def run_authors(
     spec: Any,
     model: nn.Module,
@@ -186,22 +230,28 @@ def run_authors(
     lr: float,
     seed: int,
 ) -> dict[str, Any]:
-    ste = AuthorsSTE(spec, model, state_b, init, lr, seed=seed)
-    rec: dict[str, Any] = {"losses": [], "match": [], "rest": [], "sweeps": [], "changed": []}
-    best, best_perms, best_step = math.inf, None, 0
+    run = AuthorsRun(spec, model, state_b, init, lr, seed)
     for step, (x, y) in enumerate(data):
-        before = {g: p.clone() for g, p in ste.perms.items()}
-        loss, tm, tr, sweeps = ste.step(x, y)
-        rec["losses"].append(loss)
-        rec["match"].append(tm)
-        rec["rest"].append(tr)
-        rec["sweeps"].append(sweeps)
-        rec["changed"].append(sum(int((ste.perms[g] != before[g]).sum()) for g in before))
-        if loss < best:
-            best, best_step = loss, step
-            best_perms = {g: p.clone() for g, p in ste.perms.items()}
-    rec.update(perms=best_perms, last_perms=ste.perms, best_step=best_step)
-    return rec
+        run(step, x, y)
+    return run.result()
+
+
+class Interleaved:
+    """Batches that run ``before(k, x, y)`` (an authors' step) just before batch ``k`` goes
+    to the symmerge loop: the two loops' step ``k`` are timed side by side, so a slow phase of
+    a shared machine hits both, and their ratio is steadier than that of two runs in a row.
+    """
+
+    def __init__(self, data: Sequence[tuple[Tensor, Tensor]], before: Any) -> None:
+        self.data, self.before = data, before
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Any:
+        for k, (x, y) in enumerate(self.data):
+            self.before(k, x, y)
+            yield x, y
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,7 +277,7 @@ def run_symmerge(
     if profile is not None:
         profile.enable()
     res = ste_refine(
-        spec, model, state_b, list(data), init=init, steps=len(data), lr=lr, seed=seed,
+        spec, model, state_b, data, init=init, steps=len(data), lr=lr, seed=seed,
         matcher=matcher, max_sweeps=int(sweeps or 3), log_every=0,
     )  # fmt: skip
     if profile is not None:
@@ -375,6 +425,11 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="STE seed (order, shuffling)")
     parser.add_argument(
+        "--interleave",
+        default="fast",
+        help="the variant whose steps alternate with the authors' steps ('': none)",
+    )
+    parser.add_argument(
         "--profile", default="fast", help="variant to cProfile apart, 40 coreset steps ('': none)"
     )
     args = parser.parse_args()
@@ -418,15 +473,28 @@ def main() -> None:
         data = make_batches(setting, trains, steps_of[setting], args.seed)
         variants = variants_of[setting]
         runs: dict[str, Any] = {}
+        records: dict[str, tuple[dict[str, Any], float]] = {}
+        paired = "authors" in variants and args.interleave in variants
         for v in variants:
+            if v in records or (paired and v == "authors"):
+                continue  # run beside its partner
             t0 = time.perf_counter()
-            if v == "authors":
+            if paired and v == args.interleave:
+                authors = AuthorsRun(spec, a, sb, init, lr, args.seed)
+                both = Interleaved(data, authors)
+                rec = run_symmerge(spec, a, sb, both, init, lr, args.seed, v)
+                records["authors"] = (authors.result(), time.perf_counter() - t0)
+            elif v == "authors":
                 rec = run_authors(spec, a, sb, data, init, lr, args.seed)
             else:
                 rec = run_symmerge(spec, a, sb, data, init, lr, args.seed, v)
-            wall = time.perf_counter() - t0
+            records[v] = (rec, time.perf_counter() - t0)
+        for v in variants:
+            rec, wall = records[v]
+            partner = {"authors": args.interleave, args.interleave: "authors"}.get(v)
             row = {
                 "wall_seconds": wall,
+                "interleaved_with": partner if paired else None,
                 "first": _summary(rec, 0, min(args.time_steps, len(data))),
                 "all": _summary(rec, 0, len(data)),
                 "second_half": _summary(rec, len(data) // 2, len(data)),
@@ -495,6 +563,8 @@ def main() -> None:
             },
             "steps": steps_of,
             "profiled": args.profile,
+            "threads": args.threads,
+            "interleave": args.interleave,
             "time_steps": args.time_steps,
             "optimizer": "SGD momentum 0.9, weight decay 1e-4; lam 0.5; keep best (lowest "
             "minibatch loss)",
@@ -523,8 +593,11 @@ def write_md(path: Path, result: dict[str, Any]) -> None:
         f"({meta['models']['architecture']})",
         f"- {meta['optimizer']}; {meta['init']}",
         f"- Steps per variant: {meta['steps']}; per-step times are means over a window of "
-        "steps (matching + the rest), one torch thread; 'x authors' = the authors' mean step "
-        "time over the same window divided by the variant's",
+        f"steps (matching + the rest), {meta.get('threads', 1)} torch thread(s); 'x authors' = "
+        "the authors' mean step time over the same window divided by the variant's",
+        f"- Interleaved: {meta.get('interleave') or 'none'} (step k of the authors' loop, then "
+        "step k of this variant, so both are timed in the same phases of the shared machine; "
+        "the other variants ran on their own)",
         "",
         "Variants: **authors** = the authors' loop re-implemented in this script (a full "
         "weight matching each step: every sweep recomputes all similarities and solves every "

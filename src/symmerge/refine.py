@@ -298,7 +298,9 @@ def ste_refine(
                 loss = loss_fn(functional_call(model, params, (x,)), y)
                 loss.backward()
                 value = float(loss.detach())
-                grads = {k: v.grad.clone() for k, v in theta.items() if v.grad is not None}
+                # no copy: the optimizers only read .grad, and zero_grad(set_to_none) lets the
+                # next backward write new tensors
+                grads = {k: v.grad for k, v in theta.items() if v.grad is not None}
                 last = _LastPass(x, y, perms, grads, value)
             opt.step()
             t2 = _now(device)
@@ -542,7 +544,7 @@ class _PlainGroup:
     TOL = 2e-5
     MAX_ROWS = 0.25  # exact rows beyond this fraction: computing the similarity is cheaper
     ROUNDS = 4  # rounds of exact rows + warm assignment before giving up
-    MAX_WAIT = 16  # after failed proofs, wait up to this many steps before the next try
+    MAX_WAIT = 64  # after failed proofs, wait up to this many steps before the next try
 
     def __init__(
         self,
@@ -610,9 +612,8 @@ class _PlainGroup:
         for (key, ax), pb in zip(self.members, self.pb, strict=True):
             # the products WeightSimilarity computes, so both give the same numbers
             n = pb.shape[ax]
-            a = torch.movedim(theta[key], ax, 0).reshape(n, -1).contiguous()
-            b = torch.movedim(pb, ax, 0).contiguous()
-            c = a @ b.reshape(n, -1).T
+            a = torch.movedim(theta[key], ax, 0).reshape(n, -1)
+            c = a @ torch.movedim(pb, ax, 0).reshape(n, -1).T
             total = c.clone() if total is None else total + c
         assert total is not None
         self.C = total.to(torch.float64)
@@ -709,14 +710,13 @@ class _PlainGroup:
             out[p] = w
             return out  # the last prices still prove it
         exact = torch.zeros(n, dtype=torch.bool, device=self.C.device)
-        tol = 1e-12 * max(1.0, float(bound.abs().max()))
         for _ in range(self.ROUNDS):
             if int(exact.sum()) + rows.numel() > self.MAX_ROWS * n:
                 return None
             bound[rows] = self._exact_rows(theta, rows, aligned).double()
             bound[rows, rows] = own[rows]
             exact[rows] = True
-            xs, vs, _ = warm_lap(bound.cpu().numpy(), np.arange(n), w.cpu().numpy(), tol)
+            xs, vs, _ = warm_lap(bound.cpu().numpy(), np.arange(n), w.cpu().numpy(), rtol=1e-12)
             x = torch.from_numpy(xs).to(self.C.device)
             if torch.equal(x, ar):
                 v = torch.from_numpy(vs).to(self.C.device, self.C.dtype)
@@ -765,10 +765,8 @@ class _WarmAssignment:
 
     def __call__(self, C: Tensor, perm: Tensor) -> tuple[Tensor, str]:
         """``C``: float64 on any device; ``perm``: int64 CPU. Returns a CPU permutation."""
-        c = C.detach().cpu().numpy()
-        tol = 1e-12 * max(1.0, float(np.abs(c).max()))
         last = None if self.prices is None else self.prices.cpu().numpy()
-        x, v, _ = warm_lap(c, perm.numpy(), last, tol)
+        x, v, _ = warm_lap(C.detach().cpu().numpy(), perm.numpy(), last, rtol=1e-12)
         self.prices = torch.from_numpy(v - v.mean()).to(C.device, C.dtype)
         out = torch.from_numpy(x)
         return out, "certified" if torch.equal(out, perm) else "repaired"
