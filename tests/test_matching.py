@@ -191,6 +191,27 @@ def test_warm_lap_with_ties_and_bad_shapes() -> None:
         warm_lap(np.array([[0.0, np.nan], [1.0, 0.0]]), np.arange(2))
     with pytest.raises(ValueError, match="permutation"):
         warm_lap(np.ones((3, 3)), np.array([0, 0, 2]))
+    for bad in (np.inf, -np.inf):
+        with pytest.raises(ValueError, match="finite"):
+            warm_lap(np.array([[0.0, bad], [1.0, 0.0]]), np.arange(2))
+
+
+def test_warm_lap_relative_tolerance_scales_with_the_similarities() -> None:
+    """A row short of optimal by less than ``rtol * max|C|`` stays; by more, it is released."""
+    rng = np.random.default_rng(3)
+    C = 1e6 * rng.normal(size=(20, 20))
+    x, v, _ = warm_lap(C, np.arange(20))
+    red = C - v[None, :]
+    i = 0
+    j = int(np.argsort(red[i])[-2])  # row 0's second-best column
+    gap = red[i, x[i]] - red[i, j]
+    scale = np.abs(C).max()
+    D = C.copy()
+    D[i, j] += gap + 1e-9 * scale  # now beats row 0's column by 1e-9 of the scale
+    _, _, kept = warm_lap(D, x, v, rtol=1e-8)
+    _, _, released = warm_lap(D, x, v, rtol=1e-10)
+    assert kept == 0 and released >= 1
+    assert warm_lap(D, x, v, tol=1e-8 * scale)[2] == 0  # the same slack, given absolutely
 
 
 @pytest.mark.parametrize("blocks,width", [(3, 2), (2, 3), (2, 5), (4, 1)])

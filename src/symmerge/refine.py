@@ -202,7 +202,10 @@ def ste_refine(
             above); all three give the same permutations when ``max_sweeps`` does not cut
             a step short (up to round-off ties).
         max_sweeps: sweeps per step of the fast and warm matchers (the full one uses 100);
-            the next step continues from where a capped step stopped.
+            the next step continues from where a capped step stopped. Fewer sweeps are
+            faster and about as accurate on the MNIST/Fashion-MNIST pair (1: ~10% faster
+            steps on full data; 3: +0.5 points on a coreset; benchmarks/results/
+            ste_speed_summary.md).
         kind: weight similarity, ``"inner"`` (Git Re-Basin), ``"corr"`` or ``"cos"``.
         bn: BatchNorm models only: ``"reset"`` recomputes the midpoint's running statistics
             on all of ``data`` at every step whose permutations moved, then runs the batch in
