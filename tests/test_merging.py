@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from symmerge.merging import interpolation, merge
+from symmerge.merging import BatchNormStatsWarning, interpolation, merge
 
 
 def _pair() -> tuple[nn.Module, nn.Module, tuple[torch.Tensor]]:
@@ -37,3 +39,25 @@ def test_merge_validates_its_parameters() -> None:
         merge([a], "weight", example_inputs=x)
     with pytest.raises(ValueError, match="example_inputs"):
         merge([a, b], "weight")
+
+
+def test_merge_warns_when_batchnorm_statistics_are_left_interpolated() -> None:
+    torch.manual_seed(0)
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(6 * 4 * 4, 2)).eval()  # fmt: skip
+
+    a, b = net(), net()
+    for m in (a, b):  # distinct running statistics, as trained models have
+        m[1].running_mean.normal_()
+        m[1].running_var.uniform_(0.5, 2.0)
+    x = (torch.randn(4, 3, 6, 6),)
+    data = [(torch.randn(8, 3, 6, 6), torch.zeros(8, dtype=torch.long))]
+    with pytest.warns(BatchNormStatsWarning, match="reset-bn"):
+        merge([a, b], "weight", example_inputs=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BatchNormStatsWarning)
+        merge([a, b], "weight", renorm="reset-bn", renorm_data=data, example_inputs=x)
+        merge([a, b], "weight", lam=0.0, example_inputs=x)  # an endpoint keeps its own stats
+        merge(list(_pair()[:2]), "weight", example_inputs=_pair()[2])  # no BatchNorm

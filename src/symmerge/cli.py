@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -919,12 +920,6 @@ def _params(items: Sequence[str], method: str) -> dict[str, Any]:
     return out
 
 
-def _has_bn_statistics(model: Any) -> bool:
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
-
-
 def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
@@ -1003,7 +998,7 @@ def merge_cmd(
 ) -> None:
     """Merge two or more checkpoints of one architecture and evaluate the result."""
     from symmerge.io import save_checkpoint
-    from symmerge.merging import merge
+    from symmerge.merging import BatchNormStatsWarning, merge
 
     if len(checkpoints) < 2:
         raise click.UsageError("merge needs at least two checkpoints")
@@ -1017,11 +1012,19 @@ def merge_cmd(
     targets = _eval_targets(metas, eval_datasets)
     kwargs = _params(params, method)
     try:
-        merged, result = merge(
-            models, method, data=data, renorm=renorm, lam=lam, seed=seed, **kwargs
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BatchNormStatsWarning)
+            merged, result = merge(
+                models, method, data=data, renorm=renorm, lam=lam, seed=seed, **kwargs
+            )
     except ValueError as e:
         raise click.UsageError(str(e)) from e
+    stats_note = False
+    for w in caught:  # the BatchNorm one becomes a note after the table; others pass on
+        if issubclass(w.category, BatchNormStatsWarning):
+            stats_note = True
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     config = metas[0].get("config")
     if config is None:
         raise click.UsageError("the first checkpoint has no architecture config")
@@ -1039,7 +1042,7 @@ def merge_cmd(
     click.echo(
         f"merge time {result.seconds:.2f} s (LAP {result.lap_seconds:.2f} s); saved {output}"
     )
-    if renorm is None and _has_bn_statistics(merged):
+    if stats_note:
         click.echo(
             "note: the merged model's BatchNorm statistics are averages of the inputs', which "
             "rarely fit merged weights; add --reset-bn or --repair (with --data) to recompute them",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -18,10 +19,23 @@ from torch import nn
 from symmerge.methods import MergeResult, get_method, list_methods
 from symmerge.spec import SymmetrySpec, trace
 
-__all__ = ["RENORMS", "check_compatible", "interpolation", "merge"]
+__all__ = ["RENORMS", "BatchNormStatsWarning", "check_compatible", "interpolation", "merge"]
 
 RENORMS = (None, "reset-bn", "repair")
 _DATA_METHODS = {"activation", "ste"}
+
+
+class BatchNormStatsWarning(UserWarning):
+    """A merge between the endpoints left BatchNorm running statistics interpolated: they
+    rarely fit the merged weights (a merged ResNet may predict one class) until recomputed
+    with ``renorm="reset-bn"`` or ``"repair"``."""
+
+
+def has_bn_statistics(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers that use running statistics in eval mode."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
 
 
 def check_compatible(models: Sequence[nn.Module]) -> None:
@@ -68,6 +82,8 @@ def merge(
         method: a name from :func:`symmerge.methods.list_methods`.
         data: batches for data-based methods (``activation``, ``ste``).
         renorm: ``None``, ``"reset-bn"`` or ``"repair"``; uses ``renorm_data`` (or ``data``).
+            ``None`` on a BatchNorm model merged between the endpoints warns
+            (:class:`BatchNormStatsWarning`): its running statistics stay interpolated.
         lam: interpolation weight of model 1 for two models (0 gives model 0, 1 model 1).
         spec: the symmetry of the architecture (traced from model 0 if None).
         example_inputs: inputs for tracing (default: a batch of 2 of ``model.input_shape``).
@@ -109,6 +125,15 @@ def merge(
         aligned = _aligned_endpoints(spec, models, result)
         weights = (1 - lam, lam) if len(models) == 2 else None
         repair(merged, aligned, renorm_data, weights=weights, spec=spec)
+    elif (len(models) > 2 or 0 < lam < 1) and has_bn_statistics(merged):
+        warnings.warn(
+            BatchNormStatsWarning(
+                "the merged model's BatchNorm running statistics are interpolated from the "
+                "inputs' and rarely fit the merged weights; pass renorm='reset-bn' or "
+                "'repair' with data to recompute them"
+            ),
+            stacklevel=2,
+        )
     return merged.eval(), result
 
 
