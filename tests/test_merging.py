@@ -56,8 +56,13 @@ def test_merge_warns_when_batchnorm_statistics_are_left_interpolated() -> None:
     data = [(torch.randn(8, 3, 6, 6), torch.zeros(8, dtype=torch.long))]
     with pytest.warns(BatchNormStatsWarning, match="reset-bn"):
         merge([a, b], "weight", example_inputs=x)
+    with pytest.warns(BatchNormStatsWarning, match="each point") as caught:
+        list(interpolation([a, b], "weight", [0.0, 0.5, 1.0], example_inputs=x))
+    assert len(caught) == 1  # once, not once per point or for the alignment's midpoint
     with warnings.catch_warnings():
         warnings.simplefilter("error", BatchNormStatsWarning)
         merge([a, b], "weight", renorm="reset-bn", renorm_data=data, example_inputs=x)
         merge([a, b], "weight", lam=0.0, example_inputs=x)  # an endpoint keeps its own stats
         merge(list(_pair()[:2]), "weight", example_inputs=_pair()[2])  # no BatchNorm
+        list(interpolation([a, b], "weight", [0.5], data=data, renorm="reset-bn",
+                           example_inputs=x))  # fmt: skip

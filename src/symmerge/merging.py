@@ -152,7 +152,8 @@ def interpolation(
     """Models along (1-λ)·A + λ·aligned(B): align once (at λ=0.5), then rebuild for each λ.
 
     Each point is renormalized on ``data`` when ``renorm`` is given (REPAIR with goal weights
-    (1-λ, λ)). Yields ``(λ, model)``.
+    (1-λ, λ)); without it, BatchNorm models warn once (:class:`BatchNormStatsWarning`).
+    Yields ``(λ, model)``.
     """
     from symmerge.groupmap import build_state_dict
 
@@ -160,8 +161,18 @@ def interpolation(
     if len(models) != 2:
         raise ValueError(f"interpolation needs exactly 2 models, got {len(models)}")
     spec = spec if spec is not None else _trace(models[0], example_inputs)
-    mid, result = merge(models, method, data=data, seed=seed, spec=spec, **method_kwargs)
+    with warnings.catch_warnings():  # the midpoint is only for the alignment
+        warnings.simplefilter("ignore", BatchNormStatsWarning)
+        mid, result = merge(models, method, data=data, seed=seed, spec=spec, **method_kwargs)
     del mid
+    if renorm is None and any(0 < lam < 1 for lam in lambdas) and has_bn_statistics(models[0]):
+        warnings.warn(
+            BatchNormStatsWarning(
+                "the interpolated models keep interpolated BatchNorm running statistics; pass "
+                "renorm='reset-bn' or 'repair' with data to recompute them at each point"
+            ),
+            stacklevel=2,
+        )
     states = [m.state_dict() for m in models]
     for lam in lambdas:
         maps = {g: gm.with_weights([1.0 - lam, lam]) for g, gm in result.maps.items()}
