@@ -38,6 +38,16 @@ def has_bn_statistics(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
 
 
+def _warn_bn_statistics(subject: str) -> None:
+    warnings.warn(
+        BatchNormStatsWarning(
+            f"{subject} interpolated from the inputs' and rarely fit the merged weights; pass "
+            "renorm='reset-bn' or 'repair' with data to recompute them"
+        ),
+        stacklevel=3,  # the caller of merge() / interpolation()
+    )
+
+
 def check_compatible(models: Sequence[nn.Module]) -> None:
     """Raise ValueError unless all models share one architecture and have finite weights."""
     if len(models) < 2:
@@ -126,14 +136,7 @@ def merge(
         weights = (1 - lam, lam) if len(models) == 2 else None
         repair(merged, aligned, renorm_data, weights=weights, spec=spec)
     elif (len(models) > 2 or 0 < lam < 1) and has_bn_statistics(merged):
-        warnings.warn(
-            BatchNormStatsWarning(
-                "the merged model's BatchNorm running statistics are interpolated from the "
-                "inputs' and rarely fit the merged weights; pass renorm='reset-bn' or "
-                "'repair' with data to recompute them"
-            ),
-            stacklevel=2,
-        )
+        _warn_bn_statistics("the merged model's BatchNorm running statistics are")
     return merged.eval(), result
 
 
@@ -166,13 +169,7 @@ def interpolation(
         mid, result = merge(models, method, data=data, seed=seed, spec=spec, **method_kwargs)
     del mid
     if renorm is None and any(0 < lam < 1 for lam in lambdas) and has_bn_statistics(models[0]):
-        warnings.warn(
-            BatchNormStatsWarning(
-                "the interpolated models keep interpolated BatchNorm running statistics; pass "
-                "renorm='reset-bn' or 'repair' with data to recompute them at each point"
-            ),
-            stacklevel=2,
-        )
+        _warn_bn_statistics("at each point, the BatchNorm running statistics are")
     states = [m.state_dict() for m in models]
     for lam in lambdas:
         maps = {g: gm.with_weights([1.0 - lam, lam]) for g, gm in result.maps.items()}

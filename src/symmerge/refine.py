@@ -100,7 +100,7 @@ class STEResult:
         sweeps: coordinate-descent sweeps per step.
         solves: LAPs solved from scratch per step (``-1``: not counted, ``matcher="full"``).
         certified: assignments proven still optimal (no solve), per step.
-        repaired: assignments made optimal again by canceling improving cycles, per step.
+        repaired: assignments re-solved from their warm start (some rows re-assigned), per step.
         bounded: assignments proven still optimal without computing their similarity
             (``matcher="fast"``), per step.
         reused: whether the step skipped its forward and backward pass: the batch and the

@@ -395,27 +395,6 @@ def _reduce_rows(
     return nfree
 
 
-@_njit_fastmath
-def _row_max(row: np.ndarray, v: np.ndarray) -> float:
-    """``max_j row[j] + v[j]`` (finite inputs), in 8 independent lanes the compiler can
-    vectorise: a single running maximum is one long dependency chain, twice as slow."""
-    n = len(row)
-    m = n - n % 8
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = -np.inf
-    for j in range(0, m, 8):
-        a0 = max(a0, row[j] + v[j])
-        a1 = max(a1, row[j + 1] + v[j + 1])
-        a2 = max(a2, row[j + 2] + v[j + 2])
-        a3 = max(a3, row[j + 3] + v[j + 3])
-        a4 = max(a4, row[j + 4] + v[j + 4])
-        a5 = max(a5, row[j + 5] + v[j + 5])
-        a6 = max(a6, row[j + 6] + v[j + 6])
-        a7 = max(a7, row[j + 7] + v[j + 7])
-    for j in range(m, n):
-        a0 = max(a0, row[j] + v[j])
-    return max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
-
-
 @_njit
 def _augment_released(s: np.ndarray, x: np.ndarray, v: np.ndarray, tol: float) -> int:
     """Release rows whose column is not a reduced-cost minimum, then augment each (in place).
@@ -432,7 +411,10 @@ def _augment_released(s: np.ndarray, x: np.ndarray, v: np.ndarray, tol: float) -
     free = np.empty(n, np.int64)
     nfree = 0
     for i in range(n):  # release the rows whose column is not the best (largest s + v)
-        if s[i, x[i]] + v[x[i]] < _row_max(s[i], v) - tol:
+        best = -np.inf
+        for j in range(n):
+            best = max(best, s[i, j] + v[j])
+        if s[i, x[i]] + v[x[i]] < best - tol:
             free[nfree] = i
             nfree += 1
     for k in range(nfree):
