@@ -251,6 +251,7 @@ def run_merges(
     """Every ``(method, source, with REPAIR)`` in ``plan``; a merge is made once and REPAIRed
     on the same data for its ``+repair`` row."""
     from symmerge.merging import merge
+    from symmerge.methods import method_info
     from symmerge.renorm import repair
     from symmerge.spec import trace
 
@@ -259,7 +260,7 @@ def run_merges(
     rows: dict[str, dict[str, Any]] = {}
     for method, source, with_repair in plan:
         merge_data = None
-        if method not in ("naive", "weight"):
+        if method_info(method).needs_data:
             merge_data = data[source].get(method, data[source]["merge"])
         key = (method, source if merge_data is not None else "none")
         if key not in done:

@@ -154,7 +154,9 @@ def plan_for(sources: list[str], repair: bool) -> list[tuple[str, str, str, str]
 
 
 def row_name(method: str, merge_data: str, post: str, post_data: str) -> str:
-    if method in ("naive", "weight"):
+    from symmerge.methods import method_info
+
+    if not method_info(method).needs_data:
         return f"{method}{'' if post == 'none' else '+' + post}/{post_data}"
     return f"{method}{'+repair' if post == 'repair' else ''}/{merge_data}"
 

@@ -77,8 +77,9 @@ def test_bad_input_writes_nothing(tmp_path: Path, case: str, expected: str) -> N
     method = "weight"
     if case == "same-as-input":
         out = a
-    elif case == "widths":
+    elif case == "widths":  # a method that needs equal widths
         b = _ckpt(tmp_path / "c.safetensors", 1, width=16)
+        method = "naive"
     elif case == "nan":
         b = _ckpt(tmp_path / "n.safetensors", 1, nan=True)
     elif case == "no-data":
@@ -101,3 +102,50 @@ def test_interpolate_plots_and_reports_barriers(tmp_path: Path) -> None:
                       "--plot", str(png))  # fmt: skip
     assert code == 0, text
     assert "loss barrier" in text and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _subset_ckpt(path: Path, seed: int, classes: list[int]) -> Path:
+    """A briefly trained MNIST MLP on a class subset (10-way head, as `train --classes`)."""
+    from symmerge.train import train_model
+
+    config = {"arch": "mlp", "kwargs": {"depth": 2, "width": 32}}
+    net, info = train_model(config, "mnist", epochs=1, seed=seed, classes=classes,
+                            limit_train=2000, limit_test=300, progress=False)  # fmt: skip
+    _, config = create_model("mlp", depth=2, width=32)
+    save_checkpoint(path, net, config, {**info, "dataset": "mnist", "classes": classes})
+    return path
+
+
+def test_per_task_heads_record_the_label_space_and_reload(tmp_path: Path) -> None:
+    a = _subset_ckpt(tmp_path / "a.safetensors", 0, [0, 1, 2, 3, 4])
+    b = _subset_ckpt(tmp_path / "b.safetensors", 1, [5, 6, 7, 8, 9])
+    out = tmp_path / "ens.safetensors"
+    code, text = _run("merge", str(a), str(b), "--method", "ensemble", "--heads", "per-task",
+                      "-o", str(out), "--eval-limit", "200")  # fmt: skip
+    assert code == 0, text
+    assert "joint" in text and "10:20" in text
+    from symmerge.evaluate import task_accuracy
+    from symmerge.io import load_checkpoint
+
+    merged, meta = load_checkpoint(out)
+    assert meta["classes"] == list(range(10)) and meta["config"]["resize"]["num_outputs"] == 20
+    assert [t["logits"] for t in meta["tasks"]] == [[0, 10], [10, 20]]
+    # the side-by-side trunk with per-task heads is each source on its own task
+    res = task_accuracy(merged, "mnist", meta["tasks"], limit=200)
+    for k, path in enumerate((a, b)):
+        source, smeta = load_checkpoint(path)
+        own = task_accuracy(source, "mnist", [{"classes": smeta["classes"], "logits": [0, 10]}],
+                            limit=200)  # fmt: skip
+        assert res["tasks"][k]["accuracy"] == own["tasks"][0]["accuracy"]
+    code, text = _run("eval", str(out), "--limit", "100")  # defaults to the recorded tasks
+    assert code == 0 and "joint" in text and "task 1" in text, text
+    # a merged (resized) checkpoint merges again: the result reloads with its recorded widths
+    again = tmp_path / "again.safetensors"
+    code, text = _run("merge", str(out), str(out), "--method", "weight", "-o", str(again),
+                      "--eval-limit", "50")  # fmt: skip
+    assert code == 0, text
+    reloaded, meta2 = load_checkpoint(again)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), merged(x), atol=1e-5)
+    assert [t["logits"] for t in meta2["tasks"]] == [[0, 10], [10, 20]]

@@ -68,7 +68,7 @@ def test_round_trip_outputs_and_metadata(tmp_path: Path, mlp: tuple[nn.Module, d
     with safe_open(str(path), framework="pt") as f:
         header_doc = json.loads(f.metadata()["symmerge"])
     assert json.loads(sidecar_path(path).read_text()) == header_doc
-    assert header_doc["format_version"] == 1
+    assert header_doc["format_version"] == 2
 
 
 def test_refuses_to_overwrite(tmp_path: Path, mlp: tuple[nn.Module, dict]) -> None:

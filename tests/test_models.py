@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +308,71 @@ def test_models_are_fx_traceable() -> None:
     assert "permute" in targets
     vgg = torch.fx.symbolic_trace(build_model("vgg11"))
     assert any(n.op == "call_module" and n.target == "flatten" for n in vgg.graph.nodes)
+
+
+# ---- MLP widths and depths in the name: mlp[-w<W>][-d<D>] ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "canonical"),
+    [("mlp-w256", {"width": 256}, "mlp-w256"), ("mlp-d4", {"depth": 4}, "mlp-d4"),
+     ("mlp-w256-d4", {"width": 256, "depth": 4}, "mlp-w256-d4"),
+     ("MLP-W1-D1", {"width": 1, "depth": 1}, "mlp-w1-d1"),
+     ("mlp-w512-d3", {"width": 512, "depth": 3}, "mlp"),  # the defaults are omitted
+     ("mlp-w512-d2", {"width": 512, "depth": 2}, "mlp-d2")],
+)  # fmt: skip
+def test_mlp_width_depth_names_round_trip(name: str, kwargs: dict, canonical: str) -> None:
+    assert parse_model_name(name) == ("mlp", kwargs)
+    assert format_model_name("mlp", kwargs) == canonical
+    assert parse_model_name(canonical)[0] == "mlp"
+    assert format_model_name(*parse_model_name(canonical)) == canonical
+    model, config = create_model(name)
+    resolved = {"width": 512, "depth": 3, **kwargs}
+    assert {k: config["kwargs"][k] for k in resolved} == resolved
+    # the resolved config (every kwarg, defaults included) formats back to the canonical name
+    assert format_model_name(config["arch"], config["kwargs"]) == canonical
+    hidden = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)][:-1]
+    assert hidden == [resolved["width"]] * resolved["depth"]
+
+
+def test_mlp_name_defaults_match_the_builder() -> None:
+    import inspect
+
+    params = inspect.signature(models.mlp).parameters
+    assert models._MLP_DEFAULTS == {k: params[k].default for k in ("width", "depth")}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["mlp-w0", "mlp-wx", "mlp-d0", "mlp-w", "mlp-d", "mlp-w-1", "mlp-d4-w256", "mlp-w2.5",
+     "mlp-w256-d4-ln", "mlp-x2", "mlp-w256d4"],
+)  # fmt: skip
+def test_bad_mlp_names_list_the_grammar(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"valid: mlp \|.*mlp-w256-d4"):
+        parse_model_name(bad)
+    with pytest.raises(ValueError, match="valid:"):
+        create_model(bad)
+
+
+@pytest.mark.skipif(not os.environ.get("SYMMERGE_DATA"), reason="needs SYMMERGE_DATA")
+def test_cli_trains_an_mlp_of_a_named_width_and_depth(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from symmerge.cli import main
+    from symmerge.io import load_checkpoint, read_checkpoint_metadata
+
+    ckpt = tmp_path / "m.safetensors"
+    args = ["train", "mlp-w32-d4", "-d", "mnist", "--epochs", "1", "--limit-train", "256",
+            "--limit-test", "256", "--batch-size", "64", "--no-progress",
+            "-o", str(ckpt)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    meta = read_checkpoint_metadata(ckpt)
+    assert meta["model_name"] == "mlp-w32-d4"
+    assert meta["config"]["arch"] == "mlp"
+    assert (meta["config"]["kwargs"]["width"], meta["config"]["kwargs"]["depth"]) == (32, 4)
+    model, _ = load_checkpoint(ckpt)
+    dims = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    assert dims == [(784, 32), (32, 32), (32, 32), (32, 32), (32, 10)]
+    bad = CliRunner().invoke(main, ["train", "mlp-w0", "-d", "mnist", "-o", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "mlp-w256-d4" in bad.output

@@ -11,16 +11,22 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 import symmerge
+import symmerge.stats as stats_mod
 from symmerge.models import create_model
 from symmerge.spec import ActivationSite, Group
 from symmerge.stats import (
     ActivationStats,
+    HookSite,
+    LayerProducts,
+    collect_layer_products,
     collect_statistics,
     default_sites,
     flatten_units,
+    hook_site,
     unflatten_units,
 )
 
@@ -240,6 +246,272 @@ def test_modes_and_devices_are_restored(resnet_setup) -> None:
     assert not any(h for m in models[0].modules() for h in m._forward_hooks.values())
 
 
+# ---- parents of different widths: one spec per model --------------------------------------
+
+
+def test_per_model_specs_of_different_widths() -> None:
+    torch.manual_seed(0)
+    wide, narrow = (create_model("mlp", width=w, depth=2)[0].double() for w in (512, 256))
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    specs = [symmerge.trace(m, (x,)) for m in (wide, narrow)]
+    batches = _batches(wide, 3, size=16)
+    stats = collect_statistics(specs[0], [wide, narrow], batches, specs=specs)
+    g = "layers.3.out"
+    assert stats.size(g, 0) == 512 and stats.size(g, 1) == 256 and stats.total_size(g) == 768
+    assert stats.units(g, 1) == slice(512, 768)
+    with pytest.raises(ValueError, match="different size in every model"):
+        stats.size(g)
+    direct = _direct([wide, narrow], stats.sites, batches)
+    alone = collect_statistics(specs[1], [narrow], batches)  # the narrow model's own blocks
+    for g in stats.groups:
+        z = direct[g]
+        assert z.shape[1] == stats.total_size(g) and stats.count(g) == len(z)
+        torch.testing.assert_close(stats.mean(g), z.mean(0), rtol=0, atol=1e-12)
+        torch.testing.assert_close(stats.second_moment(g), z.T @ z / len(z), rtol=1e-10, atol=1e-12)
+        live = z.std(0) > 0
+        corr = torch.from_numpy(np.corrcoef(z[:, live].numpy().T))
+        torch.testing.assert_close(stats.correlation(g)[live][:, live], corr, rtol=1e-8, atol=1e-10)
+        sl = stats.units(g, 1)
+        torch.testing.assert_close(
+            stats.covariance(g)[sl, sl], alone.covariance(g), rtol=1e-9, atol=1e-12
+        )
+    deeper = create_model("mlp", width=256, depth=3)[0].double()
+    with pytest.raises(ValueError, match="matched by group name"):
+        collect_statistics(
+            specs[0], [wide, deeper], batches, specs=[specs[0], symmerge.trace(deeper, (x,))]
+        )
+    with pytest.raises(ValueError, match="one per model"):
+        collect_statistics(specs[0], [wide, narrow], batches, specs=specs[:1])
+
+
+def test_per_model_specs_give_per_model_slices() -> None:
+    """ViTs of widths 48 and 24: q/k are slices [0:48], [48:96] of one qkv, [0:24], [24:48]
+    of the other."""
+    torch.manual_seed(0)
+    models = [create_model("vit-tiny", dim=d, depth=1)[0].double().eval() for d in (48, 24)]
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    specs = [symmerge.trace(m, (x[:2],)) for m in models]
+    g = "blocks.0.attn.qkv.qk"
+    stats = collect_statistics(specs[0], models, [x], groups=[g], specs=specs)
+    assert stats.model_sizes[g] == (48, 24) and stats.units(g, 1) == slice(48, 72)
+    outs = []
+    for model in models:
+        h = model.blocks[0].attn.qkv.register_forward_hook(lambda mod, a, o: outs.append(o))
+        with torch.no_grad():
+            model(x)
+        h.remove()
+    # per model: q rows, then k rows (the sites' order); models side by side
+    qk = [
+        torch.cat([y[..., :d], y[..., d : 2 * d]]).reshape(-1, d)
+        for y, d in zip(outs, (48, 24), strict=True)
+    ]
+    z = torch.cat(qk, 1)
+    assert stats.count(g) == len(z) == 2 * 3 * 65
+    torch.testing.assert_close(stats.mean(g), z.mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(stats.second_moment(g), z.T @ z / len(z), rtol=1e-10, atol=1e-12)
+
+
+# ---- sites on module inputs and on slices of an axis --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vit_setup():
+    torch.manual_seed(0)
+    models = [create_model("vit-tiny")[0].double().eval() for _ in range(2)]
+    spec = symmerge.trace(models[0], (torch.randn(2, 3, 32, 32, dtype=torch.float64),))
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64) for _ in range(2)]
+    return spec, models, batches
+
+
+def test_vit_head_dim_groups_are_observed_on_qkv_slices(vit_setup) -> None:
+    spec, models, batches = vit_setup
+    qk, vo, heads = "blocks.1.attn.qkv.qk", "blocks.1.attn.qkv.vo", "blocks.1.attn.qkv.heads"
+    stats = collect_statistics(spec, models, batches)
+    assert qk in stats.groups and vo in stats.groups and heads in stats.unobserved
+    assert [(s.module, s.offset, s.size) for s in stats.sites[qk]] == [
+        ("blocks.1.attn.qkv", 0, 192), ("blocks.1.attn.qkv", 192, 192),
+    ]  # fmt: skip
+    # manual: the fused qkv output of every model, q and k rows stacked, models side by side
+    outs: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    for m, model in enumerate(models):
+        h = model.blocks[1].attn.qkv.register_forward_hook(lambda mod, a, o, m=m: outs[m].append(o))
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        h.remove()
+    qkv = [torch.cat(outs[m]).reshape(-1, 576) for m in range(2)]
+    z_qk = torch.cat([torch.cat([y[:, :192], y[:, 192:384]]) for y in qkv], 1)
+    z_vo = torch.cat([y[:, 384:] for y in qkv], 1)
+    assert stats.count(qk) == len(z_qk) == 2 * 2 * 2 * 65
+    for g, z in ((qk, z_qk), (vo, z_vo)):
+        torch.testing.assert_close(stats.mean(g), z.mean(0), rtol=0, atol=1e-12)
+        cov = torch.from_numpy(np.cov(z.numpy().T, bias=True))
+        torch.testing.assert_close(stats.covariance(g), cov, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="no module-output site"):
+        collect_statistics(spec, models, batches, groups=[heads])
+
+
+def test_input_sites_and_slice_sizes() -> None:
+    mlp = _models("mlp", 2, width=8, depth=2)
+    spec = symmerge.trace(mlp[0], torch.randn(2, 1, 28, 28, dtype=torch.float64))
+    batches = _batches(mlp[0], 2)
+    g = "layers.1.out"  # observed after its ReLU (layers.2), i.e. at the input of layers.3
+    at_input = hook_site("layers.3", -1, at_input=True)
+    assert isinstance(at_input, HookSite) and not at_input.module_output
+    ref = collect_statistics(spec, mlp, batches, groups=[g])
+    pre = collect_statistics(spec, mlp, batches, groups=[g], sites={g: [at_input]})
+    assert [s.module for s in ref.sites[g]] == ["layers.2"] and pre.count(g) == ref.count(g)
+    torch.testing.assert_close(pre.mean(g), ref.mean(g), rtol=0, atol=0)
+    torch.testing.assert_close(pre.second_moment(g), ref.second_moment(g), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="slice"):  # a slice must hold the group's units
+        collect_statistics(
+            spec, mlp, batches, groups=[g], sites={g: [hook_site("layers.3", -1, size=4)]}
+        )
+
+
+# ---- least-squares products ---------------------------------------------------------------
+
+
+def _tanh_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+
+
+def _layer_io(model: nn.Module, layer: str, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's inputs and outputs over all batches, caught by a plain forward hook."""
+    xs, ys = [], []
+
+    def keep(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        xs.append(args[0])
+        ys.append(out)
+
+    h = model.get_submodule(layer).register_forward_hook(keep)
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    h.remove()
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+
+
+def test_layer_products_reproduce_linear_layers() -> None:
+    model = _tanh_mlp(0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randn(3, 7, 6, generator=gen, dtype=torch.float64) for _ in range(3)
+    ]  # (B, T, D)
+    products = collect_layer_products([model], batches, ["0", "2"])
+    for layer in ("0", "2"):
+        x, y = _layer_io(model, layer, batches)
+        x = _with_ones(x.reshape(-1, x.shape[-1]))
+        y = y.reshape(-1, y.shape[-1])
+        assert products.counts[layer] == len(x) == 63
+        torch.testing.assert_close(products.xtx[layer], x.T @ x, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(products.xty[layer], x.T @ y, rtol=1e-12, atol=1e-12)
+        weight, bias = products.solve(layer)
+        mod = model.get_submodule(layer)
+        torch.testing.assert_close(weight, mod.weight, rtol=0, atol=1e-9)
+        torch.testing.assert_close(bias, mod.bias, rtol=0, atol=1e-9)
+    weight, _ = products.solve("2", ridge=1e3)  # a heavy ridge shrinks the solution
+    assert weight.norm() < 0.5 * model[2].weight.norm()
+
+
+def _im2col(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Patches by slicing (no F.unfold): rows (b, i, j) of output positions, columns (c, kh, kw)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+    )
+    xp = F.pad(x, (pw, pw, ph, ph))
+    ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    cols = [
+        xp[:, :, a * dh : a * dh + sh * (ho - 1) + 1 : sh, b * dw : b * dw + sw * (wo - 1) + 1 : sw]
+        for a in range(kh)
+        for b in range(kw)
+    ]  # each (B, C, ho, wo)
+    patches = torch.stack(cols, 2)  # (B, C, kh*kw, ho, wo)
+    return patches.permute(0, 3, 4, 1, 2).reshape(x.shape[0] * ho * wo, -1)
+
+
+def test_layer_products_reproduce_strided_padded_convs(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(6, 4, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), bias=False),
+    ).double()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 3, 9, 9, generator=gen, dtype=torch.float64) for _ in range(3)]
+    layers = ["0", "2"]
+    products = collect_layer_products([model], batches, layers)
+    for layer in layers:
+        conv = model.get_submodule(layer)
+        x, y = _layer_io(model, layer, batches)
+        cols = _im2col(x, conv)
+        cols = _with_ones(cols) if conv.bias is not None else cols
+        rows = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+        assert products.counts[layer] == len(cols) == len(rows)
+        torch.testing.assert_close(products.xtx[layer], cols.T @ cols, rtol=1e-12, atol=1e-11)
+        torch.testing.assert_close(products.xty[layer], cols.T @ rows, rtol=1e-12, atol=1e-11)
+        weight, bias = products.solve(layer)
+        torch.testing.assert_close(weight, conv.weight, rtol=0, atol=1e-9)
+        if conv.bias is None:
+            assert bias is None
+        else:
+            torch.testing.assert_close(bias, conv.bias, rtol=0, atol=1e-9)
+    monkeypatch.setattr(stats_mod, "_BMM_ELEMENTS", 100)  # one image per chunk
+    chunked = collect_layer_products([model], batches, layers)
+    for layer in layers:
+        torch.testing.assert_close(chunked.xtx[layer], products.xtx[layer], rtol=1e-12, atol=1e-11)
+        torch.testing.assert_close(chunked.xty[layer], products.xty[layer], rtol=1e-12, atol=1e-11)
+
+
+def test_layer_products_of_several_models_and_custom_targets() -> None:
+    models = [_tanh_mlp(0), _tanh_mlp(1)]
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(16, 6, generator=gen, dtype=torch.float64) for _ in range(2)]
+    (x0, y0), (x1, y1) = (_layer_io(m, "2", batches) for m in models)
+    both = collect_layer_products(models, batches, ["2"])  # default: models side by side
+    x = _with_ones(torch.cat([x0, x1], 1))
+    assert both.xtx["2"].shape == (11, 11) and both.xty["2"].shape == (11, 8)
+    torch.testing.assert_close(both.xtx["2"], x.T @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(both.xty["2"], x.T @ torch.cat([y0, y1], 1), rtol=1e-12, atol=1e-12)
+    mean = collect_layer_products(
+        models,
+        batches,
+        ["2"],
+        inputs={"2": lambda xs: xs[1]},
+        targets={"2": lambda ys: (ys[0] + ys[1]) / 2},
+    )
+    x = _with_ones(x1)
+    torch.testing.assert_close(mean.xty["2"], x.T @ ((y0 + y1) / 2), rtol=1e-12, atol=1e-12)
+    own = collect_layer_products(
+        models, batches, ["2"], inputs={"2": lambda xs: xs[1]}, targets={"2": lambda ys: ys[1]}
+    )
+    weight, bias = own.solve("2")
+    torch.testing.assert_close(weight, models[1][2].weight, rtol=0, atol=1e-9)
+    torch.testing.assert_close(bias, models[1][2].bias, rtol=0, atol=1e-9)
+
+
+def test_layer_products_refuse_what_they_cannot_unfold() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.ReLU())
+    x = [torch.randn(2, 4, 6, 6)]
+    with pytest.raises(ValueError, match="grouped conv"):
+        collect_layer_products([model], x, ["0"])
+    with pytest.raises(ValueError, match=r"support nn.Linear and nn.Conv2d"):
+        collect_layer_products([model], x, ["1"])
+    with pytest.raises(ValueError, match="not in layers"):
+        collect_layer_products([model], x, ["0"], targets={"1": lambda ys: ys[0]})
+    assert isinstance(collect_layer_products([model], [], []), LayerProducts)
+
+
 # ---- data parallel: two gloo processes, each with half the batches ------------------------
 
 
@@ -247,6 +519,9 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_LS_LAYERS = ["layer2.0.conv1", "fc"]
 
 
 def _worker(rank: int, world: int, port: int, spec, models, batches, out: str) -> None:
@@ -257,8 +532,9 @@ def _worker(rank: int, world: int, port: int, spec, models, batches, out: str) -
     try:
         stats = collect_statistics(spec, models, batches[rank::world], raw_samples=30)
         stats.all_reduce()
+        products = collect_layer_products(models, batches[rank::world], _LS_LAYERS).all_reduce()
         if rank == 0:
-            torch.save(stats, out)
+            torch.save((stats, products), out)
     finally:
         dist.destroy_process_group()
 
@@ -268,8 +544,14 @@ def test_all_reduce_equals_single_process(resnet_setup, tmp_path: Path) -> None:
     batches = batches + _batches(models[0], 1, seed=7)
     out = str(tmp_path / "stats.pt")
     mp.spawn(_worker, args=(2, _free_port(), spec, models, batches, out), nprocs=2)
-    reduced: ActivationStats = torch.load(out, weights_only=False)
+    reduced: ActivationStats
+    reduced, products = torch.load(out, weights_only=False)
     single = collect_statistics(spec, models, batches)
+    alone = collect_layer_products(models, batches, _LS_LAYERS)
+    for layer in _LS_LAYERS:
+        assert products.counts[layer] == alone.counts[layer]
+        torch.testing.assert_close(products.xtx[layer], alone.xtx[layer], rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(products.xty[layer], alone.xty[layer], rtol=1e-12, atol=1e-10)
     for g in single.groups:
         assert reduced.count(g) == single.count(g)
         torch.testing.assert_close(reduced.mean(g), single.mean(g), rtol=0, atol=1e-12)

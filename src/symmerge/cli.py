@@ -276,7 +276,8 @@ def train(
     limit_test: int | None,
     progress: bool,
 ) -> None:
-    """Train MODEL (e.g. mlp, vgg11, resnet20x4-ln) on a dataset and save a checkpoint."""
+    """Train MODEL (e.g. mlp, mlp-w256-d4, vgg11, resnet20x4-ln) on a dataset and save a
+    checkpoint."""
     from symmerge.io import save_checkpoint, sidecar_path
     from symmerge.train import resolve_config, train_model
 
@@ -324,6 +325,14 @@ def train(
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @dataset_option(required=False, multiple=True)
 @classes_option
+@click.option(
+    "--task",
+    "task_specs",
+    type=ClassSpec(),
+    multiple=True,
+    help="One task's classes, e.g. --task 0-4 --task 5-9: per-task and joint accuracy. "
+    "Default: the tasks a merged checkpoint records.",
+)
 @data_root_option
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
@@ -340,6 +349,7 @@ def eval_(
     checkpoint: Path,
     datasets: tuple[str, ...],
     classes: list[int] | str | None,
+    task_specs: tuple[list[int] | str, ...],
     data_root: Path | None,
     device: str | None,
     batch_size: int,
@@ -349,7 +359,9 @@ def eval_(
 ) -> None:
     """Evaluate CHECKPOINT (symmerge .safetensors or a torch.save'd module).
 
-    Without --dataset, the checkpoint's training dataset and class subset are used.
+    Without --dataset, the checkpoint's training dataset and class subset are used. With
+    --task (or a checkpoint recording several tasks): per-task accuracy (argmax within the
+    task's classes and logits) and joint accuracy (all tasks' classes compete, no task id).
     """
     from symmerge.io import CheckpointError, load_checkpoint
     from symmerge.train import evaluate, resolve_device
@@ -365,9 +377,15 @@ def eval_(
                 f"{checkpoint} does not record a training dataset; pass --dataset"
             )
         datasets = (trained_on,)
+    plan = _eval_task_plan(task_specs, classes, meta)
     results = []
     for name in datasets:
         name = str(_dataset_info(name)["name"])  # canonical spelling
+        if plan is not None:
+            results.append(
+                _eval_tasks_on(model, name, plan, split, data_root, device, batch_size, limit)
+            )
+            continue
         if classes is not None:
             class_list = _classes_arg(classes)
         elif name == trained_on:
@@ -392,6 +410,20 @@ def eval_(
 
     arch = meta.get("model_name") or meta.get("config", {}).get("arch") or type(model).__name__
     click.echo(f"checkpoint: {checkpoint} ({arch}; trained on {trained_on or 'unknown'})")
+    click.echo(_eval_table(results) if plan is None else _task_table(results))
+    if json_out is not None:
+        payload = {"checkpoint": str(checkpoint), "config": meta.get("config"), "results": results}
+        text = json.dumps(payload, indent=2)
+        if str(json_out) == "-":
+            click.echo(text)
+        else:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(text + "\n")
+            click.echo(f"wrote {json_out}")
+
+
+def _eval_table(results: Sequence[dict[str, Any]]) -> str:
+    """``eval``'s table of :func:`symmerge.train.evaluate` results, one row per dataset."""
     has_subset = any("subset_accuracy" in r for r in results)
     headers = ["dataset", "classes", "split", "n", "accuracy", "loss"]
     if has_subset:
@@ -409,16 +441,112 @@ def eval_(
         if has_subset:
             row.append(_pct(r["subset_accuracy"]) if "subset_accuracy" in r else None)
         rows.append(row)
-    click.echo(format_table(headers, rows))
-    if json_out is not None:
-        payload = {"checkpoint": str(checkpoint), "config": meta.get("config"), "results": results}
-        text = json.dumps(payload, indent=2)
-        if str(json_out) == "-":
-            click.echo(text)
-        else:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(text + "\n")
-            click.echo(f"wrote {json_out}")
+    return format_table(headers, rows)
+
+
+#: What ``eval`` reports per task: the tasks' class sets, and their recorded tasks (logit
+#: slices) on a multi-head checkpoint or ``None`` when every set reads the whole head.
+TaskPlan = tuple[list[list[int]], list[dict[str, Any]] | None]
+
+
+def _eval_task_plan(
+    specs: Sequence[list[int] | str], classes: list[int] | str | None, meta: dict[str, Any]
+) -> TaskPlan | None:
+    """``eval``'s tasks from ``--task`` and the checkpoint's recorded ``tasks``, or ``None``
+    for the per-dataset report. Usage errors here, before any data is read."""
+    from symmerge.evaluate import check_tasks
+
+    recorded = None
+    if meta.get("tasks"):
+        try:
+            recorded = check_tasks(meta["tasks"])
+        except ValueError as exc:
+            raise click.ClickException(
+                f"the checkpoint's recorded tasks are invalid: {exc}"
+            ) from None
+    multi_head = recorded is not None and len({tuple(t["logits"]) for t in recorded}) > 1
+    if not specs:
+        if classes is None and recorded is not None and len(recorded) > 1:
+            return [t["classes"] for t in recorded], recorded  # what the merge recorded
+        return None
+    if classes is not None:
+        raise click.UsageError("use either --classes or --task, not both")
+    if ALL_CLASSES in specs:
+        raise click.BadParameter("a task needs explicit classes such as 0-4", param_hint="--task")
+    sets = [list(s) for s in specs]
+    for i, a in enumerate(sets):
+        for b in sets[:i]:
+            shared = sorted(set(a) & set(b))
+            if shared:
+                raise click.BadParameter(
+                    f"tasks {_describe_classes(b)} and {_describe_classes(a)} share classes "
+                    f"{_describe_classes(shared)}; tasks must be disjoint",
+                    param_hint="--task",
+                )
+    if not multi_head or recorded is None:
+        return sets, None  # a single head: every task reads all of it
+    by_classes = {tuple(t["classes"]): t for t in recorded}
+    for s in sets:
+        if tuple(s) not in by_classes:
+            have = ", ".join(_describe_classes(t["classes"]) for t in recorded)
+            raise click.BadParameter(
+                f"{_describe_classes(s)} is not one of this multi-head checkpoint's tasks "
+                f"({have}); each --task must name one of them",
+                param_hint="--task",
+            )
+    return sets, [by_classes[tuple(s)] for s in sets]
+
+
+def _eval_tasks_on(
+    model: Any,
+    name: str,
+    plan: TaskPlan,
+    split: str,
+    data_root: Path | None,
+    device: str | None,
+    batch_size: int,
+    limit: int | None,
+) -> dict[str, Any]:
+    """Per-task and joint accuracy on dataset ``name`` (click errors, never a traceback)."""
+    from symmerge.evaluate import joint_accuracy, task_accuracy
+
+    sets, tasks = plan
+    n = int(_dataset_info(name)["num_classes"])
+    bad = sorted({c for s in sets for c in s if c >= n})
+    if bad:
+        raise click.BadParameter(
+            f"{name} has classes 0-{n - 1}; got {', '.join(map(str, bad))}", param_hint="--task"
+        )
+    kwargs: dict[str, Any] = {
+        "split": split,
+        "data_root": None if data_root is None else str(data_root),
+        "device": device,
+        "batch_size": batch_size,
+        "limit": limit,
+    }
+    try:
+        if tasks is None:
+            return joint_accuracy(model, name, sets, **kwargs)
+        return task_accuracy(model, name, tasks, **kwargs)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+        raise click.ClickException(f"evaluating on {name}: {exc}") from None
+
+
+def _task_table(results: Sequence[dict[str, Any]]) -> str:
+    """``eval``'s table with tasks: a row per task and a joint row per dataset."""
+    headers = ["dataset", "task", "classes", "logits", "n", "accuracy", "loss"]
+    rows: list[list[Any]] = []
+    for r in results:
+        for i, t in enumerate(r["tasks"]):
+            start, stop = t["logits"]
+            row = [r["dataset"], f"task {i}", _describe_classes(t["classes"]), f"{start}:{stop}"]
+            rows.append([*row, t["n"], _pct(t["accuracy"]), t["loss"]])
+        j = r["joint"]
+        row = [r["dataset"], "joint", _describe_classes(j["classes"]), "all tasks", j["n"]]
+        rows.append([*row, _pct(j["accuracy"]), j["loss"]])
+        mean = _pct(r["mean_task_accuracy"])
+        rows.append([r["dataset"], "mean of tasks", "", "", "", mean, None])
+    return format_table(headers, rows)
 
 
 # --------------------------------------------------------------------------------------
@@ -504,6 +632,7 @@ def demo(
     never overwritten.
     """
     from symmerge.io import load_checkpoint, save_checkpoint
+    from symmerge.models import format_model_name
     from symmerge.train import evaluate, resolve_config, resolve_device, train_model
 
     root = None if data_root is None else str(data_root)
@@ -539,7 +668,7 @@ def demo(
             )
         except (ValueError, FileNotFoundError) as exc:
             raise click.ClickException(f"training on {ds}: {exc}") from None
-        info["model_name"] = "mlp"
+        info["model_name"] = format_model_name("mlp", configs[run]["kwargs"])
         save_checkpoint(path, net, configs[run], info)
         models[run] = net
         click.echo(
@@ -803,6 +932,52 @@ def _method_choice() -> click.Choice:
     return click.Choice(list_methods())
 
 
+def _check_method(method: str, num_models: int, data_spec: str | None) -> None:
+    """Usage errors from the method's registered capabilities, before anything is loaded."""
+    from symmerge.methods import list_methods, method_info
+
+    info = method_info(method)
+    if not info.accepts(num_models):
+        able = [m for m in list_methods() if method_info(m).accepts(num_models)]
+        raise click.UsageError(
+            f"the '{method}' method merges at most {info.max_models} models, got {num_models}; "
+            f"methods that merge {num_models}: {', '.join(able) or 'none'}"
+        )
+    if info.needs_data and data_spec is None:
+        raise click.UsageError(
+            f"the '{method}' method needs data: pass --data (e.g. --data mnist or "
+            "--data coreset:random:10)"
+        )
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+@main.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def methods_cmd(as_json: bool) -> None:
+    """List the registered merging methods: what each does and can do."""
+    from symmerge.methods import list_methods, method_info
+
+    infos = [method_info(name) for name in list_methods()]
+    if as_json:
+        click.echo(json.dumps([info.to_dict() for info in infos], indent=2))
+        return
+    headers = ["method", "needs data", "N>2 models", "unequal widths", "target width"]
+    rows = [
+        [i.name, _yes(i.needs_data), _yes(i.accepts(3)), _yes(i.unequal_widths),
+         _yes(i.target_width)]
+        for i in infos
+    ]  # fmt: skip
+    click.echo(format_table(headers, rows))
+    for info in infos:
+        click.echo(f"\n{info.name}: {info.summary}")
+        reference = ", ".join(x for x in (info.paper, info.url) if x)
+        if reference:
+            click.echo(f"  {reference}")
+
+
 def _load_models(paths: Sequence[Path]) -> tuple[list[Any], list[dict[str, Any]]]:
     from symmerge.io import CheckpointError, load_checkpoint
 
@@ -886,6 +1061,40 @@ def _eval_rows(
     return headers, rows, results
 
 
+def _merged_tasks(
+    metas: Sequence[dict[str, Any]], models: Sequence[Any], heads: str
+) -> list[dict[str, Any]]:
+    """The label space of a merge: one task per source (its classes, or its own tasks when it
+    is itself a merge) and where its logits are: the shared head, or its own slice."""
+    tasks: list[dict[str, Any]] = []
+    offset = 0
+    for meta, model in zip(metas, models, strict=True):
+        width = _num_outputs(model)
+        own = meta.get("tasks") or [
+            {"classes": meta.get("classes") or list(range(width)), "logits": [0, width]}
+        ]
+        for t in own:
+            start, stop = t["logits"]
+            shift = offset if heads == "per-task" else 0
+            tasks.append({"classes": list(t["classes"]), "logits": [start + shift, stop + shift]})
+        offset += width
+    unique: list[dict[str, Any]] = []
+    for t in tasks:  # sources trained on the same classes share one task on a shared head
+        if t not in unique:
+            unique.append(t)
+    return unique
+
+
+def _num_outputs(model: Any) -> int:
+    """Output width of a classifier (its last Linear's out_features)."""
+    import torch
+
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not last:
+        raise click.UsageError("cannot tell the number of outputs: the model has no Linear")
+    return int(last[-1].out_features)
+
+
 def _params(items: Sequence[str], method: str) -> dict[str, Any]:
     """``KEY=VALUE`` strings -> keywords of ``method``: ints, floats, true/false/none, else
     strings. Keys the method does not take are a usage error (listing the ones it does)."""
@@ -936,7 +1145,8 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
 )
-@click.option("--method", "-m", type=_method_choice(), default="weight", show_default=True)
+@click.option("--method", "-m", type=_method_choice(), default="weight", show_default=True,
+              help="Merging method; `symmerge methods` lists what each can do.")  # fmt: skip
 @click.option(
     "--data",
     "data_spec",
@@ -976,6 +1186,14 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     help="Evaluate on these test sets (default: the checkpoints' own).",
 )
 @click.option("--eval-limit", type=click.IntRange(min=1), default=None, hidden=True)
+@click.option(
+    "--heads",
+    type=click.Choice(["shared", "per-task"]),
+    default="shared",
+    show_default=True,
+    help="shared: one head over the union label index; per-task: each model's own head on "
+    "the merged features, one multi-head checkpoint (eval reports joint and per-task accuracy).",
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
@@ -991,6 +1209,7 @@ def merge_cmd(
     params: tuple[str, ...],
     eval_datasets: tuple[str, ...],
     eval_limit: int | None,
+    heads: str,
     output: Path,
     overwrite: bool,
     json_path: Path | None,
@@ -1002,6 +1221,7 @@ def merge_cmd(
 
     if len(checkpoints) < 2:
         raise click.UsageError("merge needs at least two checkpoints")
+    _check_method(method, len(checkpoints), data_spec)
     if output.resolve() in {p.resolve() for p in checkpoints}:
         raise click.UsageError(f"output {output} is one of the inputs; it is never overwritten")
     if output.exists() and not overwrite:
@@ -1015,8 +1235,9 @@ def merge_cmd(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", BatchNormStatsWarning)
             merged, result = merge(
-                models, method, data=data, renorm=renorm, lam=lam, seed=seed, **kwargs
-            )
+                models, method, data=data, renorm=renorm, lam=lam, seed=seed, heads=heads,
+                **kwargs,
+            )  # fmt: skip
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     stats_note = False
@@ -1028,9 +1249,12 @@ def merge_cmd(
     config = metas[0].get("config")
     if config is None:
         raise click.UsageError("the first checkpoint has no architecture config")
+    tasks = _merged_tasks(metas, models, heads)
+    union = sorted({c for t in tasks for c in t["classes"]})
     info = {"method": method, "inputs": [str(p) for p in checkpoints], "lam": lam,
             "renorm": renorm, "data": data_spec, "seed": seed, "params": kwargs,
-            "dataset": metas[0].get("dataset"), "classes": metas[0].get("classes")}  # fmt: skip
+            "heads": heads, "dataset": metas[0].get("dataset"), "classes": union,
+            "tasks": tasks}  # fmt: skip
     save_checkpoint(output, merged, config, info, overwrite=overwrite)
     named = [
         (f"model {k} ({p.name})", m)
@@ -1039,6 +1263,13 @@ def merge_cmd(
     named.append((f"merged ({method}{', ' + renorm if renorm else ''})", merged))
     headers, rows, results = _eval_rows(named, targets, data_root, eval_limit)
     click.echo(format_table(headers, rows))
+    dataset = metas[0].get("dataset")
+    if len(tasks) > 1 and dataset:  # the label space the merge records, as `eval` reports it
+        plan = ([t["classes"] for t in tasks], tasks)
+        task_result = _eval_tasks_on(merged, str(dataset), plan, "test", data_root, None,
+                                     1000, eval_limit)  # fmt: skip
+        click.echo(f"\nmerged model, tasks ({heads} head{'s' if heads == 'per-task' else ''}):")
+        click.echo(_task_table([task_result]))
     click.echo(
         f"merge time {result.seconds:.2f} s (LAP {result.lap_seconds:.2f} s); saved {output}"
     )
@@ -1066,7 +1297,8 @@ def merge_cmd(
 @main.command("interpolate")
 @click.argument("model_a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("model_b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--method", "-m", type=_method_choice(), default="weight", show_default=True)
+@click.option("--method", "-m", type=_method_choice(), default="weight", show_default=True,
+              help="Merging method; `symmerge methods` lists what each can do.")  # fmt: skip
 @click.option("--data", "data_spec", default=None, help=DATA_HELP)
 @click.option("--data-samples", type=click.IntRange(min=1), default=5000, show_default=True)
 @click.option("--repair", "renorm", flag_value="repair", help="REPAIR every point of the path.")
@@ -1099,6 +1331,7 @@ def interpolate_cmd(
     from symmerge.evaluate import barrier, plot_curve
     from symmerge.merging import interpolation
 
+    _check_method(method, 2, data_spec)
     models, metas = _load_models([model_a, model_b])
     data = _data_batches(data_spec, data_root, data_samples, 500, seed, models=models,
                          datasets=[m.get("dataset") for m in metas])  # fmt: skip

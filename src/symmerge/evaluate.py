@@ -4,21 +4,25 @@ curves, loss/accuracy barriers and their plots (algorithms.md §6.2, Evaluators)
 Accuracy and loss of one model on one dataset are computed by :func:`symmerge.train.evaluate`
 (one implementation for training and merging); this module adds the forms merging papers
 report: the mean over the datasets of several source models (Yamada et al.), joint and
-per-task accuracy for models trained on disjoint class sets (ZipIt!, MuDSC), and the loss and
+per-task accuracy for models trained on disjoint class sets (ZipIt!, MuDSC), with one shared
+head or per-task logit slices (``tasks``), linear probes of their features, the loss and
 accuracy barriers along the linear path between two aligned models (Git Re-Basin, REPAIR),
 and the cycle error of a set of pairwise alignments (C2M3).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -28,12 +32,17 @@ __all__ = [
     "barrier",
     "cycle_error",
     "evaluate",
+    "check_tasks",
     "evaluate_many",
+    "final_linear",
     "interpolate_state_dicts",
     "interpolation_curve",
     "joint_accuracy",
+    "linear_probe",
     "pairwise_from_universe",
     "plot_curve",
+    "task_accuracy",
+    "tasks_from_classes",
 ]
 
 Data = str | TensorDataset | Sequence[Tensor] | Iterable[Any]
@@ -112,54 +121,432 @@ def _restrict(data: Any, classes: Sequence[int]) -> tuple[Tensor, Tensor]:
     return x[keep], y[keep]
 
 
+# ---------------------------------------------------------------------------------------
+# label spaces: tasks trained on class subsets, per-task and joint accuracy, linear probes
+# ---------------------------------------------------------------------------------------
+
+#: One task: ``{"classes": [int, ...], "logits": [start, stop]}``. Its logits are
+#: ``output[:, start:stop]``, indexed by dataset label (class c is column ``start + c``).
+Task = Mapping[str, Any]
+
+
+def check_tasks(tasks: Sequence[Task], num_outputs: int | None = None) -> list[dict[str, Any]]:
+    """Validated copies of ``tasks`` with sorted ``classes`` and ``logits`` as ``[start, stop]``.
+
+    Checked here, before any evaluation, because each mistake would otherwise give a plausible
+    but wrong number: overlapping class sets (a sample would count for two tasks), a class
+    beyond its slice's width, or a slice beyond the model's ``num_outputs`` (when given).
+    Raises ``ValueError`` naming the task (numbered from 0).
+    """
+    if not tasks:
+        raise ValueError("need at least one task")
+    out: list[dict[str, Any]] = []
+    owner: dict[int, int] = {}
+    for i, task in enumerate(tasks):
+        try:
+            classes = sorted({int(c) for c in task["classes"]})
+            start, stop = (int(v) for v in task["logits"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"task {i} must be {{'classes': [int, ...], 'logits': [start, stop]}}, got {task!r}"
+            ) from None
+        if not classes or classes[0] < 0:
+            raise ValueError(f"task {i} needs a non-empty list of class labels >= 0, got {classes}")
+        if not 0 <= start < stop:
+            raise ValueError(f"task {i} has logits [{start}, {stop}]; need 0 <= start < stop")
+        if num_outputs is not None and stop > num_outputs:
+            raise ValueError(
+                f"task {i}'s logits [{start}, {stop}] go beyond the model's {num_outputs} outputs"
+            )
+        if classes[-1] >= stop - start:
+            raise ValueError(
+                f"task {i}'s class {classes[-1]} does not fit its logits [{start}, {stop}] "
+                f"({stop - start} wide; a task's logits are indexed by dataset label)"
+            )
+        shared = [c for c in classes if c in owner]
+        if shared:
+            raise ValueError(
+                f"tasks {owner[shared[0]]} and {i} share classes {shared}; "
+                "the tasks' class sets must be disjoint"
+            )
+        owner.update(dict.fromkeys(classes, i))
+        out.append({"classes": classes, "logits": [start, stop]})
+    return out
+
+
+def tasks_from_classes(
+    class_sets: Sequence[Sequence[int]], num_outputs: int
+) -> list[dict[str, Any]]:
+    """Tasks for one shared head: every class set reads the whole head ``[0, num_outputs]``.
+
+    The layout of a model with a full-width head trained on a class subset, and of a merge
+    that keeps a single head; a multi-head model records its own ``tasks`` instead.
+    """
+    return check_tasks(
+        [{"classes": list(s), "logits": [0, int(num_outputs)]} for s in class_sets], num_outputs
+    )
+
+
+def _load(
+    data: str | TensorDataset | Sequence[Tensor],
+    classes: Sequence[int],
+    split: str,
+    data_root: str | None,
+) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` of the samples whose label is in ``classes``, in dataset order."""
+    if isinstance(data, str):
+        from symmerge.data import get_dataset
+
+        ds = get_dataset(data, split, root=data_root, classes=list(classes))
+        return ds.tensors[0], ds.tensors[1]
+    return _restrict(data, classes)
+
+
+def _first_per_task(y: Tensor, tasks: Sequence[Task], limit: int | None) -> Tensor:
+    """The indices of the first ``limit`` samples of every task (all with ``None``), in order.
+
+    Per task, so that a limited evaluation of a task sees the same samples as a limited
+    single-task evaluation (:func:`evaluate` with that task's ``classes``).
+    """
+    keep = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+    for task in tasks:
+        idx = torch.nonzero(torch.isin(y, torch.as_tensor(task["classes"], device=y.device)))
+        keep[idx.flatten()[:limit]] = True
+    return torch.nonzero(keep).flatten()
+
+
+@contextlib.contextmanager
+def _inference(
+    model: nn.Module, device: str | torch.device | None
+) -> Iterator[tuple[torch.device, torch.dtype | None]]:
+    """Eval mode on ``device`` (default: the model's) with :func:`symmerge.train.evaluate`'s
+    autocast, so task numbers match its numbers; mode and device are restored afterwards."""
+    from symmerge.train import _autocast_dtype, _model_device, resolve_device
+
+    dev = resolve_device(device) if device is not None else _model_device(model)
+    model_dev = _model_device(model)
+    was_training = model.training
+    model.to(dev).eval()
+    try:
+        with torch.inference_mode():
+            yield dev, _autocast_dtype(dev)
+    finally:
+        model.train(was_training)
+        model.to(model_dev)
+
+
+def _outputs(
+    model: nn.Module, x: Tensor, y: Tensor, device: str | torch.device | None, batch_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(float32 model outputs, labels)`` batch by batch (see :func:`_inference`)."""
+    from symmerge.data import iterate_batches
+
+    with _inference(model, device) as (dev, amp):
+        for xb, yb in iterate_batches((x, y), batch_size, shuffle=False, device=dev):
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                out = model(xb)
+            yield out.float(), yb
+
+
+def _output_width(model: nn.Module, x: Tensor, device: str | torch.device | None) -> int:
+    if not len(x):
+        raise ValueError("no samples to evaluate: the data has none of the tasks' classes")
+    with contextlib.closing(_outputs(model, x[:1], torch.zeros(1), device, 1)) as outs:
+        out, _ = next(outs)
+    return int(out.shape[-1])
+
+
+def _task_pass(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    tasks: list[dict[str, Any]],
+    device: str | torch.device | None,
+    batch_size: int,
+    limit: int | None,
+) -> dict[str, Any]:
+    """Per-task and joint accuracy from one pass over the tasks' samples (logits once)."""
+    idx = _first_per_task(y, tasks, limit)
+    x, y = x[idx.to(x.device)], y[idx]
+    union = sorted(c for t in tasks for c in t["classes"])
+    slices = {tuple(t["logits"]) for t in tasks}
+    shared = next(iter(slices)) if len(slices) == 1 else None  # one head: whole-head metrics
+    stop_max = max(t["logits"][1] for t in tasks)
+    cls = [torch.as_tensor(t["classes"]) for t in tasks]
+    cols = [c + t["logits"][0] for c, t in zip(cls, tasks, strict=True)]  # absolute columns
+    joint_cols, joint_cls = torch.cat(cols), torch.cat(cls)
+    hits = torch.zeros(len(tasks) + 2, dtype=torch.int64)  # tasks, joint, joint over the head
+    loss = torch.zeros(len(tasks) + 1, dtype=torch.float64)
+    count = torch.zeros(len(tasks), dtype=torch.int64)
+    with contextlib.closing(_outputs(model, x, y, device, batch_size)) as outs:
+        for out, yb in outs:
+            if out.ndim != 2 or out.shape[1] < stop_max:
+                raise ValueError(
+                    f"the tasks need logits up to {stop_max} but the model outputs shape "
+                    f"{tuple(out.shape)}"
+                )
+            yb = yb.to(out.device)
+            pred = joint_cls.to(out.device)[out[:, joint_cols.to(out.device)].argmax(1)]
+            hits[-2] += int((pred == yb).sum())
+            if shared is not None:
+                head = out[:, shared[0] : shared[1]]
+                hits[-1] += int((head.argmax(1) == yb).sum())
+                loss[-1] += float(F.cross_entropy(head, yb, reduction="sum"))
+            for i, (task, c, col) in enumerate(zip(tasks, cls, cols, strict=True)):
+                mine = torch.isin(yb, c.to(yb.device))
+                o, t = out[mine], yb[mine]
+                pred = c.to(o.device)[o[:, col.to(o.device)].argmax(1)]
+                hits[i] += int((pred == t).sum())
+                start, stop = task["logits"]
+                loss[i] += float(F.cross_entropy(o[:, start:stop], t, reduction="sum"))
+                count[i] += len(t)
+
+    def frac(total: Tensor, n: int) -> float:
+        return float(total) / n if n else math.nan
+
+    n = len(y)
+    results = [
+        {
+            **task,
+            "n": int(count[i]),
+            "accuracy": frac(hits[i], int(count[i])),
+            "loss": frac(loss[i], int(count[i])),
+        }
+        for i, task in enumerate(tasks)
+    ]
+    return {
+        "joint": {
+            "classes": union,
+            "n": n,
+            "accuracy": frac(hits[-2], n),
+            "accuracy_all_logits": frac(hits[-1], n) if shared is not None else None,
+            "loss": frac(loss[-1], n) if shared is not None else None,
+        },
+        "tasks": results,
+        "mean_task_accuracy": sum(r["accuracy"] for r in results) / len(results),
+    }
+
+
+def task_accuracy(
+    model: nn.Module,
+    data: str | TensorDataset | Sequence[Tensor],
+    tasks: Sequence[Task],
+    *,
+    split: str = "test",
+    data_root: str | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 1000,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Per-task and joint accuracy of a model whose tasks are class subsets with logit slices.
+
+    ``data`` is a dataset name (``split``, ``data_root``) or ``(x, y)`` tensors; ``tasks`` as
+    :func:`check_tasks` takes them (a model's recorded ``tasks``, or
+    :func:`tasks_from_classes` for one shared head). ``limit``: the first ``limit`` samples
+    of each task. The model runs once over the tasks' samples. Returns:
+
+    * ``tasks``: per task, ``accuracy`` = argmax over its own classes within its own logit
+      slice on its own samples (the task id is known), ``loss`` = cross-entropy over its whole
+      slice, ``n``, ``classes``, ``logits``;
+    * ``joint``: on the union of the tasks' samples with no task id, ``accuracy`` = argmax
+      over every task's own-class logits together, predicting the winning entry's class;
+      when all tasks share one slice (one head), also ``accuracy_all_logits`` (argmax over
+      the whole slice) and ``loss`` (cross-entropy over it), else ``None``;
+    * ``mean_task_accuracy``; ``dataset`` and ``split`` when ``data`` is a name.
+    """
+    checked = check_tasks(tasks)
+    x, y = _load(data, [c for t in checked for c in t["classes"]], split, data_root)
+    res = _task_pass(model, x, y, checked, device, batch_size, limit)
+    if isinstance(data, str):
+        res = {"dataset": data, "split": split, **res}
+    return res
+
+
 def joint_accuracy(
     model: nn.Module,
     data: str | TensorDataset | Sequence[Tensor],
     class_sets: Sequence[Sequence[int]],
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Joint and per-task accuracy of a shared-head model for sources with disjoint classes.
+    """:func:`task_accuracy` of a shared-head model for sources with disjoint ``class_sets``.
 
-    ``data`` is a dataset name or ``(x, y)`` tensors whose labels index the shared head; each
-    source model was trained on one of ``class_sets``. Returns:
-
-    * ``joint``: on the union of the class sets, ``accuracy`` = argmax over the union's logits
-      (the merged model must tell every class apart), plus ``accuracy_all_logits`` (argmax over
-      the whole head) and ``loss`` (cross-entropy over the whole head);
-    * ``tasks``: per class set, ``accuracy`` = argmax over that set's logits on its own samples
-      (the "task head" number), plus ``loss`` and ``n``;
-    * ``mean_task_accuracy``.
+    Every class set reads the whole head (:func:`tasks_from_classes`); keyword arguments as
+    :func:`task_accuracy` takes them.
     """
-    sets = [sorted({int(c) for c in s}) for s in class_sets]
-    if not sets or any(not s for s in sets):
+    if not class_sets or any(not list(s) for s in class_sets):
         raise ValueError("class_sets must be a non-empty list of non-empty class lists")
-    union = sorted({c for s in sets for c in s})
-    if sum(len(s) for s in sets) != len(union):
-        raise ValueError(f"class_sets must be disjoint, got {sets}")
+    split, root = kwargs.pop("split", "test"), kwargs.pop("data_root", None)
+    union = sorted({int(c) for s in class_sets for c in s})
+    x, y = _load(data, union, split, root)
+    tasks = tasks_from_classes(class_sets, _output_width(model, x, kwargs.get("device")))
+    res = task_accuracy(model, (x, y), tasks, **kwargs)
+    if isinstance(data, str):
+        res = {"dataset": data, "split": split, **res}
+    return res
 
-    def run(classes: list[int]) -> dict[str, Any]:
-        if isinstance(data, str):
-            return _evaluate_tensors(model, data, classes=classes, **kwargs)
-        return _evaluate_tensors(model, _restrict(data, classes), classes=classes, **kwargs)
 
-    j = run(union)
-    joint = {
-        "accuracy": j["subset_accuracy"],
-        "accuracy_all_logits": j["accuracy"],
-        "loss": j["loss"],
-        "n": j["n"],
-        "classes": union,
-    }
-    tasks = []
-    for s in sets:
-        r = run(s)
-        tasks.append(
-            {"classes": s, "accuracy": r["subset_accuracy"], "loss": r["loss"], "n": r["n"]}
+def final_linear(model: nn.Module, x: Tensor, device: str | torch.device | None = None) -> str:
+    """Name of the last ``nn.Linear`` whose output is the model's output (its classifier).
+
+    Found by running ``x`` (a few inputs) with forward hooks, not by module order, because
+    modules may be registered in any order. Raises ``ValueError`` when no Linear produces
+    the output (e.g. a conv head, or a post-processing step after the last Linear).
+    """
+    names = {m: n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    calls: list[tuple[nn.Module, Tensor]] = []
+    hooks = [m.register_forward_hook(lambda mod, _, out: calls.append((mod, out))) for m in names]
+    try:
+        with _inference(model, device) as (dev, amp):
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                out = model(x.to(dev))
+    finally:
+        for h in hooks:
+            h.remove()
+    for mod, o in reversed(calls):
+        if o is out or (o.shape == out.shape and torch.equal(o, out)):
+            return names[mod]
+    raise ValueError(
+        f"linear_probe needs a model whose output comes from a final nn.Linear; "
+        f"{type(model).__name__}'s does not ({len(names)} Linear modules, none gives the output)"
+    )
+
+
+def _features(
+    model: nn.Module, layer: nn.Module, x: Tensor, device: str | torch.device | None, bs: int
+) -> Tensor:
+    """The inputs of ``layer`` for every sample of ``x``, float32, on ``device``."""
+    feats: list[Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda _, args: feats.append(args[0].float()))
+    try:
+        with contextlib.closing(_outputs(model, x, torch.zeros(len(x)), device, bs)) as outs:
+            for _ in outs:
+                pass
+    finally:
+        hook.remove()
+    out = torch.cat(feats) if feats else torch.zeros(0, 0)
+    if out.ndim != 2:
+        raise ValueError(f"the final Linear's input has shape {tuple(out.shape)}, not (N, D)")
+    return out
+
+
+def _fit_probe(
+    f: Tensor, y: Tensor, k: int, steps: int, lr: float, seed: int, wd: float
+) -> nn.Linear:
+    """Multinomial logistic regression on standardised features (full-batch L-BFGS)."""
+    gen = torch.Generator().manual_seed(seed)
+    head = nn.Linear(f.shape[1], k).to(f.device)
+    with torch.no_grad():
+        head.weight.copy_(0.01 * torch.randn(head.weight.shape, generator=gen))
+        head.bias.zero_()
+    opt = torch.optim.LBFGS(
+        head.parameters(), lr=lr, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(head(f), y) + wd * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return head.requires_grad_(False)
+
+
+def linear_probe(
+    model: nn.Module,
+    data: str | tuple[Sequence[Tensor], Sequence[Tensor]],
+    tasks: Sequence[Task] | Sequence[Sequence[int]],
+    *,
+    steps: int = 100,
+    lr: float = 1.0,
+    seed: int = 0,
+    weight_decay: float = 1e-4,
+    split: str = "test",
+    train_split: str = "train",
+    data_root: str | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 1000,
+    limit: int | None = None,
+    train_limit: int | None = None,
+) -> dict[str, Any]:
+    """Accuracy of a fresh linear head per task on the model's features (a linear probe).
+
+    A merged model's heads can be poor while its features are good; a probe separates the
+    two. Features are the inputs of the model's final Linear (:func:`final_linear`). Per
+    task, a ``nn.Linear`` over its classes is fitted (seeded init, full-batch L-BFGS for
+    ``steps`` iterations, L2 ``weight_decay``, on standardised features) on the task's
+    samples of ``train_split`` (first ``train_limit`` per task) and scored on ``split``
+    (first ``limit`` per task). ``data`` is a dataset name or ``((x, y) train, (x, y) test)``;
+    ``tasks`` are task dicts (only ``classes`` is used) or class lists.
+
+    Returns ``tasks`` (per task ``classes``, ``accuracy``, ``n``, ``train_accuracy``,
+    ``train_n``), ``joint`` (on all tasks' samples without a task id: argmax over every
+    probe's logits together), ``mean_task_accuracy``, ``fit_time_s`` (the fits, without
+    feature extraction), ``layer`` and ``feature_dim``.
+    """
+    sets = [t["classes"] if isinstance(t, Mapping) else t for t in tasks]
+    checked = check_tasks([{"classes": s, "logits": [0, max(s, default=0) + 1]} for s in sets])
+    union = sorted(c for t in checked for c in t["classes"])
+    if isinstance(data, str):
+        train = _load(data, union, train_split, data_root)
+        test = _load(data, union, split, data_root)
+    else:
+        train, test = (_restrict(d, union) for d in data)
+    if not len(train[0]) or not len(test[0]):
+        raise ValueError(f"linear_probe needs train and test samples of classes {union}")
+    name = final_linear(model, train[0][:2], device)
+    layer = model.get_submodule(name)
+    feats, labels = {}, {}
+    for part, (x, y), lim in (("train", train, train_limit), ("test", test, limit)):
+        idx = _first_per_task(y, checked, lim)
+        feats[part] = _features(model, layer, x[idx.to(x.device)], device, batch_size)
+        labels[part] = y[idx].to(feats[part].device)
+    results, probe_logits = [], []
+    fit_time = 0.0
+    for i, task in enumerate(checked):
+        cls = torch.as_tensor(task["classes"], device=labels["train"].device)
+        mine = torch.isin(labels["train"], cls)
+        if not mine.any():
+            raise ValueError(f"linear_probe: no training samples of task {i}'s classes {cls}")
+        f, y = feats["train"][mine], torch.searchsorted(cls, labels["train"][mine])
+        mean, std = f.mean(0), f.std(0, unbiased=False).clamp_min(1e-6)
+        start = time.perf_counter()
+        head = _fit_probe((f - mean) / std, y, len(cls), steps, lr, seed, weight_decay)
+        if f.is_cuda:
+            torch.cuda.synchronize(f.device)
+        fit_time += time.perf_counter() - start
+        logits = head((feats["test"] - mean) / std)
+        probe_logits.append(logits)
+        test_mine = torch.isin(labels["test"], cls)
+        pred = cls[logits[test_mine].argmax(1)]
+        n, hits = int(test_mine.sum()), int((pred == labels["test"][test_mine]).sum())
+        train_hits = int((head((f - mean) / std).argmax(1) == y).sum())
+        results.append(
+            {
+                "classes": task["classes"],
+                "n": n,
+                "accuracy": hits / n if n else math.nan,
+                "train_n": len(y),
+                "train_accuracy": train_hits / len(y) if len(y) else math.nan,
+            }
         )
+    joint_cls = torch.as_tensor([c for t in checked for c in t["classes"]])  # probe column order
+    joint_pred = joint_cls.to(labels["test"].device)[torch.cat(probe_logits, 1).argmax(1)]
     return {
-        "joint": joint,
-        "tasks": tasks,
-        "mean_task_accuracy": sum(t["accuracy"] for t in tasks) / len(tasks),
+        "tasks": results,
+        "joint": {
+            "classes": union,
+            "n": len(labels["test"]),
+            "accuracy": int((joint_pred == labels["test"]).sum()) / len(labels["test"]),
+        },
+        "mean_task_accuracy": sum(r["accuracy"] for r in results) / len(results),
+        "fit_time_s": fit_time,
+        "layer": name,
+        "feature_dim": int(feats["train"].shape[1]),
+        "steps": steps,
+        "lr": lr,
+        "seed": seed,
     }
 
 

@@ -28,6 +28,7 @@ permuted copy of itself gives the model back for any interpolation weight.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -77,8 +78,8 @@ class _Select:
         """``A @ x`` along ``dim`` (size cols -> rows)."""
         idx = self.index.to(x.device)
         out = x.index_select(dim, idx.clamp(min=0))
-        val = self.value
-        if bool((val == 1).all()) and bool((self.index >= 0).all()):
+        val = self.mass()  # rows with index -1 are zero whatever their stored value
+        if bool((val == 1).all()):
             return out
         return out * _along(val.to(x.device, x.dtype), dim, x.dim())
 
@@ -132,15 +133,21 @@ _Linear = _Select | _Dense
 class GroupMap:
     """Merge and unmerge maps of one group for N models.
 
-    Build one with :meth:`permutations`, :meth:`identity` or :meth:`from_matrices`; do not
-    construct it field by field. ``weights[m]`` is model m's share in tensors that belong to no
-    group; for permutation maps ``M_m = weights[m] * P_m`` and ``U_m = P_m^T``.
+    Build one with :meth:`permutations`, :meth:`partial_permutations`, :meth:`identity` or
+    :meth:`from_matrices`; do not construct it field by field. ``weights[m]`` is model m's share
+    in tensors that belong to no group; for permutation maps ``M_m = weights[m] * P_m`` and
+    ``U_m = P_m^T``. ``perms`` is set for permutation maps only; ``indices`` (with -1 where a
+    model has no unit) for partial permutations, such as the matching of a narrow model into a
+    wide one.
     """
 
     merges: tuple[_Linear, ...]
     unmerges: tuple[_Linear, ...]  # stored as U_m^T (n_out x n_m): how an "in" axis is mapped
     weights: tuple[float, ...]
     perms: tuple[torch.Tensor, ...] | None = None
+    indices: tuple[torch.Tensor, ...] | None = None
+    #: block count of the merged units (GroupNorm groups) when it is not the models' own
+    blocks: int | None = None
 
     # ---- constructors -----------------------------------------------------------------
     @classmethod
@@ -168,6 +175,53 @@ class GroupMap:
         )
         unmerges = tuple(_Select(p, torch.ones(n, dtype=torch.float64), n) for p in perms)
         return cls(merges, unmerges, w, tuple(perms))
+
+    @classmethod
+    def partial_permutations(
+        cls,
+        indices: Sequence[torch.Tensor],
+        sizes: Sequence[int],
+        weights: Sequence[float] | None = None,
+    ) -> GroupMap:
+        """Merged unit ``i`` is unit ``indices[m][i]`` of every model m where that is not -1.
+
+        For models of different widths: the wide model gets ``torch.arange(n)`` and a narrow one
+        the wide unit each of its units matches (-1 for wide units left unmatched). A merged
+        unit held by every model averages them with ``weights`` (as :meth:`permutations`); one
+        held by a subset S gives S the whole mass, ``w_m * sum(w) / sum_S(w)`` (equal shares
+        when ``sum_S(w) == 0``), so an unmatched unit is the wide model's unit unchanged. When
+        no index is -1 and all sizes equal ``n_out`` this is :meth:`permutations`.
+        """
+        idx = [torch.as_tensor(p, dtype=torch.long).cpu() for p in indices]
+        if not idx or len(sizes) != len(idx):
+            raise ValueError(
+                f"need one index vector and one size per model, got {len(idx)} and {len(sizes)}"
+            )
+        n = int(idx[0].numel())
+        for m, (p, size) in enumerate(zip(idx, sizes, strict=True)):
+            used = p[p >= 0]
+            if p.shape != (n,) or bool((p < -1).any() | (p >= size).any()):
+                raise ValueError(
+                    f"indices[{m}] must have shape ({n},) with entries in [-1, {size}); got "
+                    f"shape {tuple(p.shape)}, range [{int(p.min())}, {int(p.max())}]"
+                )
+            if used.unique().numel() != used.numel():
+                raise ValueError(f"indices[{m}] uses a unit twice (not injective)")
+        w = _weights(weights, len(idx))
+        if all(bool((p >= 0).all()) and s == n for p, s in zip(idx, sizes, strict=True)):
+            return cls.permutations(idx, w)
+        present = torch.stack([p >= 0 for p in idx]).to(torch.float64)  # (models, n_out)
+        if bool((present.sum(0) == 0).any()):
+            raise ValueError("every merged unit needs a unit of at least one model")
+        wt = torch.tensor(w, dtype=torch.float64)[:, None]
+        held = (present * wt).sum(0)
+        safe = torch.where(held == 0, torch.ones_like(held), held)
+        share = torch.where(held == 0, present / present.sum(0), present * wt / safe)
+        mass = share * wt.sum()
+        pairs = list(zip(idx, sizes, strict=True))
+        merges = tuple(_Select(p, mass[m], int(s)) for m, (p, s) in enumerate(pairs))
+        unmerges = tuple(_Select(p, present[m], int(s)) for m, (p, s) in enumerate(pairs))
+        return cls(merges, unmerges, w, None, tuple(idx))
 
     @classmethod
     def identity(
@@ -212,6 +266,86 @@ class GroupMap:
             _weights(weights, len(ms)),
         )
 
+    @classmethod
+    def from_indices(
+        cls,
+        indices: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        sizes: Sequence[int],
+        weights: Sequence[float] | None = None,
+        blocks: int | None = None,
+    ) -> GroupMap:
+        """A map where each merged unit takes at most one unit of each model (stored as
+        indices, applied by ``index_select``): merged unit i is
+        ``sum_m values[m][i] * unit indices[m][i]`` of model m, index -1 meaning none, and
+        model m's unit ``indices[m][i]`` reads merged unit i back (U_m = the 0/1 pattern).
+        Partial merges (matched pairs averaged, the rest kept apart) are of this kind.
+        """
+        if not (len(indices) == len(values) == len(sizes)) or not indices:
+            raise ValueError("need one index vector, one value vector and one size per model")
+        merges, unmerges = [], []
+        n_out = int(torch.as_tensor(indices[0]).numel())
+        for m, (idx, val, n) in enumerate(zip(indices, values, sizes, strict=True)):
+            idx = torch.as_tensor(idx, dtype=torch.long).cpu()
+            val = torch.as_tensor(val, dtype=torch.float64).cpu()
+            if idx.shape != (n_out,) or val.shape != (n_out,) or int(idx.max()) >= n:
+                raise ValueError(
+                    f"model {m}: indices and values must have {n_out} entries in [-1, {n})"
+                )
+            merges.append(_Select(idx, val, int(n)))
+            unmerges.append(_Select(idx, torch.ones(n_out, dtype=torch.float64), int(n)))
+        return cls(tuple(merges), tuple(unmerges), _weights(weights, len(indices)), blocks=blocks)
+
+    @classmethod
+    def side_by_side(
+        cls,
+        sizes: Sequence[int],
+        weights: Sequence[float] | None = None,
+        blocks: Sequence[int] | None = None,
+    ) -> GroupMap:
+        """Every unit of every model kept, model after model (width ``sum(sizes)``).
+
+        Merged unit ``offset_m + i`` is model m's unit ``i`` with its full value (mass 1), so
+        every hidden layer computes each model's units exactly; tensors outside the group (a
+        classifier head reading it) get the model weights, so the merged logits are the
+        weighted average of the models' logits. ``blocks``: each model's block count
+        (GroupNorm groups), so that no merged block spans two models.
+        """
+        sizes = [int(n) for n in sizes]
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"side_by_side needs one positive size per model, got {sizes}")
+        total, merges, unmerges, offset = sum(sizes), [], [], 0
+        for n in sizes:
+            index = torch.full((total,), -1, dtype=torch.long)
+            index[offset : offset + n] = torch.arange(n)
+            ones = torch.ones(total, dtype=torch.float64)
+            merges.append(_Select(index, ones, n))
+            unmerges.append(_Select(index, ones, n))
+            offset += n
+        return cls(
+            tuple(merges), tuple(unmerges), _weights(weights, len(sizes)),
+            blocks=None if blocks is None else sum(int(b) for b in blocks),
+        )  # fmt: skip
+
+    @classmethod
+    def duplicate(cls, size: int, copies: int = 2, blocks: int | None = None) -> GroupMap:
+        """One model's units each split into ``copies`` copies that share the outgoing weight
+        (width ``copies x size``, copy c of unit i at ``c * size + i``): the same function."""
+        index = torch.arange(size).repeat(copies)
+        merge = _Select(index, torch.ones(copies * size, dtype=torch.float64), size)
+        unmerge = _Select(
+            index, torch.full((copies * size,), 1.0 / copies, dtype=torch.float64), size
+        )
+        return cls((merge,), (unmerge,), (1.0,), blocks=None if blocks is None else copies * blocks)
+
+    def select(self, m: int) -> GroupMap:
+        """Model m's maps alone, with weight 1 (its own term of the merged weights)."""
+        perms = None if self.perms is None else (self.perms[m],)
+        merge = self.merges[m]
+        if self.perms is not None:  # a permutation's M_m carries w_m; alone it carries 1
+            merge = _Select(merge.index, torch.ones_like(merge.value), merge.cols)
+        return GroupMap((merge,), (self.unmerges[m],), (1.0,), perms, self.blocks)
+
     # ---- properties -------------------------------------------------------------------
     @property
     def num_models(self) -> int:
@@ -240,9 +374,11 @@ class GroupMap:
         return self.unmerges[m].dense().T
 
     def with_weights(self, weights: Sequence[float]) -> GroupMap:
-        """The same permutations with other model weights (e.g. a new interpolation lambda)."""
+        """The same (partial) permutations with other model weights (e.g. a new lambda)."""
+        if self.indices is not None:
+            return GroupMap.partial_permutations(list(self.indices), self.sizes, weights)
         if self.perms is None:
-            raise ValueError("with_weights is only defined for permutation maps")
+            raise ValueError("with_weights is only defined for permutation maps (and partial ones)")
         return GroupMap.permutations(list(self.perms), weights)
 
     # ---- application along one tensor dimension --------------------------------------
@@ -265,8 +401,14 @@ class GroupMap:
         """Tensors that :meth:`from_state` turns back into this map (indices for
         permutations, dense matrices otherwise)."""
         state = {"weights": torch.tensor(self.weights, dtype=torch.float64)}
+        if self.blocks is not None:
+            state["blocks"] = torch.tensor([self.blocks])
         if self.perms is not None:
             state["perms"] = torch.stack(list(self.perms))
+            return state
+        if self.indices is not None:
+            state["indices"] = torch.stack(list(self.indices))
+            state["sizes"] = torch.tensor(self.sizes, dtype=torch.long)
             return state
         for m in range(self.num_models):
             state[f"merge.{m}"] = self.merge_matrix(m)
@@ -278,15 +420,23 @@ class GroupMap:
         weights = state["weights"].tolist()
         if "perms" in state:
             return cls.permutations(list(state["perms"]), weights)
+        if "indices" in state:
+            return cls.partial_permutations(
+                list(state["indices"]), state["sizes"].tolist(), weights
+            )
         n = len(weights)
-        return cls.from_matrices(
+        gm = cls.from_matrices(
             [state[f"merge.{m}"] for m in range(n)],
             [state[f"unmerge.{m}"] for m in range(n)],
             weights,
         )
+        if "blocks" in state:
+            gm = dataclasses.replace(gm, blocks=int(state["blocks"][0]))
+        return gm
 
     def __repr__(self) -> str:
         kind = "permutation" if self.perms is not None else "dense"
+        kind = "partial permutation" if self.indices is not None else kind
         return (
             f"GroupMap({kind}, models={self.num_models}, sizes={self.sizes}, "
             f"n_out={self.n_out}, weights={tuple(round(w, 6) for w in self.weights)})"
@@ -308,7 +458,7 @@ def _weights(weights: Sequence[float] | None, n: int) -> tuple[float, ...]:
 
 
 def build_state_dict(
-    spec: SymmetrySpec,
+    spec: SymmetrySpec | Sequence[SymmetrySpec],
     state_dicts: Sequence[Mapping[str, torch.Tensor]],
     maps: Mapping[str, GroupMap],
     *,
@@ -317,9 +467,13 @@ def build_state_dict(
     """Merged weights ``W* = sum_m M_m[out] . W_m . U_m[in]`` on every axis of every tensor.
 
     Args:
-        spec: the symmetry of the models (all models share its architecture).
-        state_dicts: one state dict per model, same keys and shapes.
-        maps: GroupMap per group name; groups left out are merged unit by unit (identity).
+        spec: the symmetry of the models (all models share its architecture), or one spec per
+            model (same group names) for models of different widths: model m's tensors are
+            read with model m's layouts (e.g. a flatten of C x H x W with its own C).
+        state_dicts: one state dict per model, same keys (and shapes, unless ``spec`` is a
+            sequence); model m's tensors must have ``maps[g].sizes[m]`` units of group g.
+        maps: GroupMap per group name; groups left out are merged unit by unit (identity,
+            equal widths only). The merged width of each group is its map's ``n_out``.
         weights: model shares for entries that no produced group axis holds (tensors outside
             every group, classifier heads). Default: the ``weights`` of the maps (which must
             agree), or uniform when ``maps`` is empty.
@@ -331,15 +485,23 @@ def build_state_dict(
     n_models = len(state_dicts)
     if n_models == 0:
         raise ValueError("build_state_dict needs at least one state dict")
-    unknown = sorted(set(maps) - set(spec.groups))
+    specs = [spec] * n_models if isinstance(spec, SymmetrySpec) else list(spec)
+    if len(specs) != n_models:
+        raise ValueError(f"got {len(specs)} specs for {n_models} state dicts; pass one per model")
+    for m, sp in enumerate(specs[1:], 1):
+        if set(sp.groups) != set(specs[0].groups):
+            diff = sorted(set(sp.groups) ^ set(specs[0].groups))[:5]
+            raise ValueError(f"spec {m} has different groups than spec 0: {diff}")
+    unknown = sorted(set(maps) - set(specs[0].groups))
     if unknown:
         raise KeyError(f"maps name groups the spec does not have: {unknown}")
     for name, gm in maps.items():
-        size = spec.groups[name].size
-        if gm.num_models != n_models or any(s != size for s in gm.sizes):
+        sizes = tuple(sp.groups[name].size for sp in specs)
+        if gm.num_models != n_models or gm.sizes != sizes:
+            want = f"size {sizes[0]}" if len(set(sizes)) == 1 else f"sizes {sizes}"
             raise ValueError(
                 f"map of group {name!r} is for {gm.num_models} models of sizes {gm.sizes}; "
-                f"expected {n_models} models of size {size}"
+                f"expected {n_models} models of {want}"
             )
     w = _model_weights(maps, weights, n_models)
     keys = list(state_dicts[0])
@@ -347,11 +509,12 @@ def build_state_dict(
         if set(sd) != set(keys):
             diff = sorted(set(sd) ^ set(keys))[:5]
             raise ValueError(f"state dict {m} has different keys than state dict 0: {diff}")
-    layouts = _layouts(spec)
+    found = {id(sp): _layouts(sp) for sp in {id(sp): sp for sp in specs}.values()}
+    layouts = [found[id(sp)] for sp in specs]
     out: dict[str, torch.Tensor] = {}
     for key in keys:
         x0 = state_dicts[0][key]
-        members = layouts.get(key, {})
+        members = layouts[0].get(key, {})
         if not x0.is_floating_point():
             if members and any(_touches(mem, maps) for mem in members.values()):
                 raise ValueError(
@@ -361,7 +524,13 @@ def build_state_dict(
             continue
         total = None
         for m, sd in enumerate(state_dicts):
-            term = _transform(sd[key], members, maps, m, w[m])
+            term = _transform(sd[key], layouts[m].get(key, {}), maps, m, w[m])
+            if total is not None and term.shape != total.shape:
+                raise ValueError(
+                    f"{key!r}: model {m} maps to shape {tuple(term.shape)}, model 0 to "
+                    f"{tuple(total.shape)}; an axis outside every group differs in width, or "
+                    "a group of different widths has no map"
+                )
             total = term if total is None else total + term
         out[key] = total.to(x0.dtype)
     return out

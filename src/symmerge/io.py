@@ -1,14 +1,21 @@
 """Checkpoint files: safetensors weights plus the metadata needed to rebuild the model.
 
-Format (``format_version`` 1)
+Format (``format_version`` 2)
 -----------------------------
 ``<path>`` is a plain safetensors file holding the model's ``state_dict`` (contiguous CPU
 tensors). Its header metadata has one key, ``"symmerge"``, whose value is a JSON document::
 
     {"format": "symmerge.checkpoint", "format_version": 1,
-     "config": {"arch": ..., "kwargs": {...}},        # what build_model needs
+     "config": {"arch": ..., "kwargs": {...},         # the source architecture
+                "resize": {"widths": {group: n}, "blocks": {group: k}, "num_outputs": c}},
      "aliases": {"tied.name": "kept.name", ...},      # tied tensors stored once
      "metadata": {"dataset": ..., "seed": ..., ..., "symmerge_version": ..., "date": ...}}
+
+``arch`` is a zoo architecture (:func:`symmerge.models.build_model`) or ``timm:NAME``
+(``timm.create_model(NAME, **kwargs)``). ``resize`` is present for a model whose widths differ
+from that architecture's (a zip, partial merge, side-by-side ensemble, per-task heads): the
+source is built, traced and resized (:func:`symmerge.resize.resize`) before the weights are
+loaded. Version 1 (no ``resize``) is read unchanged.
 
 The header copy is authoritative, so a checkpoint is one self-contained file that any
 safetensors reader can open. For people (and ``jq``) a pretty-printed copy of the same
@@ -35,11 +42,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT_NAME = "symmerge.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_KEY = "symmerge"
 
 __all__ = [
     "CheckpointError",
+    "build_architecture",
     "FORMAT_VERSION",
     "load_checkpoint",
     "read_checkpoint_metadata",
@@ -106,7 +114,10 @@ def _json_document(config: Mapping[str, Any], metadata: Mapping[str, Any], alias
     """Validate and serialise the metadata document; errors name the offending field."""
     if not isinstance(config, Mapping) or "arch" not in config:
         raise ValueError("config must be a dict with at least an 'arch' key (and 'kwargs')")
+    resize = config.get("resize")
     config = {"arch": str(config["arch"]), "kwargs": dict(config.get("kwargs") or {})}
+    if resize:
+        config["resize"] = dict(resize)
     meta = {k: v for k, v in dict(metadata).items() if k != "config"}
     meta.setdefault("symmerge_version", _package_version())
     meta.setdefault("torch_version", torch.__version__)
@@ -163,6 +174,12 @@ def save_checkpoint(
                 f"refusing to overwrite existing checkpoint file(s): {', '.join(existing)} "
                 "(pass overwrite=True, or --overwrite on the command line)"
             )
+    from symmerge.resize import RECORD
+
+    record = getattr(model, RECORD, None)  # set on a resized model: how to rebuild it
+    config = {k: v for k, v in config.items() if k != "resize"}
+    if record:
+        config["resize"] = record
     tensors, aliases = _tensors_for_saving(model.state_dict())
     document = _json_document(config, metadata or {}, aliases)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,14 +320,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
     doc = _read_document(path)
     config = doc["config"]
-    from symmerge import models  # deferred: models pulls in optional heavy dependencies
-
-    try:
-        model = models.build_model(config["arch"], **config.get("kwargs", {}))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(
-            f"cannot rebuild architecture {config['arch']!r} from {path}: {exc}"
-        ) from exc
+    model = build_architecture(config, path)
     try:
         state = load_file(str(path), device="cpu")
     except Exception as exc:
@@ -323,6 +333,57 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
     return model, {**doc.get("metadata", {}), "config": config}
+
+
+def build_architecture(config: Mapping[str, Any], where: str | Path = "config") -> nn.Module:
+    """The model a checkpoint config describes, with random weights: the source architecture,
+    resized when the config records new widths."""
+    arch, kwargs = config["arch"], dict(config.get("kwargs") or {})
+    try:
+        if arch.startswith("timm:"):
+            try:
+                import timm
+            except ImportError as exc:
+                raise CheckpointError(
+                    f"{where} holds a timm model ({arch}); rebuilding it needs timm, which is "
+                    "not installed here (pip install timm)"
+                ) from exc
+            model = timm.create_model(arch[5:], pretrained=False, **kwargs)
+            if not hasattr(model, "input_shape"):
+                model.input_shape = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        else:
+            from symmerge import models  # deferred: pulls in optional heavy dependencies
+
+            model = models.build_model(arch, **kwargs)
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot rebuild architecture {arch!r} from {where}: {exc}") from exc
+    resize = config.get("resize")
+    if not resize:
+        return model
+    return _resized(model, resize, where)
+
+
+def _resized(model: nn.Module, record: Mapping[str, Any], where: str | Path) -> nn.Module:
+    from symmerge.resize import ResizeError, resize
+    from symmerge.spec import trace
+
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise CheckpointError(f"{where}: a resized model needs its source's input_shape")
+    inputs = (torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)),)
+    try:
+        spec = trace(model.eval(), inputs)
+        num_outputs = record.get("num_outputs")
+        return resize(
+            model, spec, {k: int(v) for k, v in (record.get("widths") or {}).items()},
+            blocks={k: int(v) for k, v in (record.get("blocks") or {}).items()},
+            num_outputs=None if num_outputs is None else int(num_outputs),
+            example_inputs=inputs,
+        )  # fmt: skip
+    except (ResizeError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot rebuild the resized model of {where}: {exc}") from exc
 
 
 def _load_pickled_module(path: Path, device: torch.device) -> nn.Module:

@@ -7,22 +7,25 @@ the first model and renormalizes (BN reset or REPAIR) on request.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from symmerge.methods import MergeResult, get_method, list_methods
+from symmerge.groupmap import GroupMap
+from symmerge.methods import MergeResult, get_method, list_methods, method_info
 from symmerge.spec import SymmetrySpec, trace
 
-__all__ = ["RENORMS", "BatchNormStatsWarning", "check_compatible", "interpolation", "merge"]
+__all__ = [
+    "HEADS", "RENORMS", "BatchNormStatsWarning", "build_model", "check_compatible", "interpolation",
+    "merge",
+]  # fmt: skip
 
 RENORMS = (None, "reset-bn", "repair")
-_DATA_METHODS = {"activation", "ste"}
+HEADS = ("shared", "per-task")
 
 
 class BatchNormStatsWarning(UserWarning):
@@ -48,10 +51,17 @@ def _warn_bn_statistics(subject: str) -> None:
     )
 
 
-def check_compatible(models: Sequence[nn.Module]) -> None:
-    """Raise ValueError unless all models share one architecture and have finite weights."""
+def check_compatible(models: Sequence[nn.Module], method: str | None = None) -> bool:
+    """Raise ValueError unless all models share one architecture and have finite weights.
+
+    Models of different widths (same state-dict keys, other sizes) pass only when ``method``
+    can merge them (its registry capability ``unequal_widths``); the error names the methods
+    that can. Returns whether the widths differ.
+    """
     if len(models) < 2:
         raise ValueError(f"merging needs at least 2 models, got {len(models)}")
+    can = method is not None and method_info(method).unequal_widths
+    unequal = False
     ref = models[0].state_dict()
     for k, m in enumerate(models):
         sd = m.state_dict()
@@ -63,13 +73,18 @@ def check_compatible(models: Sequence[nn.Module]) -> None:
             )
         for name, t in sd.items():
             if t.shape != ref[name].shape:
-                raise ValueError(
-                    f"model {k} has a different width from model 0: '{name}' is "
-                    f"{tuple(t.shape)} vs {tuple(ref[name].shape)}; this method needs equal "
-                    "widths"
-                )
+                if t.dim() != ref[name].dim() or not can:
+                    who = f"the '{method}' method" if method else "this method"
+                    capable = [n for n in list_methods() if method_info(n).unequal_widths]
+                    raise ValueError(
+                        f"model {k} has a different width from model 0: '{name}' is "
+                        f"{tuple(t.shape)} vs {tuple(ref[name].shape)}; {who} needs equal "
+                        f"widths (methods that merge different widths: {', '.join(capable)})"
+                    )
+                unequal = True
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(f"model {k} has non-finite values (NaN/inf) in '{name}'")
+    return unequal
 
 
 def merge(
@@ -83,23 +98,32 @@ def merge(
     seed: int = 0,
     spec: SymmetrySpec | None = None,
     example_inputs: Any = None,
+    heads: str = "shared",
     **method_kwargs: Any,
 ) -> tuple[nn.Module, MergeResult]:
     """Merge ``models`` with a registered method.
 
     Args:
-        models: two or more models of one architecture (model 0 is the reference order).
+        models: two or more models of one architecture (model 0 is the reference order);
+            their group widths may differ when the method takes unequal widths (each model is
+            then traced, and the merged model has the wider widths).
         method: a name from :func:`symmerge.methods.list_methods`.
         data: batches for data-based methods (``activation``, ``ste``).
         renorm: ``None``, ``"reset-bn"`` or ``"repair"``; uses ``renorm_data`` (or ``data``).
             ``None`` on a BatchNorm model merged between the endpoints warns
             (:class:`BatchNormStatsWarning`): its running statistics stay interpolated.
         lam: interpolation weight of model 1 for two models (0 gives model 0, 1 model 1).
-        spec: the symmetry of the architecture (traced from model 0 if None).
+        spec: the symmetry of model 0 (traced if None).
         example_inputs: inputs for tracing (default: a batch of 2 of ``model.input_shape``).
+        heads: ``"shared"`` (one head, the models' heads merged over the union label index) or
+            ``"per-task"`` (one head per source model, each reading the merged features
+            through its own unmerge: the output is model 0's logits, then model 1's, ...).
 
     Returns:
-        ``(merged model, MergeResult)``; the inputs are not modified.
+        ``(merged model, MergeResult)``; the inputs are not modified. When a group's merged
+        width differs from model 0's (zip, partial and side-by-side maps, unequal parents) or
+        heads are kept per task, the model is model 0's architecture resized
+        (:func:`symmerge.resize.resize`).
     """
     if method not in list_methods():
         raise ValueError(f"unknown method {method!r}; registered methods: {list_methods()}")
@@ -109,22 +133,35 @@ def merge(
         )
     if not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0 and math.isfinite(lam)):
         raise ValueError(f"The 'lam' parameter of merge must be a float in [0, 1]. Got {lam!r}.")
+    if heads not in HEADS:
+        raise ValueError(
+            f"The 'heads' parameter of merge must be one of {HEADS}. Got {heads!r} instead."
+        )
     models = list(models)
-    check_compatible(models)
-    if method in _DATA_METHODS and data is None:
+    unequal = check_compatible(models, method)
+    if method_info(method).needs_data and data is None:
         raise ValueError(f"the '{method}' method needs data (batches of inputs and labels)")
     renorm_data = renorm_data if renorm_data is not None else data
     if renorm and renorm_data is None:
         raise ValueError(f"renorm={renorm!r} needs data (renorm_data= or data=)")
-    if spec is None:
-        spec = _trace(models[0], example_inputs)
-    fn = get_method(method)
     kwargs = dict(method_kwargs)
+    if unequal and kwargs.get("specs") is None:  # each model traced at its own widths
+        kwargs["specs"] = [
+            spec if k == 0 and spec is not None else _trace(m, example_inputs)
+            for k, m in enumerate(models)
+        ]
+    if spec is None:
+        spec = kwargs["specs"][0] if unequal else _trace(models[0], example_inputs)
+    fn = get_method(method)
     if data is not None:
         kwargs["data"] = data
     result = fn(spec, models, lam=lam, seed=seed, **kwargs)
-    merged = copy.deepcopy(models[0])
-    merged.load_state_dict(result.state_dict)
+    if heads == "per-task":
+        num_outputs = _stack_heads(spec, models, result)
+    else:
+        num_outputs = None
+    merged = build_model(models[0], spec, result.maps, result.state_dict,
+                         num_outputs=num_outputs, example_inputs=example_inputs)  # fmt: skip
     if renorm == "reset-bn":
         from symmerge.renorm import reset_bn
 
@@ -135,7 +172,7 @@ def merge(
         aligned = _aligned_endpoints(spec, models, result)
         weights = (1 - lam, lam) if len(models) == 2 else None
         repair(merged, aligned, renorm_data, weights=weights, spec=spec)
-    elif (len(models) > 2 or 0 < lam < 1) and has_bn_statistics(merged):
+    elif _averages_units(result.maps) and has_bn_statistics(merged):
         _warn_bn_statistics("the merged model's BatchNorm running statistics are")
     return merged.eval(), result
 
@@ -163,7 +200,13 @@ def interpolation(
     models = list(models)
     if len(models) != 2:
         raise ValueError(f"interpolation needs exactly 2 models, got {len(models)}")
+    if method not in list_methods():
+        raise ValueError(f"unknown method {method!r}; registered methods: {list_methods()}")
+    unequal = check_compatible(models, method)
     spec = spec if spec is not None else _trace(models[0], example_inputs)
+    specs = [spec, _trace(models[1], example_inputs)] if unequal else None
+    if specs is not None:
+        method_kwargs = {**method_kwargs, "specs": specs}
     with warnings.catch_warnings():  # the midpoint is only for the alignment
         warnings.simplefilter("ignore", BatchNormStatsWarning)
         mid, result = merge(models, method, data=data, seed=seed, spec=spec, **method_kwargs)
@@ -173,8 +216,8 @@ def interpolation(
     states = [m.state_dict() for m in models]
     for lam in lambdas:
         maps = {g: gm.with_weights([1.0 - lam, lam]) for g, gm in result.maps.items()}
-        point = copy.deepcopy(models[0])
-        point.load_state_dict(build_state_dict(spec, states, maps, weights=[1.0 - lam, lam]))
+        state = build_state_dict(specs or spec, states, maps, weights=[1.0 - lam, lam])
+        point = build_model(models[0], spec, maps, state, example_inputs=example_inputs)
         if renorm == "reset-bn":
             from symmerge.renorm import reset_bn
 
@@ -185,6 +228,73 @@ def interpolation(
             aligned = _aligned_endpoints(spec, models, result)
             repair(point, aligned, data, weights=(1.0 - lam, lam), spec=spec)
         yield lam, point.eval()
+
+
+def build_model(
+    model: nn.Module,
+    spec: SymmetrySpec,
+    maps: Mapping[str, GroupMap],
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    num_outputs: int | None = None,
+    example_inputs: Any = None,
+) -> nn.Module:
+    """The merged model: ``model``'s architecture at the maps' widths, holding ``state_dict``.
+
+    A copy of ``model`` when every group keeps its width; otherwise ``model`` resized to each
+    map's ``n_out`` (and block count), so no method builds modules itself.
+    """
+    from symmerge.resize import resize, with_state
+
+    widths = {g: gm.n_out for g, gm in maps.items() if gm.n_out != spec.groups[g].size}
+    blocks = {g: gm.blocks for g, gm in maps.items() if gm.blocks is not None}
+    if widths or blocks or num_outputs is not None:
+        inputs = None if example_inputs is None else _as_tuple(example_inputs)
+        return resize(model, spec, widths, blocks=blocks, num_outputs=num_outputs,
+                      state_dict=state_dict, example_inputs=inputs)  # fmt: skip
+    return with_state(model, state_dict)
+
+
+def _averages_units(maps: Mapping[str, GroupMap]) -> bool:
+    """Whether some merged unit mixes several models (its statistics are then averages);
+    a side-by-side map or an endpoint (lambda 0 or 1) keeps every unit from one model."""
+    for gm in maps.values():
+        sharing = sum((gm.mass(m) > 0).long() for m in range(gm.num_models))
+        if bool((sharing > 1).any()):
+            return True
+    return False
+
+
+def _as_tuple(x: Any) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _stack_heads(spec: SymmetrySpec, models: Sequence[nn.Module], result: MergeResult) -> int:
+    """Replace the merged head by every model's own head reading the merged features (its
+    ``W_m U_m``, weight 1), stacked along the output axis; returns the new output size."""
+    from symmerge.groupmap import build_state_dict
+    from symmerge.resize import output_axes
+
+    axes = output_axes(spec)
+    sizes = {size for _, _, size in axes}
+    if len(sizes) != 1:
+        raise ValueError(
+            "heads='per-task' needs a model with one output axis on its parameters (a "
+            f"classifier head); found output sizes {sorted(sizes) or 'none'}"
+        )
+    tensors = {t for t, _, _ in axes}
+    for t in list(tensors):
+        tensors.update(spec.aliases.get(t, []))
+    terms = []
+    for m, model in enumerate(models):
+        maps = {g: gm.select(m) for g, gm in result.maps.items()}
+        sd = {k: v for k, v in model.state_dict().items()}
+        terms.append(build_state_dict(spec, [sd], maps, weights=[1.0]))
+    for tensor, axis, _ in axes:
+        for name in [tensor, *spec.aliases.get(tensor, [])]:
+            if name in result.state_dict:
+                result.state_dict[name] = torch.cat([t[name] for t in terms], axis)
+    return len(models) * sizes.pop()
 
 
 def _trace(model: nn.Module, example_inputs: Any) -> SymmetrySpec:

@@ -73,10 +73,14 @@ class WeightSimilarity:
             unit vectors, MuDSC) or ``"cos"`` (cosine).
         ignore: tensors whose name ends with one of these are left out.
         dtype: arithmetic dtype (float32 by default; float64 for exact ties in tests).
+        spec_b: B's own spec when B has other widths than A (same groups and layouts, other
+            sizes); ``spec`` is then A's.
 
     Call ``sim(group, perms)`` with ``perms`` the current permutations of B (group name ->
     index vector, convention ``new[i] = old[perm[i]]``; missing groups are unpermuted) to get the
-    ``(n, n)`` matrix ``C[i, j]`` = similarity of A's unit i and B's unit j.
+    ``(n, n)`` matrix ``C[i, j]`` = similarity of A's unit i and B's unit j. With ``spec_b``
+    the matrix is ``(n_A, n_B)`` and every group must be in ``perms``: length ``n_A``, entry -1
+    where A's unit has no B unit (B's entries there count as zero).
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class WeightSimilarity:
         kind: str = "inner",
         ignore: Sequence[str] = DEFAULT_IGNORE,
         dtype: torch.dtype = torch.float32,
+        spec_b: SymmetrySpec | None = None,
     ) -> None:
         if kind not in WEIGHT_KINDS:
             raise ValueError(
@@ -99,9 +104,8 @@ class WeightSimilarity:
         self.groups = list(spec.groups) if groups is None else list(groups)
         self._occ: dict[str, list[_Occurrence]] = {}
         self._norms: dict[str, tuple[torch.Tensor, ...]] = {}
-        by_tensor: dict[str, dict[int, Member]] = {}
-        for mem in spec.members():
-            by_tensor.setdefault(mem.tensor, {})[mem.axis] = mem
+        self.spec_b = spec if spec_b is None else spec_b
+        by_tensor, by_tensor_b = _by_tensor(spec), _by_tensor(self.spec_b)
         for g in self.groups:
             occs = []
             for mem in spec.groups[g].members:
@@ -110,9 +114,9 @@ class WeightSimilarity:
                 wa, wb = state_a[mem.tensor], state_b[mem.tensor]
                 if not wa.is_floating_point():
                     continue
-                occs += _occurrences(
-                    g, mem, by_tensor[mem.tensor], wa.to(dtype), wb.to(dtype), spec
-                )
+                axes, axes_b = by_tensor[mem.tensor], by_tensor_b.get(mem.tensor, {})
+                _check_same_layout(axes, axes_b)
+                occs += _occurrences(g, mem, axes, wa.to(dtype), wb.to(dtype), axes_b)
             self._occ[g] = occs  # empty for a head group with no tensor of its own
             if kind != "inner" and occs:
                 self._norms[g] = _unit_norms(occs, kind)
@@ -124,8 +128,8 @@ class WeightSimilarity:
             c = _contribution(occ, perms)
             total = c.clone() if total is None else total + c  # never hand out the cache
         if total is None:
-            n = self.spec.groups[group].size
-            return torch.zeros(n, n, dtype=self.dtype)
+            n, n_b = self.spec.groups[group].size, self.spec_b.groups[group].size
+            return torch.zeros(n, n_b, dtype=self.dtype)
         if self.kind == "inner":
             return total
         sa, sb, na, nb, length = self._norms[group]
@@ -134,38 +138,65 @@ class WeightSimilarity:
         return total / torch.outer(na, nb)
 
 
+def _by_tensor(spec: SymmetrySpec) -> dict[str, dict[int, Member]]:
+    out: dict[str, dict[int, Member]] = {}
+    for mem in spec.members():
+        out.setdefault(mem.tensor, {})[mem.axis] = mem
+    return out
+
+
+def _check_same_layout(axes: Mapping[int, Member], axes_b: Mapping[int, Member]) -> None:
+    """A and B must lay a tensor out alike (same axes, segments and groups; sizes may differ)."""
+
+    def shape(axes: Mapping[int, Member]) -> list[Any]:
+        return [
+            (a, [[f.group or f.size for f in s.factors] for s in axes[a].segments])
+            for a in sorted(axes)
+        ]
+
+    if shape(axes) != shape(axes_b):
+        name = next(iter(axes.values())).tensor
+        raise ValueError(
+            f"{name!r} is laid out differently in the two specs: {shape(axes)} vs "
+            f"{shape(axes_b)}; the models must share one architecture up to group widths"
+        )
+
+
 def _occurrences(
     group: str,
     mem: Member,
     axes: Mapping[int, Member],
     wa: torch.Tensor,
     wb: torch.Tensor,
-    spec: SymmetrySpec,
+    axes_b: Mapping[int, Member] | None = None,
 ) -> list[_Occurrence]:
+    """Unfoldings of A's and B's tensor at each place ``group`` sits on ``mem``'s axis; B is
+    read with its own layouts ``axes_b`` (default A's)."""
     out = []
     ax = mem.axis
-    others = [axes[a] for a in sorted(axes) if a != ax]
-    for seg in mem.segments:
+    axes_b = axes if axes_b is None else axes_b
+    others = [axes_b[a] for a in sorted(axes_b) if a != ax]
+    for seg, seg_b in zip(mem.segments, axes_b[ax].segments, strict=True):
         for k, f in enumerate(seg.factors):
             if f.group != group:
                 continue
             sizes = [fac.size for fac in seg.factors]
 
-            def view(w: torch.Tensor, seg=seg, sizes=sizes, k=k) -> torch.Tensor:
+            def view(w: torch.Tensor, seg: Any, k: int = k) -> torch.Tensor:
                 piece = w.narrow(ax, seg.offset, seg.size)
                 shape = list(piece.shape)
-                piece = piece.reshape(shape[:ax] + sizes + shape[ax + 1 :])
+                piece = piece.reshape(shape[:ax] + [f.size for f in seg.factors] + shape[ax + 1 :])
                 return torch.movedim(piece, ax + k, 0)
 
-            a = view(wa).reshape(f.size, -1).contiguous()
-            b = view(wb).contiguous()
+            a = view(wa, seg).reshape(f.size, -1).contiguous()
+            b = view(wb, seg_b).contiguous()
             # where each permuted dimension of ``b`` sits after the reshape and the move
             perms: list[tuple[int, Callable[[Mapping[str, torch.Tensor]], Any]]] = []
             keys: list[str] = []
             for o in others:
                 pos = o.axis + (len(sizes) - 1 if o.axis > ax else 0)
                 pos = pos + 1 if pos < ax + k else pos
-                perms.append((pos, lambda p, o=o: _axis_index(spec, o, p)))
+                perms.append((pos, lambda p, o=o: _axis_index(o, p)))
                 keys += [fa.group for s in o.segments for fa in s.factors if fa.group]
             for j, fa in enumerate(seg.factors):
                 if j == k or fa.group is None:
@@ -177,12 +208,20 @@ def _occurrences(
     return out
 
 
-def _axis_index(
-    spec: SymmetrySpec, mem: Member, perms: Mapping[str, torch.Tensor]
-) -> torch.Tensor | None:
+def _axis_index(mem: Member, perms: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """:meth:`SymmetrySpec.axis_index` that also takes index vectors with -1 (a unit of A
+    that B lacks) and of A's length on B's layout: -1 wherever a factor's index is -1."""
     if not any(f.group in perms for s in mem.segments for f in s.factors):
         return None
-    return spec.axis_index(mem, perms)
+    parts = []
+    for seg in mem.segments:
+        idx, ok = torch.zeros((), dtype=torch.long), torch.ones((), dtype=torch.bool)
+        for f in seg.factors:
+            p = perms.get(f.group) if f.group is not None else None
+            p = torch.arange(f.size) if p is None else torch.as_tensor(p, dtype=torch.long)
+            idx, ok = idx.unsqueeze(-1) * f.size + p, ok.unsqueeze(-1) & (p >= 0)
+        parts.append(torch.where(ok, idx + seg.offset, -1).reshape(-1))
+    return torch.cat(parts)
 
 
 def _contribution(occ: _Occurrence, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -195,7 +234,12 @@ def _contribution(occ: _Occurrence, perms: Mapping[str, torch.Tensor]) -> torch.
         if idx is None:
             continue
         idx = torch.as_tensor(idx, dtype=torch.long)
-        if not torch.equal(idx, torch.arange(idx.numel(), device=idx.device)):
+        if bool((idx < 0).any()):  # A's units that B lacks: zeros
+            b = b.index_select(dim, idx.clamp(min=0).to(b.device))
+            shape = [1] * b.dim()
+            shape[dim] = -1
+            b = b * (idx >= 0).to(b.device, b.dtype).reshape(shape)
+        elif not torch.equal(idx, torch.arange(idx.numel(), device=idx.device)):
             b = b.index_select(dim, idx.to(b.device))
     occ.cache = occ.a @ b.reshape(b.shape[0], -1).T
     occ.seen = {k: perms[k].clone() for k in occ.keys if k in perms}
@@ -252,11 +296,13 @@ def activation_similarity_from_moments(
     *,
     kind: str = "corr",
     count: int | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Similarity of model a's and model b's units from stacked moments.
 
     Args:
-        mean: ``(N n,)`` E[z], the units of the N models concatenated model-major.
+        mean: ``(N n,)`` E[z], the units of the N models concatenated model-major (``(sum
+            n_m,)`` with ``sizes``).
         second_moment: ``(N n, N n)`` E[z z^T] over samples (positions count as samples).
         num_models: N.
         a, b: the two models compared (rows: a, columns: b).
@@ -265,9 +311,10 @@ def activation_similarity_from_moments(
             ``"neg_dist"`` -||Z_A[i] - Z_B[j]|| over the samples (needs ``count``; equals
             ``-torch.cdist(Z_A, Z_B)``).
         count: number of samples behind the moments.
+        sizes: units of each model when the models differ in width (default: N equal parts).
 
     Returns:
-        ``(n, n)`` float64 matrix; larger means more similar.
+        ``(n_a, n_b)`` float64 matrix; larger means more similar.
     """
     if kind not in ACTIVATION_KINDS:
         raise ValueError(
@@ -277,13 +324,14 @@ def activation_similarity_from_moments(
     mean = torch.as_tensor(mean).to(torch.float64).cpu()
     second = torch.as_tensor(second_moment).to(torch.float64).cpu()
     total = mean.numel()
-    if total % num_models or second.shape != (total, total):
+    sizes = [total // num_models] * num_models if sizes is None else [int(n) for n in sizes]
+    if len(sizes) != num_models or sum(sizes) != total or second.shape != (total, total):
         raise ValueError(
-            f"moments do not fit {num_models} models: mean {tuple(mean.shape)}, "
-            f"second moment {tuple(second.shape)}"
+            f"moments do not fit {num_models} models of sizes {sizes}: mean "
+            f"{tuple(mean.shape)}, second moment {tuple(second.shape)}"
         )
-    n = total // num_models
-    ra, rb = slice(a * n, (a + 1) * n), slice(b * n, (b + 1) * n)
+    start = [sum(sizes[:m]) for m in range(num_models)]
+    ra, rb = slice(start[a], start[a] + sizes[a]), slice(start[b], start[b] + sizes[b])
     cross = second[ra, rb]
     if kind == "inner":
         return cross
@@ -312,20 +360,22 @@ def activation_similarity(
     *,
     kind: str = "corr",
     num_models: int | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """:func:`activation_similarity_from_moments` on a statistics object.
 
     ``stats`` needs ``mean(group)``, ``second_moment(group)`` and ``count(group)`` as produced
     by :func:`symmerge.stats.collect_statistics`. ``num_models`` defaults to
-    ``stats.num_models``.
+    ``stats.num_models``; ``sizes`` gives each model's units when widths differ.
     """
     num = num_models if num_models is not None else getattr(stats, "num_models", None)
     if num is None:
         raise ValueError("pass num_models= (the statistics object does not say how many)")
     count = stats.count(group) if hasattr(stats, "count") else None
     return activation_similarity_from_moments(
-        stats.mean(group), stats.second_moment(group), int(num), a, b, kind=kind, count=count
-    )
+        stats.mean(group), stats.second_moment(group), int(num), a, b, kind=kind, count=count,
+        sizes=sizes,
+    )  # fmt: skip
 
 
 def mix(alpha: float, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

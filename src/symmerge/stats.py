@@ -19,6 +19,13 @@ transformer residual stream), its last module output site. A residual stream has
 post-activation site per block; their samples are concatenated (rows from all sites go into
 the same sums), so the stream's statistics describe it at every depth. Pass ``sites="all"``,
 ``sites="last"``, a mapping or a callable to choose differently (pre-activations, one site...).
+A group with no whole-axis module output (the q/k and v/o head dims of a fused qkv projection)
+is observed where its weights put it (:func:`member_sites`): on slices of a Linear/Conv output,
+or at a module's input through a forward pre-hook. :class:`HookSite` names such sites by hand.
+
+Parents of different widths: ``specs=`` gives one spec per model (same group names, each
+traced from its own model); a group's concatenated columns are then blocks of each model's own
+size (:meth:`ActivationStats.units`).
 
 Cost and accuracy: per batch, each site costs one copy of every model's output into a shared
 buffer, one product ``Zᵀ Z`` (a matmul on ``(samples, N*n)`` rows, or, for conv maps with many
@@ -30,8 +37,13 @@ means are large next to standard deviations; the shift is undone exactly when mo
 out. Float64 models give float64-exact results. The buffers hold one batch of every site of
 every model at once (N times the observed activations), so memory is set by the batch size.
 
-Data parallelism: every accumulator is a sum, so :meth:`ActivationStats.all_reduce` gives each
-process the statistics of the union of all processes' data (exact up to float64 round-off).
+Least squares (:func:`collect_layer_products`): per Linear/Conv2d layer, ``XᵀX`` and ``XᵀY`` of
+the layer's inputs (im2col patches for convs, plus a ones column for the bias) and its outputs
+or any per-layer target, the sums PLeaS and neuron-interpolation fusion refit layers with.
+
+Data parallelism: every accumulator is a sum, so :meth:`ActivationStats.all_reduce` (and
+:meth:`LayerProducts.all_reduce`) gives each process the statistics of the union of all
+processes' data (exact up to float64 round-off).
 """
 
 from __future__ import annotations
@@ -43,16 +55,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from symmerge.spec import ActivationSite, Group, SymmetrySpec
+from symmerge.spec import ActivationSite, Factor, Group, SymmetrySpec
 
 __all__ = [
     "ACTIVATION_OPS",
     "ActivationStats",
+    "HookSite",
+    "LayerProducts",
+    "collect_layer_products",
     "collect_statistics",
     "default_sites",
     "flatten_units",
+    "hook_site",
+    "member_sites",
     "model_inputs",
     "unflatten_units",
 ]
@@ -98,6 +116,76 @@ def unflatten_units(z: Tensor, shape: Sequence[int], dim: int) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class HookSite(ActivationSite):
+    """A site that a hook observes at a module's input, or on part of an axis.
+
+    ``at_input``: the module's first positional input (a forward pre-hook), e.g. what a
+    Linear or Conv reads, which is what a least-squares refit regresses on. ``size`` (with
+    ``offset``): only units ``offset:offset + size`` of axis ``dim`` are the group's, as the q,
+    k and v parts of a fused qkv projection; ``None`` is the whole axis. ``dim`` may be negative
+    (a Linear's units are its last axis, whatever the number of leading axes).
+    """
+
+    at_input: bool = False
+    offset: int = 0
+    size: int | None = None
+
+
+def hook_site(
+    module: str,
+    dim: int,
+    *,
+    at_input: bool = False,
+    offset: int = 0,
+    size: int | None = None,
+    op: str = "",
+) -> HookSite:
+    """A :class:`HookSite` on ``module``'s output (or input), optionally a slice of ``dim``."""
+    span = "" if size is None else f"[{offset}:{offset + size}]"
+    node = f"{module}:{'input' if at_input else 'output'}{span}"
+    return HookSite(node, module, dim, op, not at_input, at_input, offset, size)
+
+
+def _observable(site: ActivationSite) -> bool:
+    return site.module_output or getattr(site, "at_input", False)
+
+
+def member_sites(group: Group, model: nn.Module) -> list[HookSite]:
+    """Sites of ``group`` read off its Linear/Conv weight members, for groups that no module
+    returns whole (the q/k and v/o head dims of a fused qkv projection).
+
+    A weight's output axis (axis 0) gives its module's output, its contracted input axis (axis
+    1, ``groups=1`` convs) its module's input; one site per segment of the axis that holds
+    exactly this group's units (``Member.segments``: a qkv output axis has one per q, k, v).
+    Output sites come first; input sites are used only for a group without any.
+    """
+    outs: list[HookSite] = []
+    ins: list[HookSite] = []
+    whole = (Factor(group.name, group.size),)
+    modules = dict(model.named_modules())
+    for member in group.members:
+        name, _, leaf = member.tensor.rpartition(".")
+        module = modules.get(name) if leaf == "weight" else None
+        if isinstance(module, nn.Linear):
+            dim = -1
+        elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+            dim = 1
+        else:
+            continue
+        at_input = member.axis == 1 and member.role == "in"
+        if not (member.axis == 0 or (at_input and getattr(module, "groups", 1) == 1)):
+            continue
+        full = module.weight.shape[member.axis]
+        for seg in member.segments:
+            if seg.factors == whole:
+                size = None if seg.size == full else seg.size
+                op = "input" if at_input else type(module).__name__.lower()
+                site = hook_site(name, dim, at_input=at_input, offset=seg.offset, size=size, op=op)
+                (ins if at_input else outs).append(site)
+    return list(dict.fromkeys(outs or ins))
+
+
 def default_sites(group: Group) -> list[ActivationSite]:
     """Post-activation module outputs of ``group``, else its last module output (or none).
 
@@ -110,7 +198,7 @@ def default_sites(group: Group) -> list[ActivationSite]:
     return acts or outs[-1:]
 
 
-def _resolve_sites(group: Group, choice: SiteChoice) -> list[ActivationSite]:
+def _resolve_sites(group: Group, choice: SiteChoice, model: nn.Module) -> list[ActivationSite]:
     if isinstance(choice, str):
         if choice == "activation":
             sites = default_sites(group)
@@ -123,15 +211,18 @@ def _resolve_sites(group: Group, choice: SiteChoice) -> list[ActivationSite]:
                 "The 'sites' parameter of collect_statistics must be 'activation', 'all', "
                 f"'last', a mapping or a callable. Got {choice!r} instead."
             )
+        sites = sites or member_sites(group, model)
     elif isinstance(choice, Mapping):
-        sites = list(choice.get(group.name, default_sites(group)))
+        default = default_sites(group) or member_sites(group, model)
+        sites = list(choice.get(group.name, default))
     else:
         sites = list(choice(group))
-    bad = [s.node for s in sites if not s.module_output]
+    bad = [s.node for s in sites if not _observable(s)]
     if bad:
         raise ValueError(
             f"sites {bad} of group '{group.name}' are not module outputs, so no forward hook "
-            "can observe them in the eager model; pick sites with module_output=True"
+            "can observe them in the eager model; pick sites with module_output=True or "
+            "HookSites (symmerge.stats.hook_site)"
         )
     return sites
 
@@ -219,10 +310,12 @@ class ActivationStats:
     """Running moments per group over the concatenated units of ``num_models`` models.
 
     Every accessor returns float64 tensors indexed model-major: unit ``i`` of model ``m`` is
-    index ``m * size(group) + i``. The raw accumulators are ``count`` (samples), ``shift``
-    (a fixed reference point ``c``), ``sums`` = Σ(z − c) and ``outer`` = Σ(z − c)(z − c)ᵀ.
-    ``unobserved`` lists the requested groups that have no module-output site, so no hook can
-    see them (e.g. attention q/k/v head groups, visible only inside the attention module).
+    index ``units(group, m).start + i`` (``m * size(group) + i`` when every model has the
+    group's size; ``model_sizes`` holds each model's size, ``sizes`` model 0's). The raw
+    accumulators are ``count`` (samples), ``shift`` (a fixed reference point ``c``), ``sums`` =
+    Σ(z − c) and ``outer`` = Σ(z − c)(z − c)ᵀ. ``unobserved`` lists the requested groups that no
+    hook can see (no module output and no Linear/Conv weight holds them, e.g. the attention
+    heads group, visible only inside the attention module).
     """
 
     num_models: int
@@ -236,11 +329,15 @@ class ActivationStats:
     unobserved: list[str] = field(default_factory=list)
     raw_rows: dict[str, Tensor] = field(default_factory=dict)
     raw_keys: dict[str, Tensor] = field(default_factory=dict)
+    model_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     # ---- bookkeeping --------------------------------------------------------------------
     @property
     def groups(self) -> list[str]:
         return list(self.sizes)
+
+    def _widths(self, group: str) -> tuple[int, ...]:
+        return self.model_sizes.get(group) or (self.sizes[group],) * self.num_models
 
     def _check(self, group: str) -> None:
         if group not in self.sizes:
@@ -248,14 +345,30 @@ class ActivationStats:
         if self.counts.get(group, 0) == 0:
             raise ValueError(f"group {group!r} has seen no samples")
 
-    def size(self, group: str) -> int:
-        """Units per model (``n``); matrices are ``(num_models * n)`` square."""
-        return self.sizes[group]
+    def size(self, group: str, model: int | None = None) -> int:
+        """Units of ``model`` (``n``); without a model, every model's (an error if they differ).
+
+        Matrices are ``total_size(group)`` square (``num_models * n`` for equal widths).
+        """
+        widths = self._widths(group)
+        if model is not None:
+            return widths[model]
+        if len(set(widths)) > 1:
+            raise ValueError(
+                f"group {group!r} has a different size in every model {list(widths)}; pass "
+                "model= or use units()/total_size()"
+            )
+        return widths[0]
+
+    def total_size(self, group: str) -> int:
+        """Columns of the concatenation: the sum of every model's size."""
+        return sum(self._widths(group))
 
     def units(self, group: str, model: int) -> slice:
         """The index range of ``model``'s units, e.g. ``corr[s.units(g, 0), s.units(g, 1)]``."""
-        n = self.sizes[group]
-        return slice(model * n, (model + 1) * n)
+        widths = self._widths(group)
+        start = sum(widths[:model])
+        return slice(start, start + widths[model])
 
     def count(self, group: str) -> int:
         """Samples seen: batch elements times positions, summed over the group's sites."""
@@ -321,50 +434,27 @@ class ActivationStats:
         raw buffers are merged by keeping the ``raw_samples`` smallest random keys overall,
         so they stay a uniform sample of the union. Returns ``self``.
         """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("all_reduce needs an initialized torch.distributed process group")
+        _distributed()
         names = sorted(self.sizes)
         if not names:
             return self
-        on_nccl = dist.get_backend(process_group) == "nccl"
-        ref = self.sums[names[0]]
-        comm = ref.device if on_nccl else torch.device("cpu")
-
-        def pack(parts: list[Tensor]) -> Tensor:
-            return torch.cat([p.reshape(-1).to(comm, torch.float64) for p in parts])
-
+        dev = self.sums[names[0]].device
+        local = [torch.tensor([float(self.counts.get(g, 0))], dtype=torch.float64) for g in names]
         # 1) one common reference point: the count-weighted mean of the local shifts
-        first = pack(
-            [
-                t
-                for g in names
-                for t in (
-                    torch.tensor([self.counts.get(g, 0)], dtype=torch.float64),
-                    self.shift[g] * self.counts.get(g, 0),
-                )
-            ]
+        first = _sum_over_processes(
+            [t for g, n in zip(names, local, strict=True) for t in (n, self.shift[g] * n.item())],
+            process_group,
+            dev,
         )
-        dist.all_reduce(first, group=process_group)
-        offset, totals = 0, {}
-        for g in names:
-            k = self.num_models * self.sizes[g]
-            total = first[offset].item()
-            totals[g] = int(round(total))
-            weighted = first[offset + 1 : offset + 1 + k].to(ref.device)
-            offset += 1 + k
+        for g, total, weighted in zip(names, first[0::2], first[1::2], strict=True):
             self._rebase(g, weighted / total if total > 0 else torch.zeros_like(weighted))
+            self.counts[g] = int(round(total.item()))  # after the re-basing with the local count
         # 2) sum the re-based moments
-        second = pack([t for g in names for t in (self.sums[g], self.outer[g])])
-        dist.all_reduce(second, group=process_group)
-        offset = 0
-        for g in names:
-            k = self.num_models * self.sizes[g]
-            self.sums[g] = second[offset : offset + k].to(ref.device)
-            self.outer[g] = second[offset + k : offset + k + k * k].view(k, k).to(ref.device)
-            offset += k + k * k
-            self.counts[g] = totals[g]
+        second = _sum_over_processes(
+            [t for g in names for t in (self.sums[g], self.outer[g])], process_group, dev
+        )
+        for g, sums, outer in zip(names, second[0::2], second[1::2], strict=True):
+            self.sums[g], self.outer[g] = sums, outer
         if self.raw_samples:
             self._all_reduce_raw(names, process_group)
         return self
@@ -388,6 +478,27 @@ class ActivationStats:
             self.raw_keys[g], self.raw_rows[g] = keys[keep].to(dev), rows[keep].to(dev)
 
 
+def _distributed() -> Any:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("all_reduce needs an initialized torch.distributed process group")
+    return dist
+
+
+def _sum_over_processes(
+    parts: list[Tensor], process_group: Any, device: torch.device
+) -> list[Tensor]:
+    """``parts`` summed over all processes in one float64 collective, returned on ``device``
+    with their shapes (NCCL communicates on ``device``, other backends on the CPU)."""
+    dist = _distributed()
+    comm = device if dist.get_backend(process_group) == "nccl" else torch.device("cpu")
+    flat = torch.cat([p.reshape(-1).to(comm, torch.float64) for p in parts])
+    dist.all_reduce(flat, group=process_group)
+    out = flat.to(device).split([p.numel() for p in parts])
+    return [o.view(p.shape) for o, p in zip(out, parts, strict=True)]
+
+
 # ---------------------------------------------------------------------------------------
 # collection
 # ---------------------------------------------------------------------------------------
@@ -395,7 +506,8 @@ class ActivationStats:
 
 @dataclass
 class _Site:
-    """One observed site: the buffer its hooks write, for which group.
+    """One observed site: the buffer its hooks write, for which group; ``per_model`` holds
+    each model's version of ``site`` (slices differ when the models' widths do).
 
     The buffer is ``(P, N*n, Q)`` for an activation of shape ``(*p, n, *q)`` (units on axis
     ``dim``), with P = prod(p) and Q = prod(q). Two layouts:
@@ -412,6 +524,7 @@ class _Site:
     written: int = 0  # bit m set once model m wrote this batch
     buffer: Tensor | None = None
     native: bool = False
+    per_model: list[ActivationSite] = field(default_factory=list)
 
     def rows(self) -> Tensor:
         """The buffer as ``(samples, N*n)`` (a copy in the native layout)."""
@@ -457,37 +570,50 @@ class _Collector:
             self.gen = torch.Generator(device=device).manual_seed(seed)
         for m, model in enumerate(models):
             for entry in plan:
+                site = entry.per_model[m] if entry.per_model else entry.site
                 try:
-                    module = model.get_submodule(entry.site.module)
+                    module = model.get_submodule(site.module)
                 except AttributeError as e:
                     raise ValueError(
-                        f"model {m} has no submodule '{entry.site.module}' (site "
-                        f"'{entry.site.node}' of group '{entry.group}'); all models must share "
+                        f"model {m} has no submodule '{site.module}' (site "
+                        f"'{site.node}' of group '{entry.group}'); all models must share "
                         "the architecture the spec was traced from"
                     ) from e
-                self.handles.append(module.register_forward_hook(self._hook(m, entry)))
+                observe = self._hook(m, entry, site)
+                if getattr(site, "at_input", False):
+                    hook = module.register_forward_pre_hook(
+                        lambda _, args, f=observe: f(args[0] if args else None)
+                    )
+                else:
+                    hook = module.register_forward_hook(lambda _, args, out, f=observe: f(out))
+                self.handles.append(hook)
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
 
-    def _hook(self, m: int, entry: _Site) -> Callable[..., None]:
-        n = self.stats.sizes[entry.group]
-        dim = entry.site.dim
-        k = self.stats.num_models * n
-        units = slice(m * n, (m + 1) * n)
+    def _hook(self, m: int, entry: _Site, site: ActivationSite) -> Callable[[Any], None]:
+        """``hook(value)`` copies model ``m``'s view of the site (a module's output or input)
+        into the buffer."""
+        units = self.stats.units(entry.group, m)
+        n, k = units.stop - units.start, self.stats.total_size(entry.group)
+        offset, part = getattr(site, "offset", 0), getattr(site, "size", None)
+        where = "input" if getattr(site, "at_input", False) else "output"
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+        def hook(output: Any) -> None:
             if self.current != m:  # a module object shared by several models
                 return
             if not torch.is_tensor(output):
                 raise TypeError(
-                    f"site '{entry.site.node}' of group '{entry.group}': module "
-                    f"'{entry.site.module}' returned {type(output).__name__}, not a tensor"
+                    f"site '{site.node}' of group '{entry.group}': the {where} of module "
+                    f"'{site.module}' is {type(output).__name__}, not a tensor"
                 )
-            if output.ndim <= dim or output.shape[dim] != n:
+            dim = site.dim + output.ndim if site.dim < 0 else site.dim
+            width = output.shape[dim] if 0 <= dim < output.ndim else -1
+            fits = (width == n) if part is None else (width >= offset + n)
+            if not fits:
                 return  # another call of a module used several times; the site is its last
-            y = output.detach()
+            y = output.detach() if part is None else output.detach().narrow(dim, offset, n)
             p, q = math.prod(y.shape[:dim]), math.prod(y.shape[dim + 1 :])
             buf = entry.buffer
             if m == 0 or buf is None:
@@ -546,7 +672,7 @@ class _Collector:
         s = self.stats
         with _no_tf32(self.device):
             for g, entries in by_group.items():
-                k = s.num_models * s.sizes[g]
+                k = s.total_size(g)
                 if g not in s.shift:  # first batch: reference point = its mean
                     bufs = [e.buffer for e in entries if e.buffer is not None]
                     total = sum(b.numel() // k for b in bufs)
@@ -595,11 +721,13 @@ def collect_statistics(
     sites: SiteChoice = "activation",
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    specs: Sequence[SymmetrySpec] | None = None,
 ) -> ActivationStats:
     """Moments of every group's units over ``batches``, for all ``models`` in one pass.
 
     Args:
         spec: the symmetry spec, traced from any one of the models (module names are shared).
+            It names the groups; with ``specs`` the sizes and sites come from those.
         models: N models of the same architecture; each batch is run through all of them.
         batches: tensors, ``(inputs, labels)`` tuples (labels ignored) or keyword mappings.
         groups: names of the groups to observe (default: every group; those without a
@@ -611,10 +739,16 @@ def collect_statistics(
             for K-means.
         sites: ``"activation"`` (default, :func:`default_sites`), ``"all"`` module outputs,
             ``"last"`` module output, a mapping group -> sites, or a callable group -> sites.
+            A group without module-output sites falls back to :func:`member_sites` (slices of
+            Linear/Conv outputs, or their inputs); :class:`HookSite` entries may be given too.
         dtype: precision of the per-batch products (default: the activations' dtype, at
             least float32). Accumulation is always float64.
         seed: seed of the raw-buffer sampling (plus the process rank under
             ``torch.distributed``, so processes draw independent samples).
+        specs: one spec per model, each traced from its own model, for parents of different
+            widths (same group names, possibly different sizes). Every model's sites are
+            chosen from its own spec, in the same way; a group's columns are then blocks of
+            each model's own size (:meth:`ActivationStats.units`).
 
     Returns:
         :class:`ActivationStats`. Models are run in eval mode under ``torch.no_grad`` and get
@@ -631,26 +765,59 @@ def collect_statistics(
         raise ValueError(
             f"The 'raw_samples' parameter of collect_statistics must be >= 0. Got {raw_samples}."
         )
+    specs = [spec] * len(models) if specs is None else list(specs)
+    if len(specs) != len(models):
+        raise ValueError(f"got {len(specs)} specs for {len(models)} models; pass one per model")
+    for m, other in enumerate(specs):
+        mine, ref = set(other.groups), set(spec.groups)
+        if mine != ref:
+            raise ValueError(
+                f"the spec of model {m} does not have the groups of the reference spec (missing "
+                f"{sorted(ref - mine)}, extra {sorted(mine - ref)}); specs are matched by group "
+                "name, so trace every model of one architecture (widths may differ)"
+            )
     names = list(spec.groups) if groups is None else list(groups)
     unknown = [g for g in names if g not in spec.groups]
     if unknown:
         raise KeyError(f"unknown groups {unknown}; the spec has {list(spec.groups)}")
-    chosen = {g: _resolve_sites(spec.groups[g], sites) for g in names}
+    chosen = [  # per model: group -> sites
+        {g: _resolve_sites(sp.groups[g], sites, model) for g in names}
+        for sp, model in zip(specs, models, strict=True)
+    ]
+    for g in names:
+        counts = [len(c[g]) for c in chosen]
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"group '{g}' is observed at {counts} sites in the models; their specs must "
+                "give corresponding sites"
+            )
+        for m, sp in enumerate(specs):
+            parts = {getattr(x, "size", None) for x in chosen[m][g]} - {None, sp.groups[g].size}
+            if parts:
+                raise ValueError(
+                    f"sites of group '{g}' in model {m} slice {sorted(parts)} units, but the "
+                    f"group has {sp.groups[g].size}"
+                )
     if groups is not None:
-        empty = [g for g, s in chosen.items() if not s]
+        empty = [g for g in names if not chosen[0][g]]
         if empty:
             raise ValueError(f"groups {empty} have no module-output site a hook could observe")
     if raw_samples and torch.distributed.is_available() and torch.distributed.is_initialized():
         seed += torch.distributed.get_rank()
+    observed = [g for g in names if chosen[0][g]]
     stats = ActivationStats(
         num_models=len(models),
-        sizes={g: spec.groups[g].size for g, s in chosen.items() if s},
-        sites={g: s for g, s in chosen.items() if s},
+        sizes={g: specs[0].groups[g].size for g in observed},
+        sites={g: chosen[0][g] for g in observed},
         raw_samples=int(raw_samples),
-        unobserved=[g for g, s in chosen.items() if not s],
+        unobserved=[g for g in names if not chosen[0][g]],
+        model_sizes={g: tuple(sp.groups[g].size for sp in specs) for g in observed},
     )
-    chosen = stats.sites
-    plan = [_Site(g, s) for g, ss in chosen.items() for s in ss]
+    plan = [
+        _Site(g, site, per_model=[c[g][i] for c in chosen])
+        for g in observed
+        for i, site in enumerate(chosen[0][g])
+    ]
     dev = torch.device(device) if device is not None else None
     with _eval_on(models, dev) as dev, torch.no_grad():
         collector = _Collector(stats, plan, models, dev, dtype, seed)
@@ -665,9 +832,247 @@ def collect_statistics(
         finally:
             collector.close()
     for g in stats.sizes:  # groups that saw no data still all-reduce consistently
-        k = stats.num_models * stats.sizes[g]
+        k = stats.total_size(g)
         stats.shift.setdefault(g, torch.zeros(k, dtype=torch.float64, device=dev))
         stats.sums.setdefault(g, torch.zeros(k, dtype=torch.float64, device=dev))
         stats.outer.setdefault(g, torch.zeros(k, k, dtype=torch.float64, device=dev))
         stats.counts.setdefault(g, 0)
     return stats
+
+
+# ---------------------------------------------------------------------------------------
+# least-squares products
+# ---------------------------------------------------------------------------------------
+
+#: Builds a layer's regressors (targets) from the N models' inputs (outputs) of that layer.
+LayerMap = Callable[[list[Tensor]], Tensor]
+
+
+@dataclass
+class LayerProducts:
+    """Normal-equation sums of layer-wise least squares, per Linear / Conv2d layer.
+
+    PLeaS (algorithms.md §2, step 3) and the linear variant of neuron-interpolation fusion
+    (§5) refit layers in closed form, ``solve(XᵀX + ridge·I, XᵀY)``. Rows of X are the layer's
+    inputs (im2col patches for a conv, columns ordered (channel, kh, kw) like
+    ``weight.flatten(1)``), followed by a ones column when the layer has a bias; rows of Y are
+    its targets. ``xtx`` and ``xty`` are float64 sums whose size does not grow with the number
+    of samples, ``counts`` the rows summed.
+    """
+
+    layers: list[str]
+    bias: dict[str, bool]
+    kernels: dict[str, tuple[int, ...]]  # () for a Linear, (kh, kw) for a Conv2d
+    xtx: dict[str, Tensor] = field(default_factory=dict)
+    xty: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def solve(self, layer: str, ridge: float = 0.0) -> tuple[Tensor, Tensor | None]:
+        """``(weight, bias)`` minimising ``‖X θ − Y‖² + ridge ‖θ‖²`` (the bias included),
+        shaped like the layer's parameters (``(out, in, kh, kw)`` for a conv)."""
+        if layer not in self.xtx:
+            raise KeyError(f"no products for layer {layer!r}; collected: {sorted(self.xtx)}")
+        a, b = self.xtx[layer], self.xty[layer]
+        eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        theta = torch.linalg.solve(a + ridge * eye, b)
+        weight, bias = (theta[:-1], theta[-1]) if self.bias[layer] else (theta, None)
+        return weight.T.reshape(b.shape[1], -1, *self.kernels[layer]), bias
+
+    def all_reduce(self, process_group: Any = None) -> LayerProducts:
+        """Sum the products and counts over all processes of ``torch.distributed`` (in place).
+
+        Every process must have seen at least one batch (the column count of a layer is only
+        known from data). Returns ``self``.
+        """
+        _distributed()
+        missing = [g for g in self.layers if g not in self.xtx]
+        if missing:
+            raise ValueError(f"layers {missing} saw no data on this process; nothing to sum")
+        if not self.layers:
+            return self
+        parts = [
+            t
+            for g in self.layers
+            for t in (
+                self.xtx[g],
+                self.xty[g],
+                torch.tensor([float(self.counts[g])], dtype=torch.float64),
+            )
+        ]
+        out = _sum_over_processes(parts, process_group, self.xtx[self.layers[0]].device)
+        for g, xtx, xty, n in zip(self.layers, out[0::3], out[1::3], out[2::3], strict=True):
+            self.xtx[g], self.xty[g], self.counts[g] = xtx, xty, int(round(n.item()))
+        return self
+
+
+def _unfold_args(layer: nn.Module, name: str) -> dict[str, Any] | None:
+    """``None`` for a Linear, ``F.unfold``'s arguments for a Conv2d, an error otherwise."""
+    if isinstance(layer, nn.Linear):
+        return None
+    if not isinstance(layer, nn.Conv2d):
+        raise ValueError(
+            f"layer '{name}' is a {type(layer).__name__}; least-squares products support "
+            "nn.Linear and nn.Conv2d"
+        )
+    if layer.groups != 1:
+        raise ValueError(
+            f"layer '{name}' is a grouped conv (groups={layer.groups}): its least squares is one "
+            "problem per group, which collect_layer_products does not split; leave it out"
+        )
+    if layer.padding_mode != "zeros":
+        raise ValueError(
+            f"layer '{name}' pads with {layer.padding_mode!r}; im2col (F.unfold) pads with zeros"
+        )
+    padding: Any = layer.padding
+    if isinstance(padding, str):  # "valid", or "same" (stride 1), symmetric when even
+        total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+        if padding == "same" and any(t % 2 for t in total):
+            raise ValueError(f"layer '{name}': padding='same' is asymmetric here; unsupported")
+        padding = (0, 0) if padding == "valid" else tuple(t // 2 for t in total)
+    return {
+        "kernel_size": layer.kernel_size,
+        "dilation": layer.dilation,
+        "padding": padding,
+        "stride": layer.stride,
+    }
+
+
+def _add_products(
+    out: LayerProducts,
+    name: str,
+    x: Tensor,
+    y: Tensor,
+    unfold: dict[str, Any] | None,
+    dtype: torch.dtype,
+) -> None:
+    """Add one batch's ``XᵀX``, ``XᵀY`` of a layer, in chunks of about ``_BMM_ELEMENTS``."""
+    if unfold is None:  # Linear: (..., in) rows
+        xs, ys = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        step = max(1, _BMM_ELEMENTS // xs.shape[1])
+    else:  # Conv2d: unfold step images at a time
+        if x.ndim != 4 or y.ndim != 4:
+            raise ValueError(
+                f"layer '{name}': a conv's inputs and targets must be (B, C, H, W), got "
+                f"{tuple(x.shape)} and {tuple(y.shape)}"
+            )
+        kh, kw = unfold["kernel_size"]
+        step = max(1, _BMM_ELEMENTS // (x.shape[1] * kh * kw * y.shape[2] * y.shape[3]))
+        xs, ys = x, y
+    if xs.shape[0] != ys.shape[0]:
+        raise ValueError(
+            f"layer '{name}': inputs {tuple(x.shape)} and targets {tuple(y.shape)} do not "
+            "have the same samples"
+        )
+    for xc, yc in zip(xs.split(step), ys.split(step), strict=True):
+        xc, yc = xc.to(dtype), yc.to(dtype)
+        if unfold is not None:
+            xc = F.unfold(xc, **unfold).transpose(1, 2).reshape(-1, xc.shape[1] * kh * kw)
+            yc = flatten_units(yc, 1)
+            if xc.shape[0] != yc.shape[0]:
+                raise ValueError(
+                    f"layer '{name}': the targets {tuple(y.shape)} do not have one row per "
+                    "output position of the conv"
+                )
+        if out.bias[name]:
+            xc = F.pad(xc, (0, 1), value=1.0)
+        if name not in out.xtx:
+            out.xtx[name] = xc.new_zeros(xc.shape[1], xc.shape[1])
+            out.xty[name] = xc.new_zeros(xc.shape[1], yc.shape[1])
+            out.counts[name] = 0
+        out.xtx[name] += xc.T @ xc
+        out.xty[name] += xc.T @ yc
+        out.counts[name] += xc.shape[0]
+
+
+def collect_layer_products(
+    models: Sequence[nn.Module],
+    batches: Iterable[Tensor | tuple | Mapping[str, Any]],
+    layers: Sequence[str],
+    *,
+    inputs: Mapping[str, LayerMap] | None = None,
+    targets: Mapping[str, LayerMap] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float64,
+    progress: bool = False,
+) -> LayerProducts:
+    """``XᵀX`` and ``XᵀY`` of Linear / Conv2d ``layers`` (module names) over ``batches``.
+
+    The sums behind the least-squares refits of PLeaS and neuron-interpolation fusion (see
+    :class:`LayerProducts`). Each batch runs through every model; a hook keeps each model's
+    input and output of each layer (a layer called several times per forward: its last call).
+    By default X concatenates the N models' inputs on the channel axis (model-major, like
+    :class:`ActivationStats`: a merged model's inputs are a linear map of it, so its products
+    follow from these) and Y their outputs (the pre-activations). ``inputs[layer]`` /
+    ``targets[layer]`` replace that: called with the list of the N models' inputs / outputs of
+    the layer, they return X in the layer's input layout (e.g. the fused model's own input) /
+    Y in its output layout (e.g. centroids of the parents' outputs).
+
+    Convs are unfolded (im2col) with their kernel size, stride, padding and dilation, a few
+    images at a time, so memory is set by the batch size, not the number of samples; grouped
+    convs are refused. ``dtype`` is the precision of the products: float64 by default, since
+    normal equations square the condition number. Models run in eval mode under
+    ``torch.no_grad`` (modes and devices restored); sums add up across processes with
+    :meth:`LayerProducts.all_reduce`.
+
+    Example:
+        >>> p = collect_layer_products([model], loader, ["fc1"])  # doctest: +SKIP
+        >>> weight, bias = p.solve("fc1", ridge=1e-6)  # fc1's own weights, up to the ridge
+    """
+    models, layers = list(models), list(dict.fromkeys(layers))
+    if not models:
+        raise ValueError("collect_layer_products needs at least one model")
+    inputs, targets = dict(inputs or {}), dict(targets or {})
+    stray = sorted((set(inputs) | set(targets)) - set(layers))
+    if stray:
+        raise ValueError(f"inputs/targets name layers {stray} that are not in layers={layers}")
+    mods = [[model.get_submodule(name) for name in layers] for model in models]
+    unfold = {name: _unfold_args(mod, name) for name, mod in zip(layers, mods[0], strict=True)}
+    out = LayerProducts(
+        layers,
+        bias={name: mod.bias is not None for name, mod in zip(layers, mods[0], strict=True)},
+        kernels={name: tuple(u["kernel_size"]) if u else () for name, u in unfold.items()},
+    )
+    axis = {name: -1 if u is None else 1 for name, u in unfold.items()}
+    seen: dict[str, list[tuple[Tensor, Tensor] | None]] = {}
+    current = -1
+
+    def keep(m: int, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if current == m:
+                seen[name][m] = (args[0].detach(), output.detach())
+
+        return hook
+
+    dev = torch.device(device) if device is not None else None
+    with _eval_on(models, dev) as dev, torch.no_grad(), _no_tf32(dev):
+        handles = [
+            mod.register_forward_hook(keep(m, name))
+            for m, row in enumerate(mods)
+            for name, mod in zip(layers, row, strict=True)
+        ]
+        try:
+            it: Iterable[Any] = batches
+            if progress:
+                from tqdm.auto import tqdm
+
+                it = tqdm(batches, desc="layer products", unit="batch")
+            for batch in it:
+                args, kwargs = model_inputs(batch, dev)
+                seen.update({name: [None] * len(models) for name in layers})
+                for m, model in enumerate(models):
+                    current = m
+                    model(*args, **kwargs)
+                current = -1
+                for name in layers:
+                    pairs = seen[name]
+                    if any(p is None for p in pairs):
+                        raise RuntimeError(f"layer '{name}' was not called in every model")
+                    xs = [p[0] for p in pairs if p is not None]
+                    ys = [p[1] for p in pairs if p is not None]
+                    x = inputs[name](xs) if name in inputs else torch.cat(xs, axis[name])
+                    y = targets[name](ys) if name in targets else torch.cat(ys, axis[name])
+                    _add_products(out, name, x, y, unfold[name], dtype)
+        finally:
+            for h in handles:
+                h.remove()
+    return out

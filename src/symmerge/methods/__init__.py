@@ -2,7 +2,9 @@
 
 A method is a function ``fn(spec, models, *, data=None, lam=0.5, seed=0, **kw) -> MergeResult``
 registered with :func:`register_method`. ``models`` are ``nn.Module`` s or state dicts (methods
-that run the models on data need modules). Look methods up by name with :func:`get_method`.
+that run the models on data need modules). Look methods up by name with :func:`get_method`;
+:func:`method_info` also says what a method can do (its capabilities: whether it needs data,
+how many models it merges, ...), which ``merge()`` and the CLI read instead of lists of names.
 
 Example:
     >>> from symmerge.methods import get_method, list_methods
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -74,35 +77,99 @@ class MergeResult:
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """A registered method: its function and where it comes from."""
+    """A registered method: its function, where it comes from and what it can do.
+
+    Attributes:
+        name: the registered name.
+        fn: the method's function.
+        paper, url: the reference.
+        needs_data: the method runs the models on data (``merge()`` requires ``data=``).
+        max_models: the most models it merges at once (``None``: any number >= 2).
+        unequal_widths: it can merge parents whose group widths differ.
+        target_width: it can produce a merged model of a chosen width.
+    """
 
     name: str
     fn: Method
     paper: str | None = None
     url: str | None = None
+    needs_data: bool = False
+    max_models: int | None = None
+    unequal_widths: bool = False
+    target_width: bool = False
 
     @property
     def summary(self) -> str:
+        """The docstring's first paragraph on one line ("" without a docstring)."""
         doc = (self.fn.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        return " ".join(doc.split("\n\n")[0].split()) if doc else ""
+
+    def accepts(self, num_models: int) -> bool:
+        """Whether the method merges ``num_models`` models at once."""
+        return num_models >= 2 and (self.max_models is None or num_models <= self.max_models)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description: name, summary, reference and capabilities."""
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "paper": self.paper,
+            "url": self.url,
+            "needs_data": self.needs_data,
+            "max_models": self.max_models,
+            "unequal_widths": self.unequal_widths,
+            "target_width": self.target_width,
+        }
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
 
 
 def register_method(
-    name: str, *, paper: str | None = None, url: str | None = None
+    name: str,
+    *,
+    paper: str | None = None,
+    url: str | None = None,
+    needs_data: bool = False,
+    max_models: int | None = None,
+    unequal_widths: bool = False,
+    target_width: bool = False,
 ) -> Callable[[Method], Method]:
-    """Decorator adding a method under ``name``; a name can be registered once."""
+    """Decorator adding a method under ``name``; a name can be registered once.
+
+    Args:
+        name: the registered name.
+        paper, url: the reference.
+        needs_data: the method runs the models on data.
+        max_models: the most models it merges at once (``None``: any number; 2 for pairwise
+            methods). Every method merges at least 2.
+        unequal_widths: it can merge parents whose group widths differ.
+        target_width: it can produce a merged model of a chosen width.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"method name must be a non-empty string, got {name!r}")
     if name in _REGISTRY:
         raise ValueError(f"method {name!r} is already registered (by {_REGISTRY[name].fn})")
+    for flag, value in (("needs_data", needs_data), ("unequal_widths", unequal_widths),
+                        ("target_width", target_width)):  # fmt: skip
+        if not isinstance(value, bool):
+            raise ValueError(
+                f"The {flag!r} parameter of register_method must be a bool. Got {value!r} instead."
+            )
+    if max_models is not None and (
+        isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 2
+    ):
+        raise ValueError(
+            "The 'max_models' parameter of register_method must be None or an int >= 2. "
+            f"Got {max_models!r} instead."
+        )
 
     def decorator(fn: Method) -> Method:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered (by {_REGISTRY[name].fn})")
-        _REGISTRY[name] = MethodInfo(name, fn, paper, url)
+        _REGISTRY[name] = MethodInfo(
+            name, fn, paper, url, needs_data, max_models, unequal_widths, target_width
+        )
         return fn
 
     return decorator
@@ -129,5 +196,6 @@ def get_method(name: str) -> Method:
 
 # Method modules register themselves on import.
 from symmerge.methods import c2m3 as c2m3  # noqa: E402
+from symmerge.methods import ensemble as ensemble  # noqa: E402
 from symmerge.methods import rebasin as rebasin  # noqa: E402
 from symmerge.methods import ste as ste  # noqa: E402

@@ -27,7 +27,10 @@ __all__ = ["c2m3"]
 
 
 @register_method(
-    "c2m3", paper="Crisostomi et al., C2M3, NeurIPS 2024", url="https://arxiv.org/abs/2405.17897"
+    "c2m3",
+    paper="Crisostomi et al., C2M3, NeurIPS 2024",
+    url="https://arxiv.org/abs/2405.17897",
+    max_models=None,
 )
 def c2m3(
     spec: SymmetrySpec,

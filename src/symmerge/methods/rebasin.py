@@ -5,6 +5,11 @@ Each recipe aligns the models (a GroupMap per group), then builds the merged wei
 model weights ``(1 - lam, lam)``; for more models pass ``weights=`` (uniform by default).
 Renormalisation (BN reset, REPAIR) is a separate step, not done here.
 
+Weight and activation matching also merge parents of different widths (``specs=``, one traced
+spec per model): the widest model fixes the merged widths and unit order, each narrower model's
+units are matched to distinct units of it by a rectangular assignment, matched units are
+averaged and unmatched ones are the wide model's own (:meth:`GroupMap.partial_permutations`).
+
 Reference: Ainsworth, Hayase, Srinivasa, "Git Re-Basin: Merging Models modulo Permutation
 Symmetries", ICLR 2023, https://arxiv.org/abs/2209.04836
 """
@@ -22,8 +27,10 @@ from symmerge.groupmap import GroupMap, build_state_dict
 from symmerge.methods import MergeResult, register_method
 from symmerge.similarity import activation_similarity
 from symmerge.solvers.coordinate import (
+    Perms,
     coordinates,
     merge_many,
+    narrow_identity,
     solve_coordinate,
     weight_matching,
 )
@@ -38,7 +45,7 @@ _URL = "https://arxiv.org/abs/2209.04836"
 Models = Sequence[nn.Module | Mapping[str, torch.Tensor]]
 
 
-@register_method("naive", paper="weight averaging (baseline)", url=_URL)
+@register_method("naive", paper="weight averaging (baseline)", url=_URL, max_models=None)
 def naive(
     spec: SymmetrySpec,
     models: Models,
@@ -51,6 +58,7 @@ def naive(
     """Plain (weighted) average of the weights, without any alignment."""
     t0 = time.perf_counter()
     sds = _state_dicts(models)
+    _check_equal_widths(sds, "naive")
     w = _model_weights(len(sds), lam, weights, "naive")
     maps = {g: GroupMap.identity(grp.size, len(sds), w) for g, grp in spec.groups.items()}
     merged = build_state_dict(spec, sds, maps)
@@ -60,7 +68,7 @@ def naive(
     )
 
 
-@register_method("weight", paper=_PAPER, url=_URL)
+@register_method("weight", paper=_PAPER, url=_URL, max_models=2, unequal_widths=True)
 def weight(
     spec: SymmetrySpec,
     models: Models,
@@ -73,14 +81,18 @@ def weight(
     max_sweeps: int = 100,
     init: Mapping[str, torch.Tensor] | None = None,
     backend: str = "scipy",
+    specs: Sequence[SymmetrySpec] | None = None,
 ) -> MergeResult:
     """Weight matching (data-free): align model 1 to model 0 by coordinate descent, then average.
 
     Args:
         kind: weight similarity, ``"inner"`` (the paper), ``"corr"`` or ``"cos"``.
         max_sweeps: bound on sweeps over all groups.
-        init: warm-start permutations of model 1.
+        init: warm-start permutations of model 1 (with ``specs``: of the narrower model, as
+            :func:`~symmerge.solvers.coordinate.weight_matching` takes them).
         backend: LAP backend (see :func:`symmerge.solvers.solve_lap`).
+        specs: one spec per model when their widths differ; the wider model is then matched
+            against (rectangular assignments) and fixes the merged widths and unit order.
     """
     sds = _state_dicts(models)
     if len(sds) != 2:
@@ -88,6 +100,20 @@ def weight(
             f"the 'weight' method merges 2 models, got {len(sds)}; use 'mergemany' for more"
         )
     w = _model_weights(2, lam, weights, "weight")
+    if specs is not None:
+        specs = _check_specs(specs, 2)
+        r = _widest(specs)
+        res = weight_matching(
+            specs[r], sds[r], sds[1 - r], init=init, kind=kind, max_sweeps=max_sweeps,
+            seed=seed, backend=backend, spec_b=specs[1 - r],
+        )  # fmt: skip
+        perms = [res.perms, res.perms]
+        perms[r] = specs[r].identity_permutations()
+        return _finish(
+            "weight", specs, sds, _partial_maps(specs, perms, w), res.objective,
+            res.iterations, res.lap_seconds, res.other_seconds, res.log,
+        )  # fmt: skip
+    _check_equal_widths(sds, "weight")
     res = weight_matching(
         spec, sds[0], sds[1], init=init, kind=kind, max_sweeps=max_sweeps, seed=seed,
         backend=backend,
@@ -100,7 +126,9 @@ def weight(
     )  # fmt: skip
 
 
-@register_method("activation", paper=_PAPER, url=_URL)
+@register_method(
+    "activation", paper=_PAPER, url=_URL, needs_data=True, max_models=None, unequal_widths=True
+)
 def activation(
     spec: SymmetrySpec,
     models: Models,
@@ -114,6 +142,7 @@ def activation(
     collect: Callable[..., Any] | None = None,
     device: str | torch.device | None = None,
     backend: str = "scipy",
+    specs: Sequence[SymmetrySpec] | None = None,
 ) -> MergeResult:
     """Activation matching: align every model to model 0 by one LAP per group on unit
     similarities measured on data, then average.
@@ -122,14 +151,22 @@ def activation(
         data: batches to run the models on (tensors or ``(inputs, labels)`` tuples).
         kind: ``"corr"`` (Pearson, default), ``"inner"``, ``"cov"``, ``"neg_dist"`` or
             ``"neg_sqdist"`` (see :func:`symmerge.similarity.activation_similarity`).
-        stats: precomputed statistics of all the models (skips collecting).
+        stats: precomputed statistics of all the models (skips collecting); with ``specs``,
+            their units concatenated model-major with each model's own width.
         collect: ``collect(spec, models, batches, device=...)`` returning statistics; default
-            :func:`symmerge.stats.collect_statistics`.
+            :func:`symmerge.stats.collect_statistics`. With ``specs`` it is also passed
+            ``specs=``.
         device: where statistics are collected.
+        specs: one spec per model when their widths differ: every model is matched to the
+            widest one (rectangular assignments), which fixes the merged widths and unit order.
     """
     t0 = time.perf_counter()
     n = len(models)
     w = _model_weights(n, lam, weights, "activation")
+    if specs is None:
+        _check_equal_widths(_state_dicts(models), "activation")
+    else:
+        specs = _check_specs(specs, n)
     if stats is None:
         if data is None:
             raise ValueError("the 'activation' method needs data= (batches) or stats=")
@@ -139,9 +176,15 @@ def activation(
                 "dicts (or pass precomputed stats=)"
             )
         collect = collect or _default_collect()
-        stats = collect(spec, list(models), data, device=device)
+        extra = {} if specs is None else {"specs": specs}
+        stats = collect(spec, list(models), data, device=device, **extra)
     t_stats = time.perf_counter() - t0
     sds = _state_dicts(models)
+    if specs is not None:
+        res = _match_unequal(specs, stats, kind, backend, w, sds)
+        res.timings["statistics"] = t_stats
+        res.other_seconds += t_stats
+        return res
     perms: list[dict[str, torch.Tensor]] = [spec.identity_permutations()]
     objective: dict[str, float] = {}
     lap_s = 0.0
@@ -164,7 +207,7 @@ def activation(
     return res
 
 
-@register_method("mergemany", paper=_PAPER, url=_URL)
+@register_method("mergemany", paper=_PAPER, url=_URL, max_models=None)
 def mergemany(
     spec: SymmetrySpec,
     models: Models,
@@ -185,6 +228,7 @@ def mergemany(
     models) only weigh the final average.
     """
     sds = _state_dicts(models)
+    _check_equal_widths(sds, "mergemany")
     w = _model_weights(len(sds), lam, weights, "mergemany")
     res = merge_many(
         spec, sds, max_rounds=max_rounds, max_sweeps=max_sweeps, seed=seed, kind=kind,
@@ -202,7 +246,7 @@ def mergemany(
 
 def _finish(
     name: str,
-    spec: SymmetrySpec,
+    spec: SymmetrySpec | Sequence[SymmetrySpec],
     sds: list[dict[str, torch.Tensor]],
     maps: dict[str, GroupMap],
     objective: dict[str, float],
@@ -260,16 +304,26 @@ def _model_weights(
 
 
 def _activation_sim(
-    spec: SymmetrySpec, stats: Any, group: str, b: int, kind: str, n: int, head: bool
+    spec: SymmetrySpec,
+    stats: Any,
+    group: str,
+    b: int,
+    kind: str,
+    n: int,
+    head: bool,
+    *,
+    a: int = 0,
+    sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Model 0 vs model b. A head group that was not observed scores zero (the groups it
-    steers decide the head permutation); any other unobserved group is an error."""
+    """Model a vs model b (``sizes``: each model's units when widths differ). A head group
+    that was not observed scores zero (the groups it steers decide the head permutation); any
+    other unobserved group is an error."""
     collected = getattr(stats, "groups", None)
     if spec.groups[group].sites and (collected is None or group in collected):
-        return activation_similarity(stats, group, 0, b, kind=kind, num_models=n)
+        return activation_similarity(stats, group, a, b, kind=kind, num_models=n, sizes=sizes)
     if head:
         size = spec.groups[group].size
-        return torch.zeros(size, size, dtype=torch.float64)
+        return torch.zeros(size, size if sizes is None else sizes[b], dtype=torch.float64)
     raise ValueError(
         f"no activation statistics for group {group!r} (no observable site); activation "
         "matching cannot align it. Use weight matching, or collect statistics at other sites."
@@ -285,3 +339,102 @@ def _default_collect() -> Callable[..., Any]:
             "stats= to use another source of statistics"
         ) from e
     return collect_statistics
+
+
+# ---------------------------------------------------------------------------------------
+# parents of different widths
+# ---------------------------------------------------------------------------------------
+
+
+def _check_equal_widths(sds: Sequence[Mapping[str, torch.Tensor]], method: str) -> None:
+    """A clear error for parents of different widths (the builder would fail deep inside)."""
+    from symmerge.methods import list_methods, method_info
+
+    for m, sd in enumerate(sds[1:], 1):
+        for key, t in sd.items():
+            ref = sds[0].get(key)
+            if ref is None or t.shape == ref.shape:
+                continue
+            can = [repr(n) for n in list_methods() if method_info(n).unequal_widths]
+            fix = (
+                f"pass specs= (one traced spec per model) to '{method}', or use merge()"
+                if method_info(method).unequal_widths
+                else f"the '{method}' method needs equal widths; methods that merge parents of "
+                f"different widths: {', '.join(can)}"
+            )
+            raise ValueError(
+                f"model {m} has a different width from model 0 ('{key}' is "
+                f"{tuple(t.shape)} vs {tuple(ref.shape)}); {fix}"
+            )
+
+
+def _check_specs(specs: Sequence[SymmetrySpec], n: int) -> list[SymmetrySpec]:
+    specs = list(specs)
+    if len(specs) != n:
+        raise ValueError(f"need one spec per model ({n}), got {len(specs)}")
+    for m, sp in enumerate(specs[1:], 1):
+        if set(sp.groups) != set(specs[0].groups):
+            diff = sorted(set(sp.groups) ^ set(specs[0].groups))[:5]
+            raise ValueError(f"spec {m} has different groups than spec 0: {diff}")
+    return specs
+
+
+def _widest(specs: Sequence[SymmetrySpec]) -> int:
+    """The first model at least as wide as every other in every group: the merged model takes
+    its widths and unit order (a narrow unit can only be matched to a unit that exists)."""
+    for r, sp in enumerate(specs):
+        if all(sp.groups[g].size >= o.groups[g].size for o in specs for g in sp.groups):
+            return r
+    sizes = {g: [sp.groups[g].size for sp in specs] for g in specs[0].groups}
+    raise ValueError(
+        "no model is at least as wide as the others in every group, so there is no merged "
+        f"width to match into; group sizes per model: {sizes}"
+    )
+
+
+def _partial_maps(
+    specs: Sequence[SymmetrySpec], perms: Sequence[Perms], w: Sequence[float]
+) -> dict[str, GroupMap]:
+    """GroupMaps from each model's matching into the widest model's units (-1: unmatched)."""
+    return {
+        g: GroupMap.partial_permutations(
+            [p[g] for p in perms], [sp.groups[g].size for sp in specs], w
+        )
+        for g in specs[0].groups
+    }
+
+
+def _match_unequal(
+    specs: list[SymmetrySpec],
+    stats: Any,
+    kind: str,
+    backend: str,
+    w: Sequence[float],
+    sds: list[dict[str, torch.Tensor]],
+) -> MergeResult:
+    """Activation matching of every model into the widest one (rectangular LAPs)."""
+    t0 = time.perf_counter()
+    n, r = len(specs), _widest(specs)
+    perms: list[Perms] = []
+    objective: dict[str, float] = {}
+    lap_s = 0.0
+    for b in range(n):
+        if b == r:
+            perms.append(specs[r].identity_permutations())
+            continue
+        narrow_identity(specs[r], specs[b])  # checks: no wider group in b, the same blocks
+        perms.append({})
+        for coord in coordinates(specs[r]):
+            sims = {}
+            for k, g in enumerate(coord):
+                sizes = [sp.groups[g].size for sp in specs]
+                head = len(coord) > 1 and k == 0
+                sims[g] = _activation_sim(specs[r], stats, g, b, kind, n, head, a=r, sizes=sizes)
+            t1 = time.perf_counter()
+            perms[b].update(solve_coordinate(specs[r], coord, sims, backend=backend))
+            lap_s += time.perf_counter() - t1
+            for g in coord:
+                objective[g] = objective.get(g, 0.0) + lap_objective(sims[g], perms[b][g])
+    maps = _partial_maps(specs, perms, w)
+    other = time.perf_counter() - t0 - lap_s
+    return _finish("activation", specs, sds, maps, objective, 0, lap_s, other, [])

@@ -33,6 +33,8 @@ __all__ = ["ste"]
     paper="Yamada et al., Revisiting Permutation Symmetry for Merging Models between "
     "Different Datasets, 2023 (STE of Ainsworth et al., Git Re-Basin)",
     url="https://arxiv.org/abs/2306.05641",
+    needs_data=True,
+    max_models=2,
 )
 def ste(
     spec: SymmetrySpec,

@@ -55,7 +55,8 @@ Builder = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, Builder] = {}
 
-#: Names the CLI advertises (any name matching the grammar below also works).
+#: Names the CLI advertises (any name matching the grammar below also works, e.g. MLPs of
+#: other widths and depths such as ``"mlp-w256-d4"``).
 ZOO_NAMES: tuple[str, ...] = (
     "mlp",
     "vgg11",
@@ -69,9 +70,14 @@ ZOO_NAMES: tuple[str, ...] = (
 
 _GRAMMAR = (
     "mlp | vit-tiny | (vgg11|vgg16|resnet18|resnet20)[x<K>][-bn|-ln|-gn], e.g. 'resnet20x4-ln' "
-    "(x<K>: integer width multiplier >= 1, default 1; norm default bn)"
+    "(x<K>: integer width multiplier >= 1, default 1; norm default bn); an MLP may add "
+    "[-w<W>][-d<D>], e.g. 'mlp-w256-d4' (W: hidden units >= 1, default 512; D: hidden layers "
+    ">= 1, default 3)"
 )
 _CONV_RE = re.compile(r"^(vgg11|vgg16|resnet18|resnet20)(?:x(\d+))?(?:-(bn|ln|gn))?$")
+_MLP_RE = re.compile(r"^mlp(?:-w(\d+))?(?:-d(\d+))?$")
+#: What a bare ``mlp`` name builds (``format_model_name`` omits these).
+_MLP_DEFAULTS = {"width": 512, "depth": 3}
 
 
 def register_model(name: str) -> Callable[[Builder], Builder]:
@@ -99,15 +105,23 @@ def list_models() -> list[str]:
 
 def parse_model_name(name: str) -> tuple[str, dict[str, Any]]:
     """Turn a zoo name into ``(arch, kwargs)``; e.g. ``"resnet20x4-ln"`` ->
-    ``("resnet20", {"width": 4, "norm": "ln"})``. Only what the name states goes in kwargs.
+    ``("resnet20", {"width": 4, "norm": "ln"})`` and ``"mlp-w256-d4"`` ->
+    ``("mlp", {"width": 256, "depth": 4})``. Only what the name states goes in kwargs.
 
     A bare registered architecture name (including user-registered ones) is also accepted.
     """
     if not isinstance(name, str):
         raise ValueError(f"model name must be a string, got {name!r}; valid: {_GRAMMAR}")
     key = name.strip().lower()
-    if key == "mlp":
-        return "mlp", {}
+    m = _MLP_RE.match(key)
+    if m:
+        mlp_kwargs: dict[str, Any] = {}
+        for field, value in zip(("width", "depth"), m.groups(), strict=True):
+            if value is not None:
+                if int(value) < 1:
+                    raise ValueError(f"MLP {field} must be >= 1 in {name!r}; valid: {_GRAMMAR}")
+                mlp_kwargs[field] = int(value)
+        return "mlp", mlp_kwargs
     m = _CONV_RE.match(key)
     if m:
         arch, width, norm = m.groups()
@@ -127,10 +141,18 @@ def parse_model_name(name: str) -> tuple[str, dict[str, Any]]:
 def format_model_name(arch: str, kwargs: dict[str, Any] | None = None) -> str:
     """Canonical zoo name for ``(arch, kwargs)``: inverse of :func:`parse_model_name`.
 
-    Defaults (width 1, norm bn) are omitted and other kwargs are ignored, so
-    ``format_model_name(*parse_model_name(n)) == n`` for every name in :data:`ZOO_NAMES`.
+    Defaults (width 1, norm bn; MLP width 512, depth 3) are omitted and other kwargs are
+    ignored, so ``format_model_name(*parse_model_name(n)) == n`` for every name in
+    :data:`ZOO_NAMES` and every MLP name such as ``"mlp-w256-d4"``.
     """
     kwargs = kwargs or {}
+    if arch == "mlp":
+        name = arch
+        for field, tag in (("width", "w"), ("depth", "d")):
+            value = int(kwargs.get(field, _MLP_DEFAULTS[field]))
+            if value != _MLP_DEFAULTS[field]:
+                name += f"-{tag}{value}"
+        return name
     if arch not in ("vgg11", "vgg16", "resnet18", "resnet20"):
         return arch
     name = arch

@@ -28,6 +28,7 @@ __all__ = [
     "coordinate_descent",
     "coordinates",
     "merge_many",
+    "narrow_identity",
     "relative_to_first",
     "solve_coordinate",
     "weight_matching",
@@ -185,6 +186,7 @@ def weight_matching(
     backend: str = "scipy",
     ignore: Sequence[str] = DEFAULT_IGNORE,
     dtype: torch.dtype = torch.float32,
+    spec_b: SymmetrySpec | None = None,
 ) -> MatchResult:
     """Git Re-Basin weight matching: permutations of B that best align its weights to A's.
 
@@ -194,15 +196,21 @@ def weight_matching(
     (``block_group``) share one head permutation. ``init`` warm-starts the search (groups it
     leaves out start at the identity).
 
+    A narrower B: pass its own ``spec_b`` (``spec`` is A's; every group at least as wide in A,
+    blocked groups with as many blocks). Each step is then a rectangular assignment
+    ``(n_A x n_B)``, and ``perms[g]`` has length ``n_A``: the B unit matched to each A unit, or
+    -1 (the identity start matches B's unit i to A's unit i).
+
     Reference: Ainsworth, Hayase, Srinivasa, "Git Re-Basin", ICLR 2023, arXiv:2209.04836.
     """
     t0 = time.perf_counter()
     coords = coordinates(spec, groups)
     names = [g for c in coords for g in c]
     sim = WeightSimilarity(
-        spec, state_a, state_b, groups=names, kind=kind, ignore=ignore, dtype=dtype
-    )
-    start = spec.identity_permutations()
+        spec, state_a, state_b, groups=names, kind=kind, ignore=ignore, dtype=dtype,
+        spec_b=spec_b,
+    )  # fmt: skip
+    start = spec.identity_permutations() if spec_b is None else narrow_identity(spec, spec_b)
     start.update({g: torch.as_tensor(p, dtype=torch.long) for g, p in (init or {}).items()})
 
     def solve(coord: Sequence[str], sims: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -212,6 +220,28 @@ def weight_matching(
     res = coordinate_descent(coords, sim, solve, start, max_sweeps=max_sweeps, seed=seed)
     res.other_seconds += setup
     return res
+
+
+def narrow_identity(spec: SymmetrySpec, spec_b: SymmetrySpec) -> Perms:
+    """B's unit i matched to A's unit i of every group (-1 past B's width, per block for
+    blocked groups), after checking that A is at least as wide as B everywhere."""
+    if set(spec.groups) != set(spec_b.groups):
+        diff = sorted(set(spec.groups) ^ set(spec_b.groups))[:5]
+        raise ValueError(f"the two specs have different groups: {diff}")
+    out: Perms = {}
+    for name, g in spec.groups.items():
+        n, n_b, blocks = g.size, spec_b.groups[name].size, g.blocks or 1
+        if n_b > n or (g.blocks or None) != (spec_b.groups[name].blocks or None) or n_b % blocks:
+            raise ValueError(
+                f"group {name!r}: model B ({n_b} units, blocks {spec_b.groups[name].blocks}) "
+                f"must be at most as wide as model A ({n} units, blocks {g.blocks}), with as "
+                "many blocks; pass the wider model as A"
+            )
+        w, w_b = n // blocks, n_b // blocks
+        unit = torch.arange(w).repeat(blocks)
+        block = torch.arange(blocks).repeat_interleave(w)
+        out[name] = torch.where(unit < w_b, block * w_b + unit, -1)
+    return out
 
 
 def merge_many(

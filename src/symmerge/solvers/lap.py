@@ -49,7 +49,8 @@ def solve_lap(
         C: (rows, cols) matrix; any float dtype or device (solved on the CPU in float64).
         maximize: maximize ``sum_i C[i, perm[i]]`` (similarities) or minimize it (costs).
         blocks: if given, rows and columns are split into ``blocks`` equal consecutive blocks
-            and every row block must map onto one whole column block (square ``C`` only).
+            and every row block must map onto one whole column block (rows >= cols; with
+            fewer columns each row block takes all units of its column block).
         backend: ``"scipy"`` (default), ``"lapx"`` or ``"auto"`` (lapx if installed).
 
     Returns:
@@ -134,7 +135,7 @@ def solve_shared_blocks(
     maximize: bool = True,
     backend: str = "scipy",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One block assignment shared by several block-structured square matrices.
+    """One block assignment shared by several block-structured matrices (rows >= cols).
 
     Attention heads move as wholes in the q/k and in the v/o groups of one attention, so both
     groups must use the same head permutation while each permutes the dims inside a head its own
@@ -165,11 +166,10 @@ def solve_shared_blocks(
         inners.append(inner)
         score = score + s
     block_of = _solve(score, maximize, backend)
-    perms = []
-    for inner in inners:
-        w = inner.shape[-1]
-        perm = block_of[:, None] * w + inner[np.arange(blocks), block_of]
-        perms.append(torch.from_numpy(perm.reshape(-1)))
+    perms = [
+        torch.from_numpy(_unblock(inner, block_of, cost.shape[1] // blocks))
+        for inner, cost in zip(inners, costs, strict=True)
+    ]
     return torch.from_numpy(block_of), perms
 
 
@@ -182,8 +182,14 @@ def _solve_blocked(cost: np.ndarray, blocks: int, maximize: bool, backend: str) 
     """
     inner, score = _block_pairs(cost, blocks, maximize, backend)
     block_of = _solve(score, maximize, backend)
-    w = inner.shape[-1]
-    return (block_of[:, None] * w + inner[np.arange(blocks), block_of]).reshape(-1)
+    return _unblock(inner, block_of, cost.shape[1] // blocks)
+
+
+def _unblock(inner: np.ndarray, block_of: np.ndarray, width: int) -> np.ndarray:
+    """Unit assignment from a block pairing: row block p's units go into column block
+    ``block_of[p]`` (``width`` columns per block) as ``inner`` says; -1 stays unassigned."""
+    unit = inner[np.arange(len(block_of)), block_of]
+    return np.where(unit >= 0, block_of[:, None] * width + unit, -1).reshape(-1)
 
 
 def _block_pairs(
@@ -191,21 +197,22 @@ def _block_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best assignment inside every (row block, column block) pair and its score."""
     n, m = cost.shape
-    if n != m or n % blocks:
+    if n < m or n % blocks or m % blocks:
         raise ValueError(
-            f"a blocked assignment needs a square matrix whose size is a multiple of blocks; "
-            f"got shape {cost.shape} with blocks={blocks}"
+            "a blocked assignment needs rows and columns that are each a multiple of blocks, "
+            f"and rows >= columns; got shape {cost.shape} with blocks={blocks}"
         )
-    w = n // blocks
-    pairs = cost.reshape(blocks, w, blocks, w).transpose(0, 2, 1, 3)  # (G, G, w, w)
-    if w <= _BRUTE_FORCE_WIDTH:
+    w, v = n // blocks, m // blocks
+    pairs = cost.reshape(blocks, w, blocks, v).transpose(0, 2, 1, 3)  # (G, G, w, v)
+    if w == v and w <= _BRUTE_FORCE_WIDTH:
         return _all_pairs_brute_force(pairs, maximize)
     inner = np.empty((blocks, blocks, w), dtype=np.int64)
     score = np.empty((blocks, blocks))
     for p in range(blocks):
         for q in range(blocks):
             inner[p, q] = _solve(pairs[p, q], maximize, backend)
-            score[p, q] = pairs[p, q][np.arange(w), inner[p, q]].sum()
+            rows = np.nonzero(inner[p, q] >= 0)[0]
+            score[p, q] = pairs[p, q][rows, inner[p, q][rows]].sum()
     return inner, score
 
 
