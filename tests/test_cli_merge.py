@@ -137,8 +137,9 @@ def test_per_task_heads_record_the_label_space_and_reload(tmp_path: Path) -> Non
         own = task_accuracy(source, "mnist", [{"classes": smeta["classes"], "logits": [0, 10]}],
                             limit=200)  # fmt: skip
         assert res["tasks"][k]["accuracy"] == own["tasks"][0]["accuracy"]
-    code, text = _run("eval", str(out), "--limit", "100")  # defaults to the recorded tasks
+    code, text = _run("eval", str(out), "--limit", "100", "--probe", "20")  # recorded tasks
     assert code == 0 and "joint" in text and "task 1" in text, text
+    assert "linear probe on the input of" in text and "fit" in text
     # a merged (resized) checkpoint merges again: the result reloads with its recorded widths
     again = tmp_path / "again.safetensors"
     code, text = _run("merge", str(out), str(out), "--method", "weight", "-o", str(again),

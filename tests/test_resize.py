@@ -234,3 +234,24 @@ def test_a_timm_checkpoint_without_timm_names_timm(tmp_path, monkeypatch) -> Non
     monkeypatch.setattr(builtins, "__import__", no_timm)
     with pytest.raises(CheckpointError, match="needs timm"):
         load_checkpoint(path)
+
+
+def test_a_users_own_module_checkpoint_rebuilds_resized(tmp_path) -> None:
+    from symmerge.models.mlp import MLP
+
+    kwargs = {"depth": 2, "width": 16, "input_shape": [1, 28, 28]}
+    config = {"arch": "module:symmerge.models.mlp:MLP", "kwargs": kwargs}
+    torch.manual_seed(0)
+    model = MLP(**kwargs).eval()
+    x = torch.randn(3, 1, 28, 28)
+    spec = symmerge.trace(model, (x,))
+    maps = _duplicate_maps(spec)
+    wide = build_model(model, spec, maps, build_state_dict(spec, [model.state_dict()], maps))
+    reloaded = _reloaded(tmp_path, wide, config)
+    assert reloaded.layers[1].out_features == 32
+    with torch.no_grad():
+        _close(reloaded(x), model(x))
+    path = tmp_path / "missing.safetensors"
+    save_checkpoint(path, model, {"arch": "module:no_such_pkg.models:Net", "kwargs": {}}, {})
+    with pytest.raises(CheckpointError, match="no_such_pkg.models.Net"):
+        load_checkpoint(path)

@@ -344,6 +344,17 @@ def train(
     default=None,
     help="Also write results as JSON to this file ('-' for stdout).",
 )
+@click.option(
+    "--probe",
+    "probe_steps",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="STEPS",
+    help="Also fit a linear probe per task on the features feeding the final Linear "
+    "(seeded L-BFGS for STEPS iterations on the training split) and report its accuracy and "
+    "fit time.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, hidden=True)
 def eval_(
     checkpoint: Path,
@@ -355,6 +366,8 @@ def eval_(
     batch_size: int,
     split: str,
     json_out: Path | None,
+    probe_steps: int | None,
+    seed: int,
     limit: int | None,
 ) -> None:
     """Evaluate CHECKPOINT (symmerge .safetensors or a torch.save'd module).
@@ -411,8 +424,17 @@ def eval_(
     arch = meta.get("model_name") or meta.get("config", {}).get("arch") or type(model).__name__
     click.echo(f"checkpoint: {checkpoint} ({arch}; trained on {trained_on or 'unknown'})")
     click.echo(_eval_table(results) if plan is None else _task_table(results))
+    probes = []
+    if probe_steps is not None:
+        sets = plan[0] if plan is not None else [meta.get("classes") or list(range(10))]
+        for name in datasets:
+            name = str(_dataset_info(name)["name"])
+            probes.append(_probe(model, name, sets, probe_steps, seed, split, data_root,
+                                 device, batch_size, limit))  # fmt: skip
     if json_out is not None:
         payload = {"checkpoint": str(checkpoint), "config": meta.get("config"), "results": results}
+        if probes:
+            payload["probes"] = probes
         text = json.dumps(payload, indent=2)
         if str(json_out) == "-":
             click.echo(text)
@@ -530,6 +552,37 @@ def _eval_tasks_on(
         return task_accuracy(model, name, tasks, **kwargs)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
         raise click.ClickException(f"evaluating on {name}: {exc}") from None
+
+
+def _probe(
+    model: Any, name: str, sets: Sequence[Sequence[int]], steps: int, seed: int, split: str,
+    data_root: Path | None, device: str | None, batch_size: int, limit: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """``eval --probe``: a linear probe per task on ``name``, printed as a table."""
+    from symmerge.evaluate import linear_probe
+
+    try:
+        res = linear_probe(
+            model, name, [list(s) for s in sets], steps=steps, seed=seed, split=split,
+            data_root=None if data_root is None else str(data_root), device=device,
+            batch_size=batch_size, limit=limit, train_limit=None if limit is None else 4 * limit,
+        )  # fmt: skip
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+        raise click.ClickException(f"probing on {name}: {exc}") from None
+    rows = [
+        [name, f"task {i}", _describe_classes(t["classes"]), t["train_n"], t["n"],
+         _pct(t["train_accuracy"]), _pct(t["accuracy"])]
+        for i, t in enumerate(res["tasks"])
+    ]  # fmt: skip
+    if len(res["tasks"]) > 1:
+        rows.append([name, "joint", "", "", res["joint"]["n"], "", _pct(res["joint"]["accuracy"])])
+    click.echo(
+        f"\nlinear probe on the input of '{res['layer']}' ({res['feature_dim']} features, "
+        f"{steps} L-BFGS steps, seed {seed}, fit {res['fit_time_s']:.2f} s):"
+    )
+    headers = ["dataset", "task", "classes", "train n", "n", "train acc.", "accuracy"]
+    click.echo(format_table(headers, rows))
+    return {"dataset": name, **res}
 
 
 def _task_table(results: Sequence[dict[str, Any]]) -> str:

@@ -485,13 +485,7 @@ def build_state_dict(
     n_models = len(state_dicts)
     if n_models == 0:
         raise ValueError("build_state_dict needs at least one state dict")
-    specs = [spec] * n_models if isinstance(spec, SymmetrySpec) else list(spec)
-    if len(specs) != n_models:
-        raise ValueError(f"got {len(specs)} specs for {n_models} state dicts; pass one per model")
-    for m, sp in enumerate(specs[1:], 1):
-        if set(sp.groups) != set(specs[0].groups):
-            diff = sorted(set(sp.groups) ^ set(specs[0].groups))[:5]
-            raise ValueError(f"spec {m} has different groups than spec 0: {diff}")
+    specs = [spec] * n_models if isinstance(spec, SymmetrySpec) else check_specs(spec, n_models)
     unknown = sorted(set(maps) - set(specs[0].groups))
     if unknown:
         raise KeyError(f"maps name groups the spec does not have: {unknown}")
@@ -534,6 +528,18 @@ def build_state_dict(
             total = term if total is None else total + term
         out[key] = total.to(x0.dtype)
     return out
+
+
+def check_specs(specs: Sequence[SymmetrySpec], n: int) -> list[SymmetrySpec]:
+    """One spec per model, all with the same group names (models of one family, any widths)."""
+    specs = list(specs)
+    if len(specs) != n:
+        raise ValueError(f"need one spec per model ({n}), got {len(specs)}")
+    for m, sp in enumerate(specs[1:], 1):
+        if set(sp.groups) != set(specs[0].groups):
+            diff = sorted(set(sp.groups) ^ set(specs[0].groups))[:5]
+            raise ValueError(f"spec {m} has different groups than spec 0: {diff}")
+    return specs
 
 
 def align_state_dict(

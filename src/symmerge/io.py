@@ -11,8 +11,10 @@ tensors). Its header metadata has one key, ``"symmerge"``, whose value is a JSON
      "aliases": {"tied.name": "kept.name", ...},      # tied tensors stored once
      "metadata": {"dataset": ..., "seed": ..., ..., "symmerge_version": ..., "date": ...}}
 
-``arch`` is a zoo architecture (:func:`symmerge.models.build_model`) or ``timm:NAME``
-(``timm.create_model(NAME, **kwargs)``). ``resize`` is present for a model whose widths differ
+``arch`` is a zoo architecture (:func:`symmerge.models.build_model`), ``timm:NAME``
+(``timm.create_model(NAME, **kwargs)``) or ``module:package.module:factory`` (the user's own
+architecture: ``factory(**kwargs)``; a resized one also needs ``input_shape`` in the kwargs or
+as an attribute of the model). ``resize`` is present for a model whose widths differ
 from that architecture's (a zip, partial merge, side-by-side ensemble, per-task heads): the
 source is built, traced and resized (:func:`symmerge.resize.resize`) before the weights are
 loaded. Version 1 (no ``resize``) is read unchanged.
@@ -351,6 +353,8 @@ def build_architecture(config: Mapping[str, Any], where: str | Path = "config") 
             model = timm.create_model(arch[5:], pretrained=False, **kwargs)
             if not hasattr(model, "input_shape"):
                 model.input_shape = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        elif arch.startswith("module:"):
+            model = _user_module(arch, kwargs, where)
         else:
             from symmerge import models  # deferred: pulls in optional heavy dependencies
 
@@ -363,6 +367,27 @@ def build_architecture(config: Mapping[str, Any], where: str | Path = "config") 
     if not resize:
         return model
     return _resized(model, resize, where)
+
+
+def _user_module(arch: str, kwargs: dict[str, Any], where: str | Path) -> nn.Module:
+    """``module:package.module:factory``: the user's own architecture, built by calling the
+    factory (a class or function) with the recorded kwargs."""
+    import importlib
+
+    path, _, factory = arch[len("module:") :].partition(":")
+    if not path or not factory:
+        raise CheckpointError(f"{where}: {arch!r} must read 'module:package.module:factory'")
+    try:
+        fn = getattr(importlib.import_module(path), factory)
+    except (ImportError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{where} holds a model built by {path}.{factory}, which cannot be imported here "
+            f"({exc}); install or put on PYTHONPATH the package that defines it"
+        ) from exc
+    model = fn(**kwargs)
+    if "input_shape" in kwargs and not hasattr(model, "input_shape"):
+        model.input_shape = tuple(kwargs["input_shape"])
+    return model
 
 
 def _resized(model: nn.Module, record: Mapping[str, Any], where: str | Path) -> nn.Module:

@@ -451,12 +451,13 @@ def _example_inputs(model: nn.Module, example_inputs: Any) -> tuple | None:
 
 
 @contextmanager
-def _module_stack(model: nn.Module) -> Iterator[list[str]]:
-    """The names of the modules being run, innermost last (to name where a forward fails)."""
+def _module_stack(model: nn.Module, track: bool = True) -> Iterator[tuple[list, list]]:
+    """The names of the modules being run, innermost last (to name where a forward fails),
+    and those completed; nothing is recorded without ``track``."""
     stack: list[str] = []
     done: list[str] = []  # completed module calls, in order
     handles = []
-    for name, m in model.named_modules():
+    for name, m in model.named_modules() if track else ():
         handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: stack.append(n)))
         handles.append(m.register_forward_hook(lambda _m, _a, _o: done.append(stack.pop())))
     try:
@@ -506,7 +507,50 @@ def _failure(
 
 
 def _check(model: nn.Module, spec: SymmetrySpec, sizes: Mapping[str, int], inputs: tuple) -> None:
-    """Run the resized model and compare each observed activation width with its group's."""
+    """Run the resized model and compare each observed activation width with its group's.
+
+    It runs first on the meta device (shapes only, no arithmetic: the check costs almost
+    nothing); a model with an op that has no meta kernel, or that fails there, is run for real,
+    which decides."""
+    try:
+        _run_check(_on_meta(model), spec, sizes, _to_meta(inputs), track=False)
+        return
+    except Exception:  # noqa: BLE001 - the real run below is the judge
+        pass
+    _run_check(model, spec, sizes, inputs)
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    memo: dict[int, Any] = {}
+    for _, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        if id(t) not in memo:
+            meta = t.detach().to("meta")
+            memo[id(t)] = (
+                nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+            )
+    return copy.deepcopy(model, memo)
+
+
+def _to_meta(x: Any) -> Any:
+    if torch.is_tensor(x):
+        return x.to("meta")
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_meta(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_meta(v) for k, v in x.items()}
+    return x
+
+
+def _run_check(
+    model: nn.Module,
+    spec: SymmetrySpec,
+    sizes: Mapping[str, int],
+    inputs: tuple,
+    track: bool = True,
+) -> None:
     expected: dict[str, list[tuple[str, int, int]]] = {}
     for name, g in spec.groups.items():
         for site in g.sites:
@@ -533,7 +577,7 @@ def _check(model: nn.Module, spec: SymmetrySpec, sizes: Mapping[str, int], input
     was_training = model.training
     model.eval()
     try:
-        with _module_stack(model) as (stack, done), torch.no_grad():
+        with _module_stack(model, track) as (stack, done), torch.no_grad():
             try:
                 model(*inputs)
             except Exception as exc:

@@ -15,9 +15,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from symmerge.groupmap import GroupMap, build_state_dict
+from symmerge.groupmap import GroupMap
 from symmerge.methods import MergeResult, register_method
-from symmerge.methods.rebasin import Models, _model_weights, _state_dicts
+from symmerge.methods.rebasin import Models, _finish, _model_weights, _state_dicts
 from symmerge.spec import SymmetrySpec
 
 __all__ = ["ensemble"]
@@ -45,11 +45,6 @@ def ensemble(
     maps = {}
     for name, g in spec.groups.items():
         own = g.blocks if g.blocks and g.block_group is None else None  # GroupNorm groups
-        maps[name] = GroupMap.side_by_side(
-            [g.size] * len(sds), w, blocks=None if own is None else [own] * len(sds)
-        )
-    merged = build_state_dict(spec, sds, maps)
-    seconds = time.perf_counter() - t0
-    return MergeResult(
-        merged, maps, other_seconds=seconds, method="ensemble", timings={"build": seconds}
-    )
+        blocks = None if own is None else [own] * len(sds)
+        maps[name] = GroupMap.side_by_side([g.size] * len(sds), w, blocks=blocks)
+    return _finish("ensemble", spec, sds, maps, {}, 0, 0.0, time.perf_counter() - t0, [])

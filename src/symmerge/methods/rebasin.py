@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from symmerge.groupmap import GroupMap, build_state_dict
+from symmerge.groupmap import GroupMap, build_state_dict, check_specs
 from symmerge.methods import MergeResult, register_method
 from symmerge.similarity import activation_similarity
 from symmerge.solvers.coordinate import (
@@ -101,7 +101,7 @@ def weight(
         )
     w = _model_weights(2, lam, weights, "weight")
     if specs is not None:
-        specs = _check_specs(specs, 2)
+        specs = check_specs(specs, 2)
         r = _widest(specs)
         res = weight_matching(
             specs[r], sds[r], sds[1 - r], init=init, kind=kind, max_sweeps=max_sweeps,
@@ -166,7 +166,7 @@ def activation(
     if specs is None:
         _check_equal_widths(_state_dicts(models), "activation")
     else:
-        specs = _check_specs(specs, n)
+        specs = check_specs(specs, n)
     if stats is None:
         if data is None:
             raise ValueError("the 'activation' method needs data= (batches) or stats=")
@@ -366,17 +366,6 @@ def _check_equal_widths(sds: Sequence[Mapping[str, torch.Tensor]], method: str) 
                 f"model {m} has a different width from model 0 ('{key}' is "
                 f"{tuple(t.shape)} vs {tuple(ref.shape)}); {fix}"
             )
-
-
-def _check_specs(specs: Sequence[SymmetrySpec], n: int) -> list[SymmetrySpec]:
-    specs = list(specs)
-    if len(specs) != n:
-        raise ValueError(f"need one spec per model ({n}), got {len(specs)}")
-    for m, sp in enumerate(specs[1:], 1):
-        if set(sp.groups) != set(specs[0].groups):
-            diff = sorted(set(sp.groups) ^ set(specs[0].groups))[:5]
-            raise ValueError(f"spec {m} has different groups than spec 0: {diff}")
-    return specs
 
 
 def _widest(specs: Sequence[SymmetrySpec]) -> int:
