@@ -128,7 +128,8 @@ def main() -> None:
     write_json(out / "resize_speed.json", {"meta": meta, "runs": records})
     lines = ["# Building resized merged models vs the same-width build", ""]
     lines += provenance_md(meta)
-    lines += ["", "Median seconds over the repeats (`build_state_dict` + `build_model`; tracing not timed).", ""]
+    lines += ["", "Median seconds over the repeats (`build_state_dict` + `build_model`; tracing "
+              "not timed).", ""]  # fmt: skip
     lines += md_table(["model", "params", "same width s", "1.25x s", "1.25x params",
                        "1.25x / same", "2x s", "2x params", "2x / same"], rows)  # fmt: skip
     lines += ["", "The resized build also builds more weights (the params columns: the merged "
