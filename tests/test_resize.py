@@ -255,3 +255,24 @@ def test_a_users_own_module_checkpoint_rebuilds_resized(tmp_path) -> None:
     save_checkpoint(path, model, {"arch": "module:no_such_pkg.models:Net", "kwargs": {}}, {})
     with pytest.raises(CheckpointError, match="no_such_pkg.models.Net"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2"])
+def test_resize_hugging_face_residual_stream_and_heads(model_type: str) -> None:
+    """No table per architecture: BERT's attention reads head counts and sizes from module
+    attributes, GPT-2's Conv1D keeps its output width in ``nf`` (equal to an unchanged width
+    too, so it is settled by the check)."""
+    pytest.importorskip("transformers")
+    from symmerge.resolve import resolve_model
+
+    resolved = resolve_model(f"hf:{model_type}")
+    model, inputs = resolved.model, resolved.example_inputs
+    spec = symmerge.trace(model, inputs)
+    residual = max(spec.groups.values(), key=lambda g: len(g.members)).name
+    heads = [g.name for g in spec.groups.values() if not g.members and not g.blocks]
+    for widths in ({residual: 2 * spec.groups[residual].size}, {h: 8 for h in heads}):
+        wide = resize(model, spec, widths, example_inputs=inputs)
+        again = symmerge.trace(wide, inputs)
+        for g, n in widths.items():
+            assert again.groups[g].size == n
+        assert again.check(wide, *inputs).ok
