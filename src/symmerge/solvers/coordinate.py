@@ -4,7 +4,8 @@ Weight matching maximizes ``sum_params <W_A, P(W_B)>`` over one permutation per 
 all other groups fixed the objective is linear in one group's permutation, so each step is a
 LAP on that group's weight similarity (:class:`symmerge.similarity.WeightSimilarity`). Groups
 are visited in a random order each sweep; the search stops after a sweep in which no group
-improved, or after ``max_sweeps``.
+improved, or after ``max_sweeps``. MuDSC runs the same loop on a dual-space similarity (weight
+similarity mixed with a fixed activation similarity) and keeps the best sweep (``patience``).
 
 MergeMany (Git Re-Basin, N models) repeatedly matches each model to the weighted mean of the
 others (aligned), until a round changes nothing, and returns permutations expressed in model
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from symmerge.similarity import DEFAULT_IGNORE, WeightSimilarity
+from symmerge.similarity import DEFAULT_IGNORE, WeightSimilarity, mix
 from symmerge.solvers.lap import lap_objective, solve_lap, solve_shared_blocks
 from symmerge.spec import SymmetrySpec
 
@@ -112,6 +113,7 @@ def coordinate_descent(
     max_sweeps: int = 100,
     seed: int = 0,
     rtol: float = 1e-10,
+    patience: int | None = None,
 ) -> MatchResult:
     """Maximize a sum of per-group linear objectives, one coordinate at a time.
 
@@ -127,6 +129,12 @@ def coordinate_descent(
         seed: seeds the random visiting order.
         rtol: a new solution is taken only when it beats the current one by more than
             ``rtol * max(1, |current|)``, so round-off cannot make the search cycle.
+        patience: ``None`` (Git Re-Basin): run until a sweep improves no coordinate. An int
+            (MuDSC): also score every sweep by the total ``sum_g sum_i C_g[i, perm_g[i]]``
+            over all groups, go back to the best sweep after one that does not beat it, and
+            stop after ``patience`` such sweeps in a row; the best sweep is returned. (A step
+            improves its own coordinate but can lower its neighbours' objectives, so the total
+            need not rise; while it does, both rules take the same path.)
 
     Returns:
         A :class:`MatchResult` whose ``iterations`` is the number of sweeps run.
@@ -136,6 +144,9 @@ def coordinate_descent(
     res = MatchResult(perms)
     lap_s = other_s = 0.0
     solved: dict[int, dict[str, torch.Tensor]] = {}  # coordinate -> matrices at its last solve
+    best: tuple[float, Perms, dict[str, float]] | None = None
+    if patience is not None:
+        best, strikes = _scored(coordinates, similarity, perms), 0
     for sweep in range(1, max_sweeps + 1):
         improved = 0
         for i in torch.randperm(len(coordinates), generator=gen).tolist():
@@ -169,8 +180,34 @@ def coordinate_descent(
         if not improved:
             res.converged = True
             break
+        if best is not None:
+            t0 = time.perf_counter()
+            now = _scored(coordinates, similarity, perms)
+            if now[0] > best[0] + rtol * max(1.0, abs(best[0])):
+                best, strikes = now, 0
+            else:  # back to the best sweep (in place: ``res.perms`` is ``perms``)
+                strikes += 1
+                perms.update(best[1])
+                solved.clear()  # the restored solutions are not those optima
+                res.log.append(f"sweep {sweep}: total {now[0]:.6g} <= best {best[0]:.6g}")
+            other_s += time.perf_counter() - t0
+            if strikes >= patience:  # type: ignore[operator]
+                break
+    if best is not None:
+        perms.update(best[1])
+        res.objective = dict(best[2])
     res.lap_seconds, res.other_seconds = lap_s, other_s
     return res
+
+
+def _scored(
+    coordinates: Sequence[Sequence[str]],
+    similarity: Callable[[str, Mapping[str, torch.Tensor]], torch.Tensor],
+    perms: Perms,
+) -> tuple[float, Perms, dict[str, float]]:
+    """(total objective, a copy of ``perms``, objective per group) of a solution."""
+    obj = {g: lap_objective(similarity(g, perms), perms[g]) for c in coordinates for g in c}
+    return sum(obj.values()), dict(perms), obj
 
 
 def weight_matching(
@@ -187,6 +224,9 @@ def weight_matching(
     ignore: Sequence[str] = DEFAULT_IGNORE,
     dtype: torch.dtype = torch.float32,
     spec_b: SymmetrySpec | None = None,
+    alpha: float = 1.0,
+    mixed_with: Mapping[str, torch.Tensor] | None = None,
+    patience: int | None = None,
 ) -> MatchResult:
     """Git Re-Basin weight matching: permutations of B that best align its weights to A's.
 
@@ -200,6 +240,11 @@ def weight_matching(
     blocked groups with as many blocks). Each step is then a rectangular assignment
     ``(n_A x n_B)``, and ``perms[g]`` has length ``n_A``: the B unit matched to each A unit, or
     -1 (the identity start matches B's unit i to A's unit i).
+
+    Dual-space steps (MuDSC): with ``mixed_with`` (a fixed ``(n, n)`` matrix per group, e.g.
+    activation correlations), every step solves ``alpha * C_w + (1 - alpha) * mixed_with[g]``
+    (float64) instead of the weight similarity ``C_w``; ``alpha=1`` is plain weight matching.
+    ``patience`` selects the stopping rule (see :func:`coordinate_descent`).
 
     Reference: Ainsworth, Hayase, Srinivasa, "Git Re-Basin", ICLR 2023, arXiv:2209.04836.
     """
@@ -216,8 +261,14 @@ def weight_matching(
     def solve(coord: Sequence[str], sims: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return solve_coordinate(spec, coord, sims, backend=backend)
 
+    def mixed(g: str, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return mix(alpha, sim(g, perms).double(), mixed_with[g])  # type: ignore[index]
+
     setup = time.perf_counter() - t0
-    res = coordinate_descent(coords, sim, solve, start, max_sweeps=max_sweeps, seed=seed)
+    res = coordinate_descent(
+        coords, sim if mixed_with is None else mixed, solve, start, max_sweeps=max_sweeps,
+        seed=seed, patience=patience,
+    )  # fmt: skip
     res.other_seconds += setup
     return res
 
