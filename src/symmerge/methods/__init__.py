@@ -197,5 +197,7 @@ def get_method(name: str) -> Method:
 # Method modules register themselves on import.
 from symmerge.methods import c2m3 as c2m3  # noqa: E402
 from symmerge.methods import ensemble as ensemble  # noqa: E402
+from symmerge.methods import mudsc as mudsc  # noqa: E402
 from symmerge.methods import rebasin as rebasin  # noqa: E402
 from symmerge.methods import ste as ste  # noqa: E402
+from symmerge.methods import zipit as zipit  # noqa: E402
