@@ -1395,7 +1395,9 @@ def interpolate_cmd(
     curve = []
     try:
         points = interpolation(models, method, lambdas, data=data, renorm=renorm, seed=seed)
-        for lam, model in tqdm(points, total=steps, desc="interpolating", leave=False):
+        for lam, model in tqdm(
+            points, total=steps, desc="interpolating", leave=False, disable=None
+        ):
             _, _, res = _eval_rows([("m", model)], targets, data_root, eval_limit)
             curve.append(
                 {"lam": lam, "accuracy": res["m"]["mean_accuracy"], "loss": res["m"]["mean_loss"]}

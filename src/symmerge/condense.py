@@ -402,7 +402,13 @@ def _run_dm(
     pools = _class_pools(y, num_classes, 1)
     batch_gen, net_gen = _seed_stream(seed, 2), _seed_stream(seed, 3)
     history: list[float] = []
-    bar = tqdm(range(iterations), desc="DM", unit="it", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        range(iterations),
+        desc="DM",
+        unit="it",
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    )
     for it in bar:
         embed = _strip_head(_fresh(factory, _next_seed(net_gen), x.device)).train()
         for p in embed.parameters():
@@ -466,7 +472,13 @@ def _run_dc(
     batch_gen, net_gen = _seed_stream(seed, 2), _seed_stream(seed, 3)
     outer, inner = loops
     history: list[float] = []
-    bar = tqdm(range(iterations), desc="DC", unit="net", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        range(iterations),
+        desc="DC",
+        unit="net",
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    )
     for _ in bar:
         net = _fresh(factory, _next_seed(net_gen), x.device).train()
         net_opt = torch.optim.SGD(net.parameters(), lr=lr_net)

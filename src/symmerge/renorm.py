@@ -38,7 +38,7 @@ def _progress(batches: Iterable[Any], progress: bool, desc: str) -> Iterable[Any
         return batches
     from tqdm.auto import tqdm
 
-    return tqdm(batches, desc=desc, unit="batch")
+    return tqdm(batches, desc=desc, unit="batch", disable=None)  # None: off without a TTY
 
 
 def _reiterable(batches: Iterable[Any]) -> Iterable[Any]:

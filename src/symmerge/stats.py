@@ -826,7 +826,7 @@ def collect_statistics(
             if progress:
                 from tqdm.auto import tqdm
 
-                it = tqdm(batches, desc="statistics", unit="batch")
+                it = tqdm(batches, desc="statistics", unit="batch", disable=None)
             for batch in it:
                 collector.run(batch)
         finally:
@@ -1055,7 +1055,7 @@ def collect_layer_products(
             if progress:
                 from tqdm.auto import tqdm
 
-                it = tqdm(batches, desc="layer products", unit="batch")
+                it = tqdm(batches, desc="layer products", unit="batch", disable=None)
             for batch in it:
                 args, kwargs = model_inputs(batch, dev)
                 seen.update({name: [None] * len(models) for name in layers})

@@ -362,7 +362,7 @@ def train_model(
                 total=steps_per_epoch,
                 desc=f"epoch {epoch + 1}/{epochs}",
                 unit="batch",
-                disable=not progress,
+                disable=None if progress else True,  # None: off without a TTY
                 leave=True,
                 dynamic_ncols=True,
             )
