@@ -1,0 +1,227 @@
+"""Merging models trained on disjoint classes (0-4 and 5-9): every method, full and partial zip.
+
+Two models of one architecture are trained from different seeds, one on classes 0-4 and one
+on 5-9 (each with a 10-way head, as ``symmerge train --classes``), then merged by naive
+averaging, weight matching, activation matching, MuDSC (permute), ZipIt! (full, and at every
+legal ``stop``: the first k groups zipped, the rest side by side) and the side-by-side
+ensemble, each with one shared head (the heads averaged) and with per-task heads (each
+model's head reading the merged features). Reported: per-task accuracy (each task's own
+classes, its own logits, on its own test images) and joint accuracy (all 10 classes, argmax
+over every task's own classes, no task id) on the test set, parameters of the merged model and
+merge time. Merge data: ``--samples`` training images of all ten classes (labels unused). For
+BatchNorm models every merged model and both sources get their BatchNorm statistics reset on
+that data (the ZipIt! protocol), and the tables say so.
+
+Settings (``--setting``):
+
+* ``mnist-mlp``: the zoo MLP (784-512x3-10), trained here (``--epochs``, default 10).
+* ``cifar10-resnet20``: ResNet-20x1 with BatchNorm; ``--checkpoints A,B`` (e.g. the reference
+  checkpoints of ``../shared/checkpoints``), else trained here with the same recipe (20 epochs).
+* ``cifar10-resnet20-gn``: the same with GroupNorm (no statistics to reset).
+
+Anchor: ZipIt! (Stoica et al., ICLR 2024), CIFAR-10 5+5 ResNet-20x4: joint accuracy of zip far
+above permutation merging, partial zips approaching the ensemble.
+
+Writes ``<out>/zip_tasks_<setting>.{json,md}``. Checkpoints trained here go to ``--cache``.
+
+    .venv/bin/python benchmarks/zip_tasks.py --setting mnist-mlp
+    .venv/bin/python benchmarks/zip_tasks.py --setting cifar10-resnet20 \\
+        --checkpoints ../shared/checkpoints/resnet20-cifar10-c0-4-s0.safetensors,\\
+../shared/checkpoints/resnet20-cifar10-c5-9-s1.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import (
+    add_common_args,
+    batches,
+    display_path,
+    fmt,
+    md_table,
+    provenance,
+    provenance_md,
+    subset,
+    write_json,
+)
+
+TASKS = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+SETTINGS = {
+    "mnist-mlp": {"dataset": "mnist", "arch": "mlp", "epochs": 10, "samples": 2000},
+    "cifar10-resnet20": {"dataset": "cifar10", "arch": "resnet20", "epochs": 20, "samples": 5000},
+    "cifar10-resnet20-gn": {
+        "dataset": "cifar10", "arch": "resnet20-gn", "epochs": 20, "samples": 5000,
+    },
+}  # fmt: skip
+
+
+def source(
+    setting: dict[str, Any], seed: int, classes: list[int], epochs: int, cache: str,
+    root: str | None, path: str | None,
+) -> tuple[Any, dict[str, Any], Path]:  # fmt: skip
+    """The checkpoint at ``path``, or one trained on ``classes`` (cached in ``cache``)."""
+    from symmerge.io import load_checkpoint, save_checkpoint
+    from symmerge.train import train_model
+
+    if path is None:
+        tag = f"{classes[0]}-{classes[-1]}"
+        name = f"{setting['arch']}_{setting['dataset']}_c{tag}_s{seed}_e{epochs}.safetensors"
+        file = Path(cache) / name
+        if not file.exists():
+            print(f"training {setting['arch']} on classes {classes}, seed {seed} -> {file}")
+            model, info = train_model(setting["arch"], setting["dataset"], classes=classes,
+                                      epochs=epochs, seed=seed, data_root=root,
+                                      progress=False, device="cpu")  # fmt: skip
+            save_checkpoint(file, model, info["config"], {**info, "classes": classes})
+    else:
+        file = Path(path)
+    model, meta = load_checkpoint(file)
+    return model.eval(), meta, file
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_args(parser)
+    parser.add_argument("--setting", choices=list(SETTINGS), default="mnist-mlp")
+    parser.add_argument("--checkpoints", default=None, help="A,B: the two source checkpoints")
+    parser.add_argument("--seeds", default="0,1", help="training seeds of the two models")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs per model")
+    parser.add_argument("--samples", type=int, default=None, help="train images to merge on")
+    parser.add_argument("--batch-size", type=int, default=500, help="batch size of that data")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the sample draw")
+    parser.add_argument("--limit-test", type=int, default=None, help="test images per task")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the runs")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    setting = SETTINGS[args.setting]
+    epochs = args.epochs or setting["epochs"]
+    samples = args.samples or setting["samples"]
+    dataset = setting["dataset"]
+
+    import symmerge
+    from symmerge.data import get_dataset
+    from symmerge.evaluate import task_accuracy, tasks_from_classes
+    from symmerge.merging import has_bn_statistics, merge
+    from symmerge.methods.zipit import group_order, legal_stops
+    from symmerge.renorm import reset_bn
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    paths = args.checkpoints.split(",") if args.checkpoints else [None, None]
+    meta0 = provenance({"models": seeds, "data": args.data_seed, "merge": 0})
+    x, y = get_dataset(dataset, "train", root=args.data_root).tensors
+    data = batches(*subset(x, y, samples, args.data_seed), args.batch_size)
+    limit = args.limit_test
+    models, sources = [], []
+    for seed, classes, path in zip(seeds, TASKS, paths, strict=True):
+        model, meta, file = source(setting, seed, classes, epochs, args.cache, args.data_root,
+                                   path)  # fmt: skip
+        own = task_accuracy(model, dataset, [{"classes": classes, "logits": [0, 10]}],
+                            data_root=args.data_root, limit=limit)  # fmt: skip
+        record = {"path": display_path(file), "sha256": sha256(file), "seed": meta.get("seed"),
+                  "classes": classes, "epochs": meta.get("epochs"),
+                  "own_task_accuracy": own["tasks"][0]["accuracy"]}  # fmt: skip
+        if has_bn_statistics(model):  # the protocol: sources with statistics of the merge data
+            model = reset_bn(model, data)
+            again = task_accuracy(model, dataset, [{"classes": classes, "logits": [0, 10]}],
+                                  data_root=args.data_root, limit=limit)  # fmt: skip
+            record["own_task_accuracy_bn_reset"] = again["tasks"][0]["accuracy"]
+        models.append(model.eval())
+        sources.append(record)
+    renorm = "reset-bn" if has_bn_statistics(models[0]) else None
+
+    spec = symmerge.trace(models[0], (x[:2],))
+    order = group_order(spec, list(models[0].state_dict()))
+    stops = legal_stops(spec, order)
+    runs: list[tuple[str, str, dict[str, Any]]] = [
+        ("naive", "naive", {}), ("weight", "weight", {}), ("activation", "activation", {}),
+        ("mudsc", "mudsc", {}), ("zip", "zip", {}),
+        *[(f"zip stop={k}", "zip", {"stop": k}) for k in stops[1:-1]],
+        ("ensemble", "ensemble", {}),
+    ]  # fmt: skip
+    if args.methods:
+        wanted = set(args.methods.split(","))
+        runs = [r for r in runs if r[0] in wanted or r[1] in wanted]
+    shared_tasks = tasks_from_classes(TASKS, 10)
+    own_tasks = [{"classes": c, "logits": [10 * k, 10 * (k + 1)]} for k, c in enumerate(TASKS)]
+    rows = []
+    for label, method, kw in runs:
+        row: dict[str, Any] = {"run": label, "method": method, "params": kw}
+        for heads, tasks in (("shared", shared_tasks), ("per-task", own_tasks)):
+            t0 = time.perf_counter()
+            merged, _ = merge(models, method, data=data, heads=heads, spec=spec, renorm=renorm,
+                              **kw)  # fmt: skip
+            seconds = time.perf_counter() - t0
+            res = task_accuracy(merged, dataset, tasks, data_root=args.data_root, limit=limit)
+            row[heads] = {
+                "joint": res["joint"]["accuracy"],
+                "per_task": [t["accuracy"] for t in res["tasks"]],
+                "mean_task": res["mean_task_accuracy"],
+                "params": sum(p.numel() for p in merged.parameters()),
+                "merge_s": round(seconds, 2),
+            }
+        rows.append(row)
+        print(label, {h: (fmt(row[h]["joint"]), fmt(row[h]["mean_task"]), row[h]["merge_s"])
+                      for h in ("shared", "per-task")}, flush=True)  # fmt: skip
+
+    name = f"zip_tasks_{args.setting}"
+    out = Path(args.out)
+    meta0.update({"setting": args.setting, "sources": sources, "samples": samples,
+                  "renorm": renorm, "stops": stops, "order": order,
+                  "limit_test": limit})  # fmt: skip
+    write_json(out / f"{name}.json", {"meta": meta0, "rows": rows})
+    lines = [f"# Merging {setting['arch']} models trained on {dataset} classes "
+             f"{TASKS[0]} and {TASKS[1]}", ""]  # fmt: skip
+    lines += provenance_md(meta0)
+    test = "the full test set" if limit is None else f"the first {limit} test images per task"
+    stats = ("reset on the merge data for every merged model and both sources" if renorm
+             else "none in this model")  # fmt: skip
+    lines += [f"- Merge data: {samples} {dataset} training images (all classes, labels unused), "
+              f"batches of {args.batch_size}; evaluation: {test}",
+              f"- BatchNorm statistics: {stats}", ""]  # fmt: skip
+    lines += ["Sources (own task: its 5 classes, argmax over them):", ""]
+    for s in sources:
+        reset = s.get("own_task_accuracy_bn_reset")
+        extra = "" if reset is None else f"; with BatchNorm reset {100 * reset:.2f}%"
+        lines.append(f"- seed {s['seed']}, classes {s['classes']}, {s['epochs']} epochs "
+                     f"(`{s['path']}`, sha256 {s['sha256'][:12]}): "
+                     f"{100 * s['own_task_accuracy']:.2f}%{extra}")  # fmt: skip
+    lines += [
+        "",
+        "Accuracy (%): joint = all ten classes, argmax over both tasks' classes; per task = "
+        "each task's own classes and logits (A, B) and their mean. 'zip stop=k' zips the first "
+        f"k groups (in input-to-output order; legal stops {stops}) and keeps the rest side by "
+        "side; zip uses the paper's alpha=0.5, beta=1 and each group's own width; MuDSC the "
+        "permute variant with its default alpha. Merge time in seconds (one merge, including "
+        "statistics and BatchNorm reset).",
+        "",
+    ]
+    table = []
+    for r in rows:
+        cells = [r["run"]]
+        for h in ("shared", "per-task"):
+            a = r[h]
+            cells += [f"{100 * a['joint']:.2f}", *(f"{100 * v:.2f}" for v in a["per_task"]),
+                      f"{100 * a['mean_task']:.2f}", f"{a['params']:,}",
+                      f"{a['merge_s']:.1f}"]  # fmt: skip
+        table.append(cells)
+    head = ["run"] + [f"{h} {c}" for h in ("shared", "per-task")
+                      for c in ("joint", "A", "B", "mean", "params", "s")]  # fmt: skip
+    lines += md_table(head, table)
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / name}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
