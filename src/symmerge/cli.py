@@ -1307,7 +1307,9 @@ def merge_cmd(
     info = {"method": method, "inputs": [str(p) for p in checkpoints], "lam": lam,
             "renorm": renorm, "data": data_spec, "seed": seed, "params": kwargs,
             "heads": heads, "dataset": metas[0].get("dataset"), "classes": union,
-            "tasks": tasks}  # fmt: skip
+            "tasks": tasks, "result": {"objective": result.objective,
+                                       "iterations": result.iterations,
+                                       "log": result.log[:20]}}  # fmt: skip
     save_checkpoint(output, merged, config, info, overwrite=overwrite)
     named = [
         (f"model {k} ({p.name})", m)
@@ -1342,6 +1344,7 @@ def merge_cmd(
             "inputs": info["inputs"],
             "output": str(output),
             "seconds": result.seconds,
+            "result": info["result"],
             "results": results,
         },
     )

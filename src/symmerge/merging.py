@@ -118,6 +118,7 @@ def merge(
         heads: ``"shared"`` (one head, the models' heads merged over the union label index) or
             ``"per-task"`` (one head per source model, each reading the merged features
             through its own unmerge: the output is model 0's logits, then model 1's, ...).
+            Models with outputs of different sizes (other label spaces) need ``"per-task"``.
 
     Returns:
         ``(merged model, MergeResult)``; the inputs are not modified. When a group's merged
@@ -137,7 +138,10 @@ def merge(
         raise ValueError(
             f"The 'heads' parameter of merge must be one of {HEADS}. Got {heads!r} instead."
         )
-    models = list(models)
+    models = sources = list(models)  # sources keep their own heads (for per-task heads)
+    if len(models) > 1:
+        spec = spec if spec is not None else _trace(models[0], example_inputs)
+        models = _method_heads(spec, models, heads, example_inputs)
     unequal = check_compatible(models, method)
     if method_info(method).needs_data and data is None:
         raise ValueError(f"the '{method}' method needs data (batches of inputs and labels)")
@@ -157,7 +161,7 @@ def merge(
         kwargs["data"] = data
     result = fn(spec, models, lam=lam, seed=seed, **kwargs)
     if heads == "per-task":
-        num_outputs = _stack_heads(spec, models, result)
+        num_outputs = _stack_heads(spec, sources, result, kwargs.get("specs"))
     else:
         num_outputs = None
     merged = build_model(models[0], spec, result.maps, result.state_dict,
@@ -166,12 +170,10 @@ def merge(
         from symmerge.renorm import reset_bn
 
         reset_bn(merged, renorm_data)
-    elif renorm == "repair":
+    elif renorm == "repair":  # goals through the maps: any GroupMap, any widths
         from symmerge.renorm import repair
 
-        aligned = _aligned_endpoints(spec, models, result)
-        weights = (1 - lam, lam) if len(models) == 2 else None
-        repair(merged, aligned, renorm_data, weights=weights, spec=spec)
+        repair(merged, sources, renorm_data, maps=result.maps, spec=spec)
     elif _averages_units(result.maps) and has_bn_statistics(merged):
         _warn_bn_statistics("the merged model's BatchNorm running statistics are")
     return merged.eval(), result
@@ -225,8 +227,7 @@ def interpolation(
         elif renorm == "repair":
             from symmerge.renorm import repair
 
-            aligned = _aligned_endpoints(spec, models, result)
-            repair(point, aligned, data, weights=(1.0 - lam, lam), spec=spec)
+            repair(point, models, data, maps=maps, spec=spec)
         yield lam, point.eval()
 
 
@@ -269,9 +270,15 @@ def _as_tuple(x: Any) -> tuple:
     return x if isinstance(x, tuple) else (x,)
 
 
-def _stack_heads(spec: SymmetrySpec, models: Sequence[nn.Module], result: MergeResult) -> int:
+def _stack_heads(
+    spec: SymmetrySpec,
+    models: Sequence[nn.Module],
+    result: MergeResult,
+    specs: Sequence[SymmetrySpec] | None = None,
+) -> int:
     """Replace the merged head by every model's own head reading the merged features (its
-    ``W_m U_m``, weight 1), stacked along the output axis; returns the new output size."""
+    ``W_m U_m``, weight 1), stacked along the output axis; returns the new output size.
+    ``specs``: one per model, for models of different widths."""
     from symmerge.groupmap import build_state_dict
     from symmerge.resize import output_axes
 
@@ -289,12 +296,47 @@ def _stack_heads(spec: SymmetrySpec, models: Sequence[nn.Module], result: MergeR
     for m, model in enumerate(models):
         maps = {g: gm.select(m) for g, gm in result.maps.items()}
         sd = {k: v for k, v in model.state_dict().items()}
-        terms.append(build_state_dict(spec, [sd], maps, weights=[1.0]))
+        terms.append(build_state_dict(specs[m] if specs else spec, [sd], maps, weights=[1.0]))
+    total = 0
     for tensor, axis, _ in axes:
         for name in [tensor, *spec.aliases.get(tensor, [])]:
             if name in result.state_dict:
                 result.state_dict[name] = torch.cat([t[name] for t in terms], axis)
-    return len(models) * sizes.pop()
+                total = result.state_dict[name].shape[axis]
+    return total
+
+
+def _method_heads(
+    spec: SymmetrySpec, models: list[nn.Module], heads: str, example_inputs: Any
+) -> list[nn.Module]:
+    """``models`` as the method sees them. Outputs of different sizes (other label spaces)
+    cannot share a head: an error for ``heads="shared"``; for ``"per-task"`` the method sees
+    every head cut or zero-padded to model 0's size (rows of different label spaces do not
+    correspond anyway), and :func:`_stack_heads` then stacks each model's own head."""
+    from symmerge.resize import output_axes, resize
+
+    axes = output_axes(spec)
+    if not axes:
+        return models
+    tensor, axis, n0 = axes[0]
+    sizes = []
+    for m in models:
+        t = m.state_dict().get(tensor)  # a missing one is check_compatible's to report
+        sizes.append(n0 if t is None or t.dim() <= axis else int(t.shape[axis]))
+    if all(n == n0 for n in sizes):
+        return models
+    if heads == "shared":
+        raise ValueError(
+            f"the models' outputs differ in size ({sizes} on '{tensor}'): they are trained on "
+            "different label spaces, which one shared head cannot hold; pass "
+            "heads='per-task' to keep every model's own head on the merged features"
+        )
+    inputs = None if example_inputs is None else _as_tuple(example_inputs)
+
+    def cut(m: nn.Module) -> nn.Module:
+        return resize(m, _trace(m, example_inputs), {}, num_outputs=n0, example_inputs=inputs)
+
+    return [m if n == n0 else cut(m) for m, n in zip(models, sizes, strict=True)]
 
 
 def _trace(model: nn.Module, example_inputs: Any) -> SymmetrySpec:
@@ -304,13 +346,3 @@ def _trace(model: nn.Module, example_inputs: Any) -> SymmetrySpec:
             raise ValueError("pass example_inputs= or spec= (the model has no input_shape)")
         example_inputs = (torch.randn(2, *shape),)
     return trace(model, example_inputs)
-
-
-def _aligned_endpoints(
-    spec: SymmetrySpec, models: Sequence[nn.Module], result: MergeResult
-) -> list[nn.Module]:
-    """The source models permuted into the merged model's unit order (for REPAIR's goals)."""
-    try:
-        return [spec.permuted(m, result.perms(k)) for k, m in enumerate(models)]
-    except ValueError as e:
-        raise ValueError(f"REPAIR needs permutation maps; method '{result.method}': {e}") from e

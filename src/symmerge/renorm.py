@@ -17,13 +17,14 @@ Both modify the model in place (like an optimizer step) and return it for chaini
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from symmerge.groupmap import GroupMap, _model_weights
 from symmerge.stats import _eval_on, _first_device, model_inputs
 
 __all__ = ["repair", "reset_bn"]
@@ -115,13 +116,15 @@ class _Point:
 
     ``module`` is the per-channel affine norm that directly consumes the layer's output when
     there is one (the correction then folds into its weight/bias, and a correction before the
-    norm would be normalized away), else the layer itself.
+    norm would be normalized away), else the layer itself. ``group`` names the channels' group
+    (whose GroupMap gives their goals); ``size`` is their number in the model observed.
     """
 
     layer: str
     module: str
     dim: int
     size: int
+    group: str = ""
 
 
 class _Moments:
@@ -167,25 +170,27 @@ def _channel_shape(ndim: int, dim: int, size: int) -> list[int]:
 
 def _find_points(model: nn.Module, batch: Any, device: torch.device, spec: Any) -> list[_Point]:
     """Hidden conv/linear outputs (a group's module-output sites) in execution order, and where
-    to correct them."""
+    to correct them. ``spec`` gives the modules, unit dims and groups (the spec of a model of
+    other widths does: sizes are read from the forward pass)."""
     if spec is None:
         from symmerge.spec import trace
 
         args, kwargs = model_inputs(batch, device)
         spec = trace(model, args, example_kwargs=kwargs or None)
-    dims: dict[str, tuple[int, int]] = {}  # module -> (unit dim, group size)
+    dims: dict[str, tuple[int, str]] = {}  # module -> (unit dim, group)
     layers: list[str] = []
-    for g in spec.groups.values():
+    for gname, g in spec.groups.items():
         for s in g.sites:
             if not s.module_output:
                 continue
-            dims.setdefault(s.module, (s.dim, g.size))
+            dims.setdefault(s.module, (s.dim, gname))
             if isinstance(model.get_submodule(s.module), _LAYERS) and s.module not in layers:
                 layers.append(s.module)
     # One eager forward with hooks: execution order, and which norm consumes each output.
     produced: dict[int, tuple[str, Tensor]] = {}  # tensors kept alive so ids stay unique
     consumer: dict[str, str] = {}
     order: list[str] = []
+    sizes: dict[str, int] = {}
     handles = []
     for name in layers:
 
@@ -193,6 +198,7 @@ def _find_points(model: nn.Module, batch: Any, device: torch.device, spec: Any) 
             produced[id(out)] = (name, out)
             if name not in order:
                 order.append(name)
+                sizes[name] = out.shape[dims[name][0]]
 
         handles.append(model.get_submodule(name).register_forward_hook(rec))
     for name, mod in model.named_modules():
@@ -213,10 +219,10 @@ def _find_points(model: nn.Module, batch: Any, device: torch.device, spec: Any) 
             h.remove()
     points = []
     for name in order:
-        dim, size = dims[name]
+        (dim, group), size = dims[name], sizes[name]
         norm = consumer.get(name)
         if norm is None:
-            points.append(_Point(name, name, dim, size))
+            points.append(_Point(name, name, dim, size, group))
             continue
         mod = model.get_submodule(norm)
         affine = getattr(mod, "weight", None) is not None and getattr(mod, "bias", None) is not None
@@ -227,7 +233,7 @@ def _find_points(model: nn.Module, batch: Any, device: torch.device, spec: Any) 
                 stacklevel=3,
             )
             continue
-        points.append(_Point(name, norm, dims[norm][0], size))
+        points.append(_Point(name, norm, dims[norm][0], size, group))
     return points
 
 
@@ -316,10 +322,12 @@ def _goal_statistics(
     points: Sequence[_Point],
     batches: Iterable[Any],
     device: torch.device,
-    weights: Sequence[float],
+    map_of: Callable[[_Point], GroupMap],
     goal_std: str,
     progress: bool,
 ) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every point's goal (mean, std): endpoint statistics through the merge matrices,
+    ``Σ_m M_m stat_m`` (see :func:`repair`); ``map_of(point)`` is the point's GroupMap."""
     ends = [{p.module: _Moments(p.dim) for p in points} for _ in endpoints]
     with _eval_on(endpoints, device):
         handles = [
@@ -338,14 +346,23 @@ def _goal_statistics(
                 h.remove()
     goals = {}
     for p in points:
-        means = torch.stack([e[p.module].mean for e in ends])  # type: ignore[misc]
-        stds = torch.stack([e[p.module].std for e in ends])
-        w = torch.tensor(weights, dtype=torch.float64, device=means.device)[:, None]
-        mu = (w * means).sum(0)
+        gm = map_of(p)
+        sizes = tuple(e[p.module].std.numel() for e in ends)
+        if (gm.sizes, gm.n_out) != (sizes, p.size):
+            raise ValueError(
+                f"the map of group {p.group!r} merges {gm.sizes} units into {gm.n_out}, but the "
+                f"REPAIR point '{p.module}' has {sizes} units in the endpoints and {p.size} in "
+                "the merged model"
+            )
+
+        def through(stats: list[Tensor], gm: GroupMap = gm) -> Tensor:  # Σ_m M_m stat_m
+            return torch.stack([gm.merge(m, x, 0) for m, x in enumerate(stats)]).sum(0)
+
+        mu = through([e[p.module].mean for e in ends])  # type: ignore[misc]
         if goal_std == "mean_of_stds":
-            sd = (w * stds).sum(0)
+            sd = through([e[p.module].std for e in ends])
         else:
-            sd = (w * stds.square()).sum(0).sqrt()
+            sd = through([e[p.module].std.square() for e in ends]).sqrt()
         goals[p.module] = (mu, sd)
     return goals
 
@@ -355,6 +372,7 @@ def repair(
     endpoints: Sequence[nn.Module],
     batches: Iterable[Any],
     *,
+    maps: Mapping[str, GroupMap] | None = None,
     weights: Sequence[float] | None = None,
     goal_std: str = "mean_of_stds",
     exact: bool = True,
@@ -363,7 +381,7 @@ def repair(
     progress: bool = False,
     eps: float = 1e-8,
 ) -> nn.Module:
-    """REPAIR ``merged`` so every hidden channel has the endpoints' mean and std (in place).
+    """REPAIR ``merged`` so every hidden channel has its goal mean and std (in place).
 
     The points are the outputs of every conv/linear layer whose channels form a permutation
     group (hidden units, so not the logits). When such an output feeds a BatchNorm, GroupNorm or
@@ -372,11 +390,20 @@ def repair(
     bias; otherwise it is folded into the layer's weight rows and bias (a bias-free layer
     gains a bias).
 
-    Goal statistics per channel c, with endpoint weights w_m (default uniform 1/N):
+    Goal statistics of merged unit i of a group, from the merge matrices ``M_m`` of its
+    :class:`~symmerge.groupmap.GroupMap` (n_out x n_m, model weights included: the merged bias
+    is ``Σ_m M_m b_m``, and the rows of ``Σ_m M_m`` sum to Σ_m w_m, one for every map symmerge
+    builds) and endpoint m's per-unit statistics μ_m, σ_m (vectors of length n_m):
 
-        μ*_c = Σ_m w_m μ_{m,c}
-        σ*_c = Σ_m w_m σ_{m,c}               (goal_std="mean_of_stds", REPAIR's rule)
-        σ*_c = sqrt(Σ_m w_m σ²_{m,c})        (goal_std="mean_of_vars", C2M3's N-model code)
+        μ*_i = Σ_m (M_m μ_m)_i
+        σ*_i = Σ_m (M_m σ_m)_i               (goal_std="mean_of_stds", REPAIR's rule)
+        σ*_i = sqrt(Σ_m (M_m σ²_m)_i)        (goal_std="mean_of_vars", C2M3's N-model code)
+
+    For a permutation ``M_m = w_m P_m`` this is REPAIR's μ*_i = Σ_m w_m μ_{m, perm_m[i]}; a zip
+    averages the statistics of the units it merges; a unit kept from one model (side by side,
+    unmatched units of a wider model) has mass 1 there, so its goal is that unit's own
+    statistics. Without ``maps`` the endpoints are aligned to ``merged`` and every group has the
+    identity map with weights ``w_m``: μ*_c = Σ_m w_m μ_{m,c}.
 
     Passes over ``batches``: one for the endpoints (eval mode); then REPAIR's own pass, with
     every BatchNorm of ``merged`` reset in train mode (cumulative average) and every point
@@ -388,18 +415,27 @@ def repair(
     this costs about half a pass per point. Afterwards, on ``batches``, every channel's mean and
     std equal the goal up to float round-off. (Correcting all points from one shared pass does
     not converge on residual streams: an upstream correction reaches every later point through
-    the skip connections.)
+    the skip connections.) A corrected channel keeps the sign of its merged scale (a BatchNorm
+    with γ < 0 stays negative), so a unit whose goal is its source's own statistics computes
+    that source's function again: REPAIR leaves a side-by-side ensemble unchanged.
 
     Args:
         merged: the merged model, same architecture as the endpoints.
-        endpoints: the N source models, **aligned** to ``merged`` (unit c of every endpoint is
-            unit c of the merged model, e.g. ``spec.permuted(model_b, perms)``), with valid
-            statistics (a BN endpoint may need :func:`reset_bn` first); run in eval mode.
+        endpoints: the N source models, with valid statistics (a BN endpoint may need
+            :func:`reset_bn` first); run in eval mode. With ``maps``: as merged (same module
+            names, their own unit order and widths). Without: **aligned** to ``merged`` (unit c
+            of every endpoint is unit c of the merged model, e.g.
+            ``spec.permuted(model_b, perms)``).
         batches: the data (re-iterable; a one-shot iterator is materialized as a list).
-        weights: endpoint weights, e.g. ``(1 - λ, λ)`` on an interpolation path.
+        maps: the merge's GroupMap per group name (``MergeResult.maps``); groups left out get
+            the identity map with ``weights``, as in :func:`~symmerge.groupmap.build_state_dict`.
+        weights: endpoint weights, e.g. ``(1 - λ, λ)`` on an interpolation path (default: the
+            maps' weights, or uniform).
         goal_std: ``"mean_of_stds"`` (default) or ``"mean_of_vars"``.
         exact: add the per-point eval-mode passes (see above).
-        spec: a :class:`~symmerge.spec.SymmetrySpec` of the architecture (traced if None).
+        spec: a :class:`~symmerge.spec.SymmetrySpec` of the architecture, the group names of
+            ``maps`` (traced from ``merged`` if None; any widths: only modules, unit dims and
+            group names are read).
         device: where to run (default: the merged model's device).
         progress: show progress bars.
         eps: channels whose std is below this are treated as constant (shifted, not scaled).
@@ -422,12 +458,16 @@ def repair(
     w = [1.0 / len(endpoints)] * len(endpoints) if weights is None else [float(x) for x in weights]
     if len(w) != len(endpoints):
         raise ValueError(f"got {len(w)} weights for {len(endpoints)} endpoints")
+    if maps is not None and weights is None:
+        w = list(_model_weights(maps, None, len(endpoints)))
     shapes = {k: v.shape for k, v in merged.state_dict().items()}
     for i, e in enumerate(endpoints):
-        if {k: v.shape for k, v in e.state_dict().items()} != shapes:
+        own = {k: v.shape for k, v in e.state_dict().items()}
+        if set(own) != set(shapes) or (maps is None and own != shapes):
             raise ValueError(
                 f"endpoint {i} does not have the merged model's parameter names and shapes; "
-                "REPAIR needs endpoints aligned to the merged model's units (same widths)"
+                "without maps= REPAIR needs endpoints aligned to the merged model's units "
+                "(same widths)"
             )
     batches = _reiterable(batches)
     first = next(iter(batches), None)
@@ -437,7 +477,12 @@ def repair(
     points = _find_points(merged, first, dev, spec)
     if not points:
         return merged
-    goals = _goal_statistics(endpoints, points, batches, dev, w, goal_std, progress)
+    given = {} if maps is None else maps
+
+    def map_of(p: _Point) -> GroupMap:
+        return given.get(p.group) or GroupMap.identity(p.size, len(endpoints), w)
+
+    goals = _goal_statistics(endpoints, points, batches, dev, map_of, goal_std, progress)
 
     bns = [m for m in merged.modules() if isinstance(m, _BN) and m.track_running_stats]
     with _eval_on([merged], dev):
@@ -446,8 +491,8 @@ def repair(
         with torch.no_grad():
             for p in points:
                 mod = merged.get_submodule(p.module)
-                if isinstance(mod, _BN):  # the correction carries the whole affine
-                    mod.weight.fill_(1.0)
+                if isinstance(mod, _BN):  # the correction carries the affine, but not its sign
+                    mod.weight.copy_(torch.where(mod.weight < 0, -1.0, 1.0))
                     mod.bias.zero_()
         for bn in bns:
             bn.reset_running_stats()

@@ -11,8 +11,8 @@ Partial zip: ``stop`` zips only the first ``stop`` groups in input-to-output ord
 units reading the zipped features through their own unmerge, as in the paper's ZipIt!_{k/L}.
 With ``stop=0`` the result is the ensemble (logits averaged); with
 ``merge(..., heads="per-task")`` every model keeps its own head, so a partial zip is a
-multi-head model. Renormalise BN models afterwards (``renorm="reset-bn"``), as the paper does;
-REPAIR needs permutation maps and refuses a zip.
+multi-head model. Renormalise BN models afterwards (``renorm="reset-bn"``), as the paper does,
+or REPAIR them (``renorm="repair"``: goals through the zip's merge matrices).
 
 Units that never fire on ``data`` have correlation 0 with every unit, so the greedy zip may
 merge two already merged features before it pairs them (even a model with a permuted copy of
@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from symmerge.methods.rebasin import (
     _state_dicts,
 )
 from symmerge.solvers.coordinate import coordinates, solve_coordinate
-from symmerge.solvers.zipit import zip_labels, zip_map
+from symmerge.solvers.zipit import ZipResult, zip_labels, zip_map
 from symmerge.spec import SymmetrySpec
 
 __all__ = ["group_order", "legal_stops", "zipit"]
@@ -99,55 +100,19 @@ def zipit(
     _check_equal_widths(sds, "zip")
     n_models = len(sds)
     _check_params(lam, alpha, beta)
-    weights = [1.0 / n_models] * n_models
-    order = group_order(spec, list(sds[0]))
-    stops = legal_stops(spec, order)
-    stop = len(order) if stop is None else stop
-    if isinstance(stop, bool) or stop not in stops:
-        raise ValueError(
-            f"The 'stop' parameter of zip must be one of {stops} (the number of groups zipped, "
-            f"in the order {order}). Got {stop!r} instead."
-        )
-    zipped = order[:stop]
-    heads = {g.block_group for g in spec.groups.values() if g.block_group}
-    targets = _widths(spec, zipped, heads, width, n_models)
-    if zipped and stats is None:
-        if data is None:
-            raise ValueError("the 'zip' method needs data= (batches) or stats=")
-        if not all(isinstance(m, nn.Module) for m in models):
-            raise ValueError(
-                "the 'zip' method runs the models on data: pass nn.Modules, not state dicts "
-                "(or pass precomputed stats=)"
-            )
-        observed = [g for g in zipped if g not in heads]
-        stats = (collect or _default_collect())(spec, list(models), data, groups=observed,
-                                                device=device)  # fmt: skip
+    _check_blocks(spec, models, data)
+    plan = _plan(spec, models, sds, stop=stop, width=width, data=data, stats=stats,
+                 collect=collect, device=device)  # fmt: skip
     t_stats = time.perf_counter() - t0
-    maps: dict[str, GroupMap] = {}
-    objective: dict[str, float] = {}
-    for coord in coordinates(spec, zipped):
-        pairing = None
-        if len(coord) > 1:  # attention: one head pairing shared by the head-dim groups
-            pairing = _head_pairing(spec, coord, stats, n_models)
-            maps[coord[0]] = GroupMap.permutations(pairing, weights)
-            coord = coord[1:]
-        for g in coord:
-            grp = spec.groups[g]
-            res = zip_labels(
-                stats.correlation(g), [grp.size] * n_models, targets.get(g), alpha=alpha,
-                beta=beta, blocks=grp.blocks, block_pairing=pairing,
-            )  # fmt: skip
-            maps[g] = zip_map(res.labels, [grp.size] * n_models, weights)
-            objective[g] = res.objective
-    for g, grp in spec.groups.items():
-        if g not in maps:  # as the ensemble: GroupNorm groups keep one model per block
-            own = grp.blocks if grp.blocks and grp.block_group is None else None
-            blocks = None if own is None else [own] * n_models
-            maps[g] = GroupMap.side_by_side([grp.size] * n_models, weights, blocks=blocks)
-    maps = {g: maps[g] for g in spec.groups}
-    log = [f"zip: {len(zipped)} of {len(order)} groups zipped (stop={stop}), alpha={alpha}, "
+    maps, found = _zip_coords(spec, coordinates(spec, plan.zipped),
+                              lambda g: plan.stats.correlation(g), plan.stats, n_models,
+                              plan.targets, alpha, beta)  # fmt: skip
+    objective = {g: r.objective for g, r in found.items()}
+    stop = len(plan.zipped)
+    log = [f"zip: {stop} of {len(plan.order)} groups zipped (stop={stop}), alpha={alpha}, "
            f"beta={beta}"]  # fmt: skip
-    res = _finish("zip", spec, sds, maps, objective, 0, 0.0, time.perf_counter() - t0, log)
+    res = _finish("zip", spec, sds, _complete(spec, maps, n_models), objective, 0, 0.0,
+                  time.perf_counter() - t0, log)  # fmt: skip
     res.timings["statistics"] = t_stats
     return res
 
@@ -183,6 +148,35 @@ def legal_stops(spec: SymmetrySpec, order: Sequence[str]) -> list[int]:
 # ---------------------------------------------------------------------------------------
 
 
+def _check_blocks(spec: SymmetrySpec, models: Models, data: Iterable[Any] | None) -> None:
+    """Every model needs model 0's block count in each blocked group (GroupNorm groups,
+    attention heads), which equal widths do not show: the other models are traced on a batch
+    of 2 of ``model.input_shape`` (else on the first batch of a re-iterable ``data``)."""
+    from symmerge.spec import trace
+    from symmerge.stats import _first_device, model_inputs
+
+    blocked = {g: grp.blocks for g, grp in spec.groups.items() if grp.blocks}
+    if not blocked or not all(isinstance(m, nn.Module) for m in models):
+        return
+    for m, model in enumerate(models[1:], 1):
+        dev, shape = _first_device(model), getattr(model, "input_shape", None)
+        if shape is not None:
+            args, kwargs = (torch.randn(2, *shape, device=dev),), {}
+        elif data is not None and iter(data) is not data:  # peeking must not consume it
+            args, kwargs = model_inputs(next(iter(data)), dev)
+        else:
+            return
+        groups = trace(model, args, example_kwargs=kwargs or None).groups
+        for g, n in blocked.items():
+            got = groups[g].blocks if g in groups else None
+            if got != n:
+                raise ValueError(
+                    f"group {g!r} has {n} blocks (GroupNorm groups or attention heads) in "
+                    f"model 0 but {got} in model {m}; the 'zip' method zips blocks pairwise, so "
+                    "every model needs the same block counts (GroupNorm num_groups, num_heads)"
+                )
+
+
 def _check_params(lam: float, alpha: float, beta: float) -> None:
     if lam != 0.5:
         raise ValueError(
@@ -203,6 +197,7 @@ def _widths(
     heads: set[str],
     width: int | Mapping[str, int] | None,
     n_models: int,
+    name: str = "zip",
 ) -> dict[str, int]:
     """Target width of every zipped group (checked against [n, N * n])."""
     if width is None:
@@ -211,7 +206,7 @@ def _widths(
         unknown = sorted(set(width) - (set(zipped) - heads))
         if unknown:
             raise ValueError(
-                f"The 'width' parameter of zip names groups that are not zipped (or are head "
+                f"The 'width' parameter of {name} names groups that are not zipped (or are head "
                 f"groups): {unknown}; zipped groups: {[g for g in zipped if g not in heads]}"
             )
         targets = dict(width)
@@ -221,7 +216,7 @@ def _widths(
         n = spec.groups[g].size
         if isinstance(w, bool) or not isinstance(w, int) or not n <= w <= n_models * n:
             raise ValueError(
-                f"The 'width' parameter of zip must be an int in [{n}, {n_models * n}] for "
+                f"The 'width' parameter of {name} must be an int in [{n}, {n_models * n}] for "
                 f"group {g!r} (n={n}, N={n_models}). Got {w!r} instead."
             )
     return targets
@@ -239,3 +234,105 @@ def _head_pairing(
         sims = {g: c[stats.units(g, 0), stats.units(g, m)] for g, c in corr.items()}
         pairing.append(solve_coordinate(spec, coord, sims)[head])
     return pairing
+
+
+# ---------------------------------------------------------------------------------------
+# shared with MuDSC's zip variant (symmerge.methods.mudsc)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What a zip does: the groups in order, those zipped, head groups, target widths and the
+    statistics (``None`` when nothing is zipped)."""
+
+    order: list[str]
+    zipped: list[str]
+    heads: set[str]
+    targets: dict[str, int]
+    stats: Any
+
+
+def _plan(
+    spec: SymmetrySpec,
+    models: Models,
+    sds: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    stop: int | None,
+    width: int | Mapping[str, int] | None,
+    data: Iterable[Any] | None,
+    stats: Any,
+    collect: Callable[..., Any] | None,
+    device: str | torch.device | None,
+    name: str = "zip",
+) -> _Plan:
+    """Check ``stop`` and ``width``, and collect the statistics of the zipped groups."""
+    n_models = len(sds)
+    order = group_order(spec, list(sds[0]))
+    stops = legal_stops(spec, order)
+    stop = len(order) if stop is None else stop
+    if isinstance(stop, bool) or stop not in stops:
+        raise ValueError(
+            f"The 'stop' parameter of {name} must be one of {stops} (the number of groups "
+            f"zipped, in the order {order}). Got {stop!r} instead."
+        )
+    zipped = order[:stop]
+    heads = {g.block_group for g in spec.groups.values() if g.block_group}
+    targets = _widths(spec, zipped, heads, width, n_models, name)
+    if zipped and stats is None:
+        if data is None:
+            raise ValueError(f"the '{name}' method needs data= (batches) or stats=")
+        if not all(isinstance(m, nn.Module) for m in models):
+            raise ValueError(
+                f"the '{name}' method runs the models on data: pass nn.Modules, not state "
+                "dicts (or pass precomputed stats=)"
+            )
+        observed = [g for g in zipped if g not in heads]
+        stats = (collect or _default_collect())(spec, list(models), data, groups=observed,
+                                                device=device)  # fmt: skip
+    return _Plan(order, zipped, heads, targets, stats)
+
+
+def _zip_coords(
+    spec: SymmetrySpec,
+    coords: Sequence[tuple[str, ...]],
+    sim: Callable[[str], torch.Tensor],
+    stats: Any,
+    n_models: int,
+    targets: Mapping[str, int],
+    alpha: float,
+    beta: float,
+) -> tuple[dict[str, GroupMap], dict[str, ZipResult]]:
+    """Zip every coordinate on ``sim(group)`` ((N n)^2); a head group is a permutation,
+    paired on the activations of its head dims (:func:`_head_pairing`)."""
+    weights = [1.0 / n_models] * n_models
+    maps: dict[str, GroupMap] = {}
+    found: dict[str, ZipResult] = {}
+    for coord in coords:
+        pairing = None
+        if len(coord) > 1:  # attention: one head pairing shared by the head-dim groups
+            pairing = _head_pairing(spec, coord, stats, n_models)
+            maps[coord[0]] = GroupMap.permutations(pairing, weights)
+            coord = coord[1:]
+        for g in coord:
+            grp = spec.groups[g]
+            found[g] = zip_labels(
+                sim(g), [grp.size] * n_models, targets.get(g), alpha=alpha, beta=beta,
+                blocks=grp.blocks, block_pairing=pairing,
+            )  # fmt: skip
+            maps[g] = zip_map(found[g].labels, [grp.size] * n_models, weights)
+    return maps, found
+
+
+def _complete(
+    spec: SymmetrySpec, maps: Mapping[str, GroupMap], n_models: int
+) -> dict[str, GroupMap]:
+    """``maps`` with every other group side by side, in the spec's group order."""
+    weights = [1.0 / n_models] * n_models
+    out = dict(maps)
+    for g, grp in spec.groups.items():
+        if g not in out:  # as the ensemble: GroupNorm groups keep one model per block
+            own = grp.blocks if grp.blocks and grp.block_group is None else None
+            blocks = None if own is None else [own] * n_models
+            out[g] = GroupMap.side_by_side([grp.size] * n_models, weights, blocks=blocks)
+    return {g: out[g] for g in spec.groups}
