@@ -100,7 +100,6 @@ def zipit(
     _check_equal_widths(sds, "zip")
     n_models = len(sds)
     _check_params(lam, alpha, beta)
-    _check_blocks(spec, models, data)
     plan = _plan(spec, models, sds, stop=stop, width=width, data=data, stats=stats,
                  collect=collect, device=device)  # fmt: skip
     t_stats = time.perf_counter() - t0
@@ -266,7 +265,9 @@ def _plan(
     device: str | torch.device | None,
     name: str = "zip",
 ) -> _Plan:
-    """Check ``stop`` and ``width``, and collect the statistics of the zipped groups."""
+    """Check ``stop``, ``width`` and the models' block counts, and collect the statistics of
+    the zipped groups."""
+    _check_blocks(spec, models, data)
     n_models = len(sds)
     order = group_order(spec, list(sds[0]))
     stops = legal_stops(spec, order)
