@@ -58,6 +58,26 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def code_version() -> str:
+    """The commit the results come from, with ``+dirty`` and a hash of the uncommitted source
+    changes when there are any (a result is valid only for the code that made it)."""
+    import hashlib
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=HERE.parent, check=True).stdout  # fmt: skip
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD").strip()
+        paths = ("src", "benchmarks/*.py")
+        diff = git("diff", "HEAD", "--", *paths) + git("status", "--porcelain", "--", *paths)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    if not diff:
+        return commit
+    return f"{commit}+dirty (sha256 of the diff {hashlib.sha256(diff.encode()).hexdigest()[:12]})"
+
+
 def provenance(seeds: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Command, `date`, hardware, versions and seeds of a run."""
     try:
@@ -69,6 +89,7 @@ def provenance(seeds: dict[str, Any], extra: dict[str, Any] | None = None) -> di
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "command": command_line(),
+        "code": code_version(),
         "date": date,
         "hardware": (
             f"{cpu_name()}; {os.cpu_count()} logical CPUs shared with other jobs; "
@@ -86,6 +107,7 @@ def provenance(seeds: dict[str, Any], extra: dict[str, Any] | None = None) -> di
 def provenance_md(meta: dict[str, Any]) -> list[str]:
     lines = [
         f"- Command: `{meta['command']}`",
+        f"- Code: {meta.get('code', 'not recorded')}",
         f"- Date (`date`): {meta['date']}",
         f"- Hardware: {meta['hardware']}; load average at start "
         f"{meta.get('load_average_at_start')}",
