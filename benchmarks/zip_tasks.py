@@ -143,7 +143,7 @@ def main() -> None:
 
     spec = symmerge.trace(models[0], (x[:2],))
     order = group_order(spec, list(models[0].state_dict()))
-    stops = legal_stops(spec, order)
+    stops = legal_stops(spec, order, list(models[0].state_dict()))
     runs: list[tuple[str, str, dict[str, Any]]] = [
         ("naive", "naive", {}), ("weight", "weight", {}), ("activation", "activation", {}),
         ("mudsc", "mudsc", {}), ("zip", "zip", {}),

@@ -404,7 +404,8 @@ def test_group_order_and_legal_stops() -> None:
         "layer2.0.conv1.out",
         "layer2.0.conv2.out",
     ]
-    assert legal_stops(spec, order) == list(range(13))
+    # depth cuts only: a stage's residual stream is produced by every block of the stage
+    assert legal_stops(spec, order, list(resnet.state_dict())) == [0, 4, 5, 8, 9, 12]
     merged, res = merge([resnet, resnet], "zip", data=_batches(resnet), stop=5)
     assert [res.maps[g].n_out for g in order] == [16, 16, 16, 16, 32] + [
         2 * spec.groups[g].size for g in order[5:]
@@ -414,8 +415,9 @@ def test_group_order_and_legal_stops() -> None:
     order = group_order(spec, list(vit.state_dict()))
     assert order[:5] == ["patch_embed.out", "blocks.0.attn.qkv.heads", "blocks.0.attn.qkv.qk",
                          "blocks.0.attn.qkv.vo", "blocks.0.fc1.out"]  # fmt: skip
-    assert legal_stops(spec, order)[:6] == [0, 1, 4, 5, 8, 9]  # heads go with their dims
-    with pytest.raises(ValueError, match=r"'stop' parameter of zip must be one of \[0, 1, 4,"):
+    # the residual stream runs through every block: zip all of it or none
+    assert legal_stops(spec, order, list(vit.state_dict())) == [0, len(order)]
+    with pytest.raises(ValueError, match=r"'stop' parameter of zip must be one of \[0, 25\]"):
         get_method("zip")(spec, [vit, vit], data=_batches(vit), stop=2)
 
 

@@ -116,19 +116,21 @@ def zipit(
     return res
 
 
+def _producer_span(spec: SymmetrySpec, keys: Sequence[str], g: str) -> tuple[float, float]:
+    """First and last position, in the state dict's key order ``keys``, of the tensors that
+    produce group ``g`` (its ``"out"`` members): a residual stream spans its whole stage."""
+    pos = {k: i for i, k in enumerate(keys)}
+    members = spec.groups[g].members
+    out = [m for m in members if m.role == "out"] or members
+    found = [pos[t] for m in out for t in (m.tensor, *spec.aliases.get(m.tensor, [])) if t in pos]
+    return (min(found), max(found)) if found else (math.inf, -math.inf)
+
+
 def group_order(spec: SymmetrySpec, keys: Sequence[str]) -> list[str]:
     """The groups from input to output: by the position, in the state dict's key order
     ``keys``, of the first tensor producing the group (its first ``"out"`` member); a head
     group (attention heads) comes just before the head-dim groups it steers."""
-    pos = {k: i for i, k in enumerate(keys)}
-
-    def first(g: str) -> float:
-        members = spec.groups[g].members
-        out = [m for m in members if m.role == "out"] or members
-        names = [t for m in out for t in (m.tensor, *spec.aliases.get(m.tensor, []))]
-        return min((pos[t] for t in names if t in pos), default=math.inf)
-
-    key = {g: first(g) for g in spec.groups}
+    key = {g: _producer_span(spec, keys, g)[0] for g in spec.groups}
     for g, grp in spec.groups.items():
         if grp.block_group:
             key[grp.block_group] = min(key[grp.block_group], key[g])
@@ -136,12 +138,22 @@ def group_order(spec: SymmetrySpec, keys: Sequence[str]) -> list[str]:
     return sorted(spec.groups, key=lambda g: (key[g], index[g]))
 
 
-def legal_stops(spec: SymmetrySpec, order: Sequence[str]) -> list[int]:
-    """Values of ``stop`` that zip whole coordinates (a head group with its head dims)."""
+def legal_stops(spec: SymmetrySpec, order: Sequence[str], keys: Sequence[str]) -> list[int]:
+    """Values of ``stop`` that cut the network at one depth: every tensor producing a zipped
+    group comes before every tensor producing a group kept side by side (so a stop never falls
+    inside a residual stage, whose stream is produced by every block of the stage), and a
+    head group is zipped with its head dims."""
     coord_of = {g: set(c) for c in coordinates(spec) for g in c}
-    return [
-        k for k in range(len(order) + 1) if all(coord_of[g] <= set(order[:k]) for g in order[:k])
-    ]
+    span = {g: _producer_span(spec, keys, g) for g in order}
+    legal = []
+    for k in range(len(order) + 1):
+        zipped, kept = order[:k], order[k:]
+        whole = all(coord_of[g] <= set(zipped) for g in zipped)
+        last = max((span[g][1] for g in zipped), default=-math.inf)
+        first = min((span[g][0] for g in kept), default=math.inf)
+        if whole and last < first:
+            legal.append(k)
+    return legal
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,7 +282,7 @@ def _plan(
     _check_blocks(spec, models, data)
     n_models = len(sds)
     order = group_order(spec, list(sds[0]))
-    stops = legal_stops(spec, order)
+    stops = legal_stops(spec, order, list(sds[0]))
     stop = len(order) if stop is None else stop
     if isinstance(stop, bool) or stop not in stops:
         raise ValueError(
