@@ -16,7 +16,7 @@ Settings (``--setting``):
 
 * ``mnist-mlp``: the zoo MLP (784-512x3-10), trained here (``--epochs``, default 10).
 * ``cifar10-resnet20``: ResNet-20x1 with BatchNorm; ``--checkpoints A,B`` (e.g. the reference
-  checkpoints of ``../shared/checkpoints``), else trained here with the same recipe (20 epochs).
+  checkpoints in ``$SYMMERGE_CHECKPOINTS``), else trained here with the same recipe (20 epochs).
 * ``cifar10-resnet20-gn``: the same with GroupNorm (no statistics to reset).
 
 Anchor: ZipIt! (Stoica et al., ICLR 2024), CIFAR-10 5+5 ResNet-20x4: joint accuracy of zip far
@@ -26,8 +26,8 @@ Writes ``<out>/zip_tasks_<setting>.{json,md}``. Checkpoints trained here go to `
 
     .venv/bin/python benchmarks/zip_tasks.py --setting mnist-mlp
     .venv/bin/python benchmarks/zip_tasks.py --setting cifar10-resnet20 \\
-        --checkpoints ../shared/checkpoints/resnet20-cifar10-c0-4-s0.safetensors,\\
-../shared/checkpoints/resnet20-cifar10-c5-9-s1.safetensors
+        --checkpoints $SYMMERGE_CHECKPOINTS/resnet20-cifar10-c0-4-s0.safetensors,\\
+$SYMMERGE_CHECKPOINTS/resnet20-cifar10-c5-9-s1.safetensors
 """
 
 from __future__ import annotations

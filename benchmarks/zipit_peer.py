@@ -2,7 +2,8 @@
 checkpoints and data.
 
 The two CIFAR-10 ResNet-20x1 reference checkpoints trained on classes 0-4 and 5-9
-(``../shared/checkpoints``) are converted into the official repository's ResNet-20
+(in ``$SYMMERGE_CHECKPOINTS``, or ``--checkpoints A,B``) are converted into the official
+repository's ResNet-20
 (``models/resnets.py``; the conversion is checked on a batch of test images: converted logits
 vs ours, max abs difference), zipped with its own ``ModelMerge`` + ``ResNetGraph`` +
 ``match_tensors_zipit`` (metrics ``covariance`` and ``mean`` as its ``cifar5_resnet20`` config,
@@ -36,7 +37,8 @@ everything runs in float32). The results files list the stubs that were used.
 The peer repository must be cloned (git-ignored) into ``--peer-dir``
 (default ``benchmarks/.pkgs/ZipIt``), e.g. from a mirror of github.com/gstoica27/ZipIt.
 
-    OMP_NUM_THREADS=1 SYMMERGE_DATA=../shared/datasets .venv/bin/python benchmarks/zipit_peer.py
+    OMP_NUM_THREADS=1 SYMMERGE_DATA=DATA SYMMERGE_CHECKPOINTS=CKPTS \\
+        .venv/bin/python benchmarks/zipit_peer.py
 """
 
 from __future__ import annotations
@@ -71,11 +73,7 @@ from torch import nn
 TASKS = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
 OWN_TASKS = [{"classes": c, "logits": [10 * k, 10 * (k + 1)]} for k, c in enumerate(TASKS)]
 SHARED_TASKS = [{"classes": c, "logits": [0, 10]} for c in TASKS]
-CHECKPOINTS = HERE.parent.parent / "shared" / "checkpoints"
-DEFAULT_CKPTS = [
-    CHECKPOINTS / "resnet20-cifar10-c0-4-s0.safetensors",
-    CHECKPOINTS / "resnet20-cifar10-c5-9-s1.safetensors",
-]
+CHECKPOINT_NAMES = ("resnet20-cifar10-c0-4-s0.safetensors", "resnet20-cifar10-c5-9-s1.safetensors")
 PEER_URL = "https://github.com/gstoica27/ZipIt"
 
 
@@ -417,8 +415,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_common_args(parser)
-    parser.add_argument("--checkpoints", default=",".join(str(p) for p in DEFAULT_CKPTS),
-                        help="A,B: the source checkpoints (classes 0-4, classes 5-9)")  # fmt: skip
+    folder = os.environ.get("SYMMERGE_CHECKPOINTS")  # the reference checkpoints' folder
+    parser.add_argument("--checkpoints", required=folder is None,
+                        default=None if folder is None else ",".join(
+                            str(Path(folder) / n) for n in CHECKPOINT_NAMES),
+                        help="A,B: the source checkpoints (classes 0-4, classes 5-9); default: "
+                        "the reference ones in $SYMMERGE_CHECKPOINTS")  # fmt: skip
     parser.add_argument("--peer-dir", default=str(HERE / ".pkgs" / "ZipIt"),
                         help="clone of gstoica27/ZipIt")  # fmt: skip
     parser.add_argument("--samples", type=int, default=5000, help="train images to merge on")

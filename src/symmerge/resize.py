@@ -319,6 +319,9 @@ def _update_attributes(
     """Make every module's attributes agree with its new tensors; returns the integer
     attributes that could mean either an unchanged or a changed width."""
     ambiguous: list[_Ambiguous] = []
+    by_tensor: dict[str, list[Member]] = {}  # built once: every module below looks up its own
+    for mem in spec.members():
+        by_tensor.setdefault(mem.tensor, []).append(mem)
     gn_blocks = _groupnorm_blocks(spec, counts)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -341,7 +344,7 @@ def _update_attributes(
         elif isinstance(module, nn.Embedding):
             module.num_embeddings, module.embedding_dim = module.weight.shape
         elif not _is_torch_layer(module):
-            ambiguous += _update_ints(name, module, spec, old, new)
+            ambiguous += _update_ints(name, module, spec, old, new, by_tensor)
     return ambiguous
 
 
@@ -384,7 +387,7 @@ def _groupnorm_blocks(spec: SymmetrySpec, counts: Mapping[str, int]) -> dict[str
 
 def _local_sizes(
     name: str, module: nn.Module, spec: SymmetrySpec, old: Mapping[str, int],
-    new: Mapping[str, int],
+    new: Mapping[str, int], by_tensor: Mapping[str, list[Member]],
 ) -> dict[int, set[int]]:  # fmt: skip
     """old width -> the new widths it can mean, for the tensors of ``module`` and its direct
     children, their head counts and head dims."""
@@ -395,9 +398,7 @@ def _local_sizes(
         for k, _ in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
             local.add(f"{prefix}{child_name}.{k}")
     found: dict[int, set[int]] = {}
-    for mem in spec.members():
-        if mem.tensor not in local:
-            continue
+    for mem in (m for t in local for m in by_tensor.get(t, ())):
         for seg in mem.segments:
             for f in seg.factors:
                 if f.group is None:
@@ -415,11 +416,11 @@ def _local_sizes(
 
 def _update_ints(
     name: str, module: nn.Module, spec: SymmetrySpec, old: Mapping[str, int],
-    new: Mapping[str, int],
+    new: Mapping[str, int], by_tensor: Mapping[str, list[Member]],
 ) -> list[_Ambiguous]:  # fmt: skip
     """Integer attributes equal to an old width that maps to one new width are updated; those
     that may keep or change their value (a width that equals an unchanged one) are returned."""
-    sizes = _local_sizes(name, module, spec, old, new)
+    sizes = _local_sizes(name, module, spec, old, new, by_tensor)
     ambiguous = []
     for attr, value in list(vars(module).items()):
         if attr.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
