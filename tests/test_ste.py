@@ -26,15 +26,11 @@ import symmerge
 from symmerge.groupmap import GroupMap, build_state_dict
 from symmerge.methods import get_method
 from symmerge.models.mlp import MLP
-from symmerge.refine import (
-    _PlainGroup,
-    _proxy_keys,
-    _WarmAssignment,
-    _WarmMatcher,
-    ste_refine,
-)
+from symmerge.refine import ste_refine
+from symmerge.refine.ste import _proxy_keys
 from symmerge.similarity import WeightSimilarity, weight_similarity
 from symmerge.solvers.coordinate import weight_matching
+from symmerge.solvers.warm import PlainGroup, WarmAssignment, WarmMatcher
 
 needs_data = pytest.mark.skipif(
     not os.environ.get("SYMMERGE_DATA"),
@@ -244,8 +240,8 @@ def test_fast_matcher_equals_full_on_a_resnet_with_batchnorm() -> None:
     assert sum(fast.changed) > 0 and fast.losses == full.losses
     for name in spec.groups:
         assert torch.equal(fast.last_perms[name], full.last_perms[name]), name
-    match = _WarmMatcher(spec, b.state_dict(), "inner", "scipy", 3, plain=True)
-    assert set(match.plain) == set(spec.groups)  # every group is served by _PlainGroup
+    match = WarmMatcher(spec, b.state_dict(), "inner", "scipy", 3, plain=True)
+    assert set(match.plain) == set(spec.groups)  # every group is served by PlainGroup
 
 
 def _drifting_proxy(
@@ -276,8 +272,8 @@ def _drifting_proxy(
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fast_matcher_follows_full_weight_matching_along_a_drifting_proxy(seed: int) -> None:
     spec, sb, proxies = _drifting_proxy(width=48, steps=30, seed=seed)
-    fast = _WarmMatcher(spec, sb, "inner", "scipy", max_sweeps=100, plain=True)
-    warm = _WarmMatcher(spec, sb, "inner", "scipy", max_sweeps=100, plain=False)
+    fast = WarmMatcher(spec, sb, "inner", "scipy", max_sweeps=100, plain=True)
+    warm = WarmMatcher(spec, sb, "inner", "scipy", max_sweeps=100, plain=False)
     p_fast = p_warm = p_full = spec.identity_permutations()
     bounded = moved = 0
     for t, theta in enumerate(proxies):
@@ -297,7 +293,7 @@ def test_fast_matcher_follows_full_weight_matching_along_a_drifting_proxy(seed: 
 def test_bound_never_certifies_a_suboptimal_assignment() -> None:
     spec, sb, proxies = _drifting_proxy(width=32, steps=1, seed=3)
     theta = proxies[0]
-    match = _WarmMatcher(spec, sb, "inner", "scipy", max_sweeps=100, plain=True)
+    match = WarmMatcher(spec, sb, "inner", "scipy", max_sweeps=100, plain=True)
     perms, _ = match(theta, spec.identity_permutations(), 0)  # sets every reference
     g = torch.Generator().manual_seed(0)
     proven = {True: 0, False: 0}
@@ -324,7 +320,7 @@ def test_kept_similarity_follows_neighbour_moves_and_matches_a_fresh_one() -> No
     fresh = WeightSimilarity(spec, theta, sb)
     g = torch.Generator().manual_seed(0)
     for name in spec.groups:
-        group = _PlainGroup.create(spec, name, sb)
+        group = PlainGroup.create(spec, name, sb)
         assert group is not None
         perms = spec.identity_permutations()
         C = group.similarity(theta, perms, step=1)
@@ -432,7 +428,7 @@ def test_missing_or_bad_data_and_parameters_raise() -> None:
 def test_warm_assignment_is_an_exact_lap_along_a_drifting_sequence(n: int) -> None:
     rng = np.random.default_rng(n)
     C = rng.standard_normal((n, n))
-    lap = _WarmAssignment()
+    lap = WarmAssignment()
     perm = torch.from_numpy(rng.permutation(n))  # a cold, non-optimal start
     seen = set()
     for t in range(40):
