@@ -1,0 +1,273 @@
+"""Layer-wise least squares: refit every Linear / Conv2d layer of a merged model so that it
+maps the merged inputs to the merged targets (PLeaS step 3, algorithms.md §2).
+
+Teacher forcing: every layer is fitted on the *source* models run side by side on the same
+batch. With the maps of the merge, the layer's inputs and targets in merged coordinates are
+``X~ = sum_m M_m x_m`` and ``Y~ = sum_m M_m y_m`` (:func:`symmerge.groupmap.merge_values`:
+matched units averaged, private units kept, image channels and logits averaged), where ``y``
+is the layer's own output, before any normalisation. The layers are then independent.
+
+Structural zeros stay zero: every weight keeps the support the weight builder gives it
+(:func:`~symmerge.groupmap.merged_support`; a partial merge's ``W[S_A, S_B]`` and
+``W[S_B, S_A]`` blocks are empty), and a row is fitted on the columns of its support only.
+
+* ``"closed"``: normal equations ``(X^T X + lambda I) theta = X^T Y`` per group of rows sharing
+  a support, from the float64 sums of :func:`symmerge.stats.collect_layer_products` (im2col for
+  convs; memory independent of the number of samples); ``lambda = ridge`` times the mean of the
+  diagonal, so the ridge is scale-free.
+* ``"adam"``: the official code's optimiser, all layers at once on the summed per-layer mean
+  squared error, Adam with cosine-annealed learning rate, one batch a step; gradients are
+  masked by the support, so zero blocks stay exactly zero for any input and output widths.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from symmerge.groupmap import GroupMap, merge_values, merged_support
+from symmerge.spec import Member, SymmetrySpec
+
+__all__ = ["LSQ_SOLVERS", "LeastSquaresResult", "fit_layers"]
+
+#: Solvers of :func:`fit_layers`.
+LSQ_SOLVERS = ("closed", "adam")
+
+
+@dataclass
+class LeastSquaresResult:
+    """Refitted weights and what was (not) fitted.
+
+    Attributes:
+        state_dict: the merged state dict with every fitted layer's weight and bias replaced.
+        layers: the layers fitted, in model order.
+        skipped: layers left as they were, with the reason.
+        loss: per layer, the mean squared error on the last pass (Adam) or ``None``.
+        seconds: wall time.
+    """
+
+    state_dict: dict[str, Tensor]
+    layers: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    loss: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _layers(model: nn.Module, spec: SymmetrySpec) -> tuple[list[str], dict[str, str]]:
+    """Linear and Conv2d layers a least-squares fit can take, and the reasons for the rest."""
+    tied = {t for k, v in spec.aliases.items() for t in (k, *v)}
+    fitted, skipped = [], {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        if f"{name}.weight" in tied:
+            skipped[name] = "its weight is tied to another tensor"
+        elif isinstance(mod, nn.Conv2d) and mod.groups != 1:
+            skipped[name] = f"grouped conv (groups={mod.groups})"
+        elif isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+            skipped[name] = f"padding_mode={mod.padding_mode!r}"
+        else:
+            fitted.append(name)
+    return fitted, skipped
+
+
+def _teacher(
+    spec: SymmetrySpec,
+    maps: Mapping[str, GroupMap],
+    weights: Sequence[float],
+    model: nn.Module,
+    layers: Sequence[str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per layer, the functions mapping the models' inputs / outputs to merged coordinates."""
+    layout: dict[str, dict[int, Member]] = {}
+    for mem in spec.members():
+        layout.setdefault(mem.tensor, {})[mem.axis] = mem
+    inputs, targets = {}, {}
+    for name in layers:
+        axes = layout.get(f"{name}.weight", {})
+        dim = -1 if isinstance(model.get_submodule(name), nn.Linear) else 1
+        inputs[name] = _merger(axes.get(1), maps, dim, weights)
+        targets[name] = _merger(axes.get(0), maps, dim, weights)
+    return inputs, targets
+
+
+def _merger(
+    mem: Member | None, maps: Mapping[str, GroupMap], dim: int, weights: Sequence[float]
+) -> Any:
+    def merged(values: list[Tensor]) -> Tensor:
+        return merge_values(values, mem, maps, dim, weights)
+
+    return merged
+
+
+def fit_layers(
+    spec: SymmetrySpec,
+    models: Sequence[nn.Module],
+    maps: Mapping[str, GroupMap],
+    state_dict: Mapping[str, Tensor],
+    data: Iterable[Any],
+    *,
+    solver: str = "closed",
+    ridge: float = 1e-4,
+    steps: int = 400,
+    lr: float = 5e-4,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> LeastSquaresResult:
+    """Refit the Linear / Conv2d layers of the merged ``state_dict`` on teacher-forced inputs.
+
+    Args:
+        spec: the models' symmetry; ``maps`` the merge's GroupMap of every group (their
+            ``weights`` average what no group holds).
+        models: the source models (run on ``data``).
+        state_dict: the merged weights (the Adam start; the closed form ignores them).
+        data: batches (tensors or ``(inputs, labels)``), iterated once (closed form) or
+            cycled for ``steps`` batches (Adam).
+        solver: ``"closed"`` or ``"adam"``.
+        ridge: relative ridge of the closed form.
+        steps, lr: Adam's steps (batches) and peak learning rate (cosine to 0).
+    """
+    if solver not in LSQ_SOLVERS:
+        raise ValueError(
+            f"The 'solver' parameter must be one of {LSQ_SOLVERS}. Got {solver!r} instead."
+        )
+    if not (isinstance(ridge, (int, float)) and ridge >= 0 and math.isfinite(ridge)):
+        raise ValueError(f"The 'ridge' parameter must be a float >= 0. Got {ridge!r} instead.")
+    t0 = time.perf_counter()
+    models = list(models)
+    layers, skipped = _layers(models[0], spec)
+    weights = next(iter(maps.values())).weights if maps else [1.0 / len(models)] * len(models)
+    sds = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
+    masks = merged_support(spec, sds, maps, [f"{n}.weight" for n in layers])
+    inputs, targets = _teacher(spec, maps, weights, models[0], layers)
+    out = {k: v.clone() for k, v in state_dict.items()}
+    loss: dict[str, float] = {}
+    if solver == "closed":
+        from symmerge.stats import collect_layer_products
+
+        products = collect_layer_products(models, data, layers, inputs=inputs, targets=targets,
+                                          device=device, progress=progress)  # fmt: skip
+        for name in layers:
+            weight, bias = _solve(products, name, masks[f"{name}.weight"], ridge)
+            _store(out, name, weight, bias)
+    else:
+        loss = _adam(models, layers, inputs, targets, masks, out, data, steps, lr, device,
+                     progress)  # fmt: skip
+    return LeastSquaresResult(out, layers, skipped, loss, time.perf_counter() - t0)
+
+
+def _store(out: dict[str, Tensor], name: str, weight: Tensor, bias: Tensor | None) -> None:
+    key = f"{name}.weight"
+    out[key] = weight.reshape(out[key].shape).to(out[key].dtype)
+    if bias is not None:
+        out[f"{name}.bias"] = bias.to(out[f"{name}.bias"].dtype)
+
+
+def _solve(products: Any, name: str, mask: Tensor, ridge: float) -> tuple[Tensor, Tensor | None]:
+    """Each group of rows sharing a support solved on the columns of that support."""
+    if name not in products.xtx:
+        raise ValueError(f"layer '{name}' saw no data; least squares needs at least one batch")
+    xtx, xty = products.xtx[name], products.xty[name]
+    has_bias = products.bias[name]
+    cols = mask.reshape(mask.shape[0], -1).cpu()
+    if has_bias:
+        cols = torch.cat([cols, torch.ones(cols.shape[0], 1, dtype=torch.bool)], 1)
+    theta = torch.zeros(xtx.shape[0], cols.shape[0], dtype=xtx.dtype)
+    patterns, which = torch.unique(cols, dim=0, return_inverse=True)
+    for p, pattern in enumerate(patterns):
+        rows = torch.nonzero(which == p).squeeze(1)
+        keep = torch.nonzero(pattern).squeeze(1)
+        a = xtx[keep][:, keep]
+        scale = float(torch.diagonal(a).mean()) if a.numel() else 0.0
+        lam = ridge * (scale if scale > 0 else 1.0)
+        rhs = xty[keep][:, rows]
+        if lam == 0:  # no ridge: the minimum-norm solution, also when X is rank deficient
+            sol = torch.linalg.lstsq(a, rhs, driver="gelsd").solution
+        else:
+            sol = torch.linalg.solve(a + lam * torch.eye(keep.numel(), dtype=a.dtype), rhs)
+        theta[keep[:, None], rows[None, :]] = sol
+    weight, bias = (theta[:-1], theta[-1]) if has_bias else (theta, None)
+    return weight.T.contiguous(), bias
+
+
+def _apply(mod: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if isinstance(mod, nn.Linear):
+        return F.linear(x, weight, bias)
+    assert isinstance(mod, nn.Conv2d)
+    return F.conv2d(x, weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+
+
+def _cycle(data: Iterable[Any], steps: int) -> Iterable[Any]:
+    done = 0
+    while done < steps:
+        empty = True
+        for batch in data:
+            empty = False
+            yield batch
+            done += 1
+            if done >= steps:
+                return
+        if empty or iter(data) is data:  # an exhausted one-shot iterator: stop early
+            return
+
+
+def _adam(
+    models: list[nn.Module],
+    layers: list[str],
+    inputs: Mapping[str, Any],
+    targets: Mapping[str, Any],
+    masks: Mapping[str, Tensor],
+    out: dict[str, Tensor],
+    data: Iterable[Any],
+    steps: int,
+    lr: float,
+    device: str | torch.device | None,
+    progress: bool,
+) -> dict[str, float]:
+    """Adam on the summed per-layer MSE; weights start from ``out`` and are written back."""
+    from symmerge.stats import layer_io
+
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"The 'steps' parameter must be an int >= 1. Got {steps!r} instead.")
+    dev = torch.device(device) if device is not None else next(models[0].parameters()).device
+    mods = {n: models[0].get_submodule(n) for n in layers}
+    params: dict[str, list[Tensor]] = {}
+    for n in layers:
+        w = out[f"{n}.weight"].detach().to(dev, torch.float32).clone().requires_grad_(True)
+        b = out.get(f"{n}.bias")
+        params[n] = [w] + ([b.detach().to(dev, torch.float32).clone().requires_grad_(True)]
+                           if b is not None and mods[n].bias is not None else [])  # fmt: skip
+    mask = {n: masks[f"{n}.weight"].to(dev) for n in layers}
+    opt = torch.optim.Adam([p for ps in params.values() for p in ps], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    last: dict[str, float] = {}
+    batch_losses: list[Tensor] = []
+    for step, batch in enumerate(_cycle(data, steps)):
+        batch_losses.clear()
+        for name, x, y in layer_io(models, [batch], layers, inputs=inputs, targets=targets,
+                                   device=dev):  # fmt: skip
+            w, *b = params[name]
+            with torch.enable_grad():
+                pred = _apply(mods[name], x.float(), w * mask[name], b[0] if b else None)
+                err = F.mse_loss(pred, y.float())
+            batch_losses.append(err)
+            last[name] = float(err)
+        opt.zero_grad(set_to_none=True)
+        torch.stack(batch_losses).sum().backward()
+        for n in layers:
+            params[n][0].grad.mul_(mask[n])  # zero blocks get no update, so they stay zero
+        opt.step()
+        sched.step()
+        if progress and step % 50 == 0:
+            print(f"least squares (adam) step {step}: loss {sum(last.values()):.4g}")
+    for n in layers:
+        w, *b = params[n]
+        _store(out, n, (w * mask[n]).detach().cpu(), b[0].detach().cpu() if b else None)
+    return last
