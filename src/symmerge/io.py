@@ -7,7 +7,8 @@ tensors). Its header metadata has one key, ``"symmerge"``, whose value is a JSON
 
     {"format": "symmerge.checkpoint", "format_version": 1,
      "config": {"arch": ..., "kwargs": {...},         # the source architecture
-                "resize": {"widths": {group: n}, "blocks": {group: k}, "num_outputs": c}},
+                "resize": {"widths": {group: n}, "blocks": {group: k}, "num_outputs": c},
+                "block_sparse": {layer: {"rows": [runs, ...], "cols": [runs, ...]}}},
      "aliases": {"tied.name": "kept.name", ...},      # tied tensors stored once
      "metadata": {"dataset": ..., "seed": ..., ..., "symmerge_version": ..., "date": ...}}
 
@@ -18,6 +19,12 @@ as an attribute of the model). ``resize`` is present for a model whose widths di
 from that architecture's (a zip, partial merge, side-by-side ensemble, per-task heads): the
 source is built, traced and resized (:func:`symmerge.resize.resize`) before the weights are
 loaded. Version 1 (no ``resize``) is read unchanged.
+
+``block_sparse`` is present when the model holds block-sparse layers
+(:mod:`symmerge.blocksparse`): per layer name, its row classes in block order, each as output
+rows and input channels written as comma-separated half-open runs (``"0:64,70"``). On load the
+(resized) architecture is built, those layers are rewritten with that structure, and then the
+weights are loaded. Files without the key load as before.
 
 The header copy is authoritative, so a checkpoint is one self-contained file that any
 safetensors reader can open. For people (and ``jq``) a pretty-printed copy of the same
@@ -116,10 +123,8 @@ def _json_document(config: Mapping[str, Any], metadata: Mapping[str, Any], alias
     """Validate and serialise the metadata document; errors name the offending field."""
     if not isinstance(config, Mapping) or "arch" not in config:
         raise ValueError("config must be a dict with at least an 'arch' key (and 'kwargs')")
-    resize = config.get("resize")
-    config = {"arch": str(config["arch"]), "kwargs": dict(config.get("kwargs") or {})}
-    if resize:
-        config["resize"] = dict(resize)
+    records = {k: dict(config[k]) for k in ("resize", "block_sparse") if config.get(k)}
+    config = {"arch": str(config["arch"]), "kwargs": dict(config.get("kwargs") or {}), **records}
     meta = {k: v for k, v in dict(metadata).items() if k != "config"}
     meta.setdefault("symmerge_version", _package_version())
     meta.setdefault("torch_version", torch.__version__)
@@ -176,12 +181,14 @@ def save_checkpoint(
                 f"refusing to overwrite existing checkpoint file(s): {', '.join(existing)} "
                 "(pass overwrite=True, or --overwrite on the command line)"
             )
+    from symmerge.blocksparse import block_record
     from symmerge.resize import RECORD
 
     record = getattr(model, RECORD, None)  # set on a resized model: how to rebuild it
-    config = {k: v for k, v in config.items() if k != "resize"}
+    config = {k: v for k, v in config.items() if k not in ("resize", "block_sparse")}
     if record:
         config["resize"] = record
+    config["block_sparse"] = block_record(model)  # {} (dropped) unless it has such layers
     tensors, aliases = _tensors_for_saving(model.state_dict())
     document = _json_document(config, metadata or {}, aliases)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -364,9 +371,9 @@ def build_architecture(config: Mapping[str, Any], where: str | Path = "config") 
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"cannot rebuild architecture {arch!r} from {where}: {exc}") from exc
     resize = config.get("resize")
-    if not resize:
-        return model
-    return _resized(model, resize, where)
+    if resize:
+        model = _resized(model, resize, where)
+    return _block_sparse(model, config.get("block_sparse"), where)
 
 
 def _user_module(arch: str, kwargs: dict[str, Any], where: str | Path) -> nn.Module:
@@ -409,6 +416,20 @@ def _resized(model: nn.Module, record: Mapping[str, Any], where: str | Path) -> 
         )  # fmt: skip
     except (ResizeError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"cannot rebuild the resized model of {where}: {exc}") from exc
+
+
+def _block_sparse(model: nn.Module, record: Any, where: str | Path) -> nn.Module:
+    """Rewrite the layers a ``block_sparse`` record names with its block structure."""
+    if not record:
+        return model
+    from symmerge.blocksparse import apply_block_record
+
+    if not isinstance(record, Mapping):
+        raise CheckpointError(f"{where}: 'block_sparse' must map layer names to row classes")
+    try:
+        return apply_block_record(model, record)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"cannot rebuild the block-sparse layers of {where}: {exc}") from exc
 
 
 def _load_pickled_module(path: Path, device: torch.device) -> nn.Module:
