@@ -150,3 +150,35 @@ def test_per_task_heads_record_the_label_space_and_reload(tmp_path: Path) -> Non
     with torch.no_grad():
         assert torch.allclose(reloaded(x), merged(x), atol=1e-5)
     assert [t["logits"] for t in meta2["tasks"]] == [[0, 10], [10, 20]]
+
+
+def test_pleas_block_sparse_checkpoint_reloads_with_the_budgeted_compute(tmp_path: Path) -> None:
+    """`merge -m pleas -p budget=1.5 --block-sparse`: the saved model computes only its
+    non-zero blocks (1.5x one model's multiply-adds, counted), reloads, and computes what the
+    dense merge does; a budget outside [1, 2] writes nothing."""
+    from symmerge.blocksparse import masks_of
+    from symmerge.flops import count_compute
+    from symmerge.io import load_checkpoint
+
+    a, b = _ckpt(tmp_path / "a.safetensors", 0), _ckpt(tmp_path / "b.safetensors", 1)
+    common = [str(a), str(b), "-m", "pleas", "--data", "mnist", "--data-samples", "256",
+              "--eval-limit", "200"]  # fmt: skip
+    sparse, dense = tmp_path / "sparse.safetensors", tmp_path / "dense.safetensors"
+    code, text = _run("merge", *common, "-p", "budget=1.5", "--block-sparse", "-o", str(sparse))
+    assert code == 0, text
+    code, text = _run("merge", *common, "-p", "budget=1.5", "-o", str(dense))
+    assert code == 0, text
+    m_sparse, meta = load_checkpoint(sparse)
+    m_dense, _ = load_checkpoint(dense)
+    assert masks_of(m_sparse) and not masks_of(m_dense)
+    x = torch.randn(4, *m_dense.input_shape)
+    one = count_compute(create_model("mlp", depth=2, width=32)[0], (x,)).macs
+    assert count_compute(m_sparse, (x,)).macs / one == pytest.approx(
+        meta["result"]["details"]["budget"]
+    )
+    assert abs(meta["result"]["details"]["budget"] - 1.5) < 0.015
+    with torch.no_grad():
+        torch.testing.assert_close(m_sparse(x), m_dense(x), rtol=1e-5, atol=1e-5)
+    bad = tmp_path / "bad.safetensors"
+    code, text = _run("merge", *common, "-p", "budget=2.5", "-o", str(bad))
+    assert code != 0 and "budget" in text and not bad.exists()

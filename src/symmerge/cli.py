@@ -1051,7 +1051,12 @@ DATA_HELP = (
     "DATASET: its train split (e.g. mnist,fashion-mnist; --data-samples of each); "
     "condensed:FILE: every image of a set written by `symmerge condense`; "
     "coreset:random:K or coreset:herding:K: K images per class of each dataset the "
-    "checkpoints were trained on (coreset:random:K:DATASET names one)."
+    "checkpoints were trained on (coreset:random:K:DATASET names one); "
+    "noise:DATASET (or noise): --data-samples N(0,1) images in its normalised space, random "
+    "labels (a floor; not for ste). Suffixes: SOURCE[CLASSES] keeps those classes "
+    "(e.g. cifar10[8-9], cifar10[0,2,5-7]); SOURCE@TARGET converts the images to TARGET's "
+    "input (greyscale or channel copies, resize, TARGET's mean/std), e.g. "
+    "'cifar10[8-9]@mnist' for MNIST models. Quote such specs in a shell."
 )
 
 
@@ -1247,6 +1252,12 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     help="shared: one head over the union label index; per-task: each model's own head on "
     "the merged features, one multi-head checkpoint (eval reports joint and per-task accuracy).",
 )
+@click.option(
+    "--block-sparse",
+    is_flag=True,
+    help="Save the merged model computing only its non-zero blocks (partial merges such as "
+    "pleas, partial zips, the ensemble): the compute spent is the compute counted.",
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
@@ -1263,6 +1274,7 @@ def merge_cmd(
     eval_datasets: tuple[str, ...],
     eval_limit: int | None,
     heads: str,
+    block_sparse: bool,
     output: Path,
     overwrite: bool,
     json_path: Path | None,
@@ -1289,7 +1301,7 @@ def merge_cmd(
             warnings.simplefilter("always", BatchNormStatsWarning)
             merged, result = merge(
                 models, method, data=data, renorm=renorm, lam=lam, seed=seed, heads=heads,
-                **kwargs,
+                block_sparse=block_sparse, **kwargs,
             )  # fmt: skip
     except ValueError as e:
         raise click.UsageError(str(e)) from e
@@ -1309,7 +1321,8 @@ def merge_cmd(
             "heads": heads, "dataset": metas[0].get("dataset"), "classes": union,
             "tasks": tasks, "result": {"objective": result.objective,
                                        "iterations": result.iterations,
-                                       "log": result.log[:20]}}  # fmt: skip
+                                       "log": result.log[:20], "details": result.details,
+                                       "timings": result.timings}}  # fmt: skip
     save_checkpoint(output, merged, config, info, overwrite=overwrite)
     named = [
         (f"model {k} ({p.name})", m)

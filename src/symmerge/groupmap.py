@@ -29,14 +29,14 @@ permuted copy of itself gives the model back for any interpolation weight.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from symmerge.spec import Member, SymmetrySpec
 
-__all__ = ["GroupMap", "align_state_dict", "build_state_dict"]
+__all__ = ["GroupMap", "align_state_dict", "build_state_dict", "merge_values", "merged_support"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -528,6 +528,50 @@ def build_state_dict(
             total = term if total is None else total + term
         out[key] = total.to(x0.dtype)
     return out
+
+
+def merged_support(
+    spec: SymmetrySpec | Sequence[SymmetrySpec],
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    maps: Mapping[str, GroupMap],
+    keys: Iterable[str],
+) -> dict[str, torch.Tensor]:
+    """Where the merged tensors ``keys`` can be non-zero: the builder run on all-ones
+    tensors (every term is then non-negative, so nothing cancels). A partial merge leaves the
+    blocks between two models' private units empty; least squares and the block-sparse
+    export keep them so."""
+    ones = [
+        {k: torch.ones_like(v) if v.is_floating_point() else v for k, v in sd.items()}
+        for sd in state_dicts
+    ]
+    built = build_state_dict(spec, ones, maps)
+    return {k: built[k] != 0 for k in keys}
+
+
+def merge_values(
+    values: Sequence[torch.Tensor],
+    member: Member | None,
+    maps: Mapping[str, GroupMap],
+    dim: int,
+    weights: Sequence[float],
+) -> torch.Tensor:
+    """``sum_m M_m x_m`` along ``dim`` of per-model values laid out like ``member``'s axis,
+    mapped as a bias is: what the merged model's units should carry.
+
+    For a layer's inputs pass the member of its weight's input axis, for its outputs that of
+    the output axis (q, k, v segments and flatten factors included). ``member=None`` (an axis
+    outside every group: image channels, logits) gives the weighted mean ``sum_m w_m x_m``.
+    """
+    total: torch.Tensor | None = None
+    for m, x in enumerate(values):
+        axis = dim % x.dim()
+        as_out = None if member is None else dataclasses.replace(member, axis=axis, role="out")
+        layout = {} if as_out is None else {axis: as_out}
+        term = _transform(x, layout, maps, m, float(weights[m]))
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("merge_values needs the values of at least one model")
+    return total
 
 
 def check_specs(specs: Sequence[SymmetrySpec], n: int) -> list[SymmetrySpec]:

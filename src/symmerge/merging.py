@@ -99,6 +99,7 @@ def merge(
     spec: SymmetrySpec | None = None,
     example_inputs: Any = None,
     heads: str = "shared",
+    block_sparse: bool = False,
     **method_kwargs: Any,
 ) -> tuple[nn.Module, MergeResult]:
     """Merge ``models`` with a registered method.
@@ -119,6 +120,10 @@ def merge(
             ``"per-task"`` (one head per source model, each reading the merged features
             through its own unmerge: the output is model 0's logits, then model 1's, ...).
             Models with outputs of different sizes (other label spaces) need ``"per-task"``.
+        block_sparse: return the model exported block-sparse: layers whose merged weights
+            have structurally empty blocks (partial merges, partial zips, the ensemble)
+            compute only the non-zero blocks (:func:`symmerge.blocksparse.export_merged`);
+            checkpoints record the blocks.
 
     Returns:
         ``(merged model, MergeResult)``; the inputs are not modified. When a group's merged
@@ -176,6 +181,11 @@ def merge(
         repair(merged, sources, renorm_data, maps=result.maps, spec=spec)
     elif _averages_units(result.maps) and has_bn_statistics(merged):
         _warn_bn_statistics("the merged model's BatchNorm running statistics are")
+    if block_sparse:
+        from symmerge.blocksparse import export_merged
+
+        sds = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
+        merged = export_merged(merged, kwargs.get("specs") or spec, sds, result.maps)
     return merged.eval(), result
 
 

@@ -66,6 +66,7 @@ __all__ = [
     "HookSite",
     "LayerProducts",
     "collect_layer_products",
+    "layer_io",
     "collect_statistics",
     "default_sites",
     "flatten_units",
@@ -984,6 +985,71 @@ def _add_products(
         out.counts[name] += xc.shape[0]
 
 
+def layer_io(
+    models: Sequence[nn.Module],
+    batches: Iterable[Tensor | tuple | Mapping[str, Any]],
+    layers: Sequence[str],
+    *,
+    inputs: Mapping[str, LayerMap] | None = None,
+    targets: Mapping[str, LayerMap] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """``(layer, X, Y)`` for every layer of every batch: the inputs and targets a layer-wise
+    refit sees (see :func:`collect_layer_products` for ``inputs`` / ``targets``; by default
+    the N models' inputs / outputs concatenated on the channel axis).
+
+    Each batch runs through every model under ``torch.no_grad`` in eval mode (modes and
+    devices are restored when the generator finishes or is closed).
+    """
+    models, layers = list(models), list(dict.fromkeys(layers))
+    inputs, targets = dict(inputs or {}), dict(targets or {})
+    mods = [[model.get_submodule(name) for name in layers] for model in models]
+    axis = {n: -1 if isinstance(m, nn.Linear) else 1 for n, m in zip(layers, mods[0], strict=True)}
+    seen: dict[str, list[tuple[Tensor, Tensor] | None]] = {}
+    current = -1
+
+    def keep(m: int, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if current == m:
+                seen[name][m] = (args[0].detach(), output.detach())
+
+        return hook
+
+    dev = torch.device(device) if device is not None else None
+    with _eval_on(models, dev) as dev, torch.no_grad(), _no_tf32(dev):
+        handles = [
+            mod.register_forward_hook(keep(m, name))
+            for m, row in enumerate(mods)
+            for name, mod in zip(layers, row, strict=True)
+        ]
+        try:
+            it: Iterable[Any] = batches
+            if progress:
+                from tqdm.auto import tqdm
+
+                it = tqdm(batches, desc="layer inputs", unit="batch", disable=None)
+            for batch in it:
+                args, kwargs = model_inputs(batch, dev)
+                seen.update({name: [None] * len(models) for name in layers})
+                for m, model in enumerate(models):
+                    current = m
+                    model(*args, **kwargs)
+                current = -1
+                for name in layers:
+                    pairs = seen[name]
+                    if any(p is None for p in pairs):
+                        raise RuntimeError(f"layer '{name}' was not called in every model")
+                    xs = [p[0] for p in pairs if p is not None]
+                    ys = [p[1] for p in pairs if p is not None]
+                    x = inputs[name](xs) if name in inputs else torch.cat(xs, axis[name])
+                    y = targets[name](ys) if name in targets else torch.cat(ys, axis[name])
+                    yield name, x, y
+        finally:
+            for h in handles:
+                h.remove()
+
+
 def collect_layer_products(
     models: Sequence[nn.Module],
     batches: Iterable[Tensor | tuple | Mapping[str, Any]],
@@ -1032,47 +1098,7 @@ def collect_layer_products(
         bias={name: mod.bias is not None for name, mod in zip(layers, mods[0], strict=True)},
         kernels={name: tuple(u["kernel_size"]) if u else () for name, u in unfold.items()},
     )
-    axis = {name: -1 if u is None else 1 for name, u in unfold.items()}
-    seen: dict[str, list[tuple[Tensor, Tensor] | None]] = {}
-    current = -1
-
-    def keep(m: int, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if current == m:
-                seen[name][m] = (args[0].detach(), output.detach())
-
-        return hook
-
-    dev = torch.device(device) if device is not None else None
-    with _eval_on(models, dev) as dev, torch.no_grad(), _no_tf32(dev):
-        handles = [
-            mod.register_forward_hook(keep(m, name))
-            for m, row in enumerate(mods)
-            for name, mod in zip(layers, row, strict=True)
-        ]
-        try:
-            it: Iterable[Any] = batches
-            if progress:
-                from tqdm.auto import tqdm
-
-                it = tqdm(batches, desc="layer products", unit="batch", disable=None)
-            for batch in it:
-                args, kwargs = model_inputs(batch, dev)
-                seen.update({name: [None] * len(models) for name in layers})
-                for m, model in enumerate(models):
-                    current = m
-                    model(*args, **kwargs)
-                current = -1
-                for name in layers:
-                    pairs = seen[name]
-                    if any(p is None for p in pairs):
-                        raise RuntimeError(f"layer '{name}' was not called in every model")
-                    xs = [p[0] for p in pairs if p is not None]
-                    ys = [p[1] for p in pairs if p is not None]
-                    x = inputs[name](xs) if name in inputs else torch.cat(xs, axis[name])
-                    y = targets[name](ys) if name in targets else torch.cat(ys, axis[name])
-                    _add_products(out, name, x, y, unfold[name], dtype)
-        finally:
-            for h in handles:
-                h.remove()
+    for name, x, y in layer_io(models, batches, layers, inputs=inputs, targets=targets,
+                               device=device, progress=progress):  # fmt: skip
+        _add_products(out, name, x, y, unfold[name], dtype)
     return out

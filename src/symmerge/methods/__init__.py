@@ -49,6 +49,7 @@ class MergeResult:
         log: human-readable progress lines.
         method: the registered name.
         timings: finer split of the time, by stage.
+        details: method-specific facts worth recording (e.g. PLeaS's ratios and compute).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -60,6 +61,7 @@ class MergeResult:
     log: list[str] = field(default_factory=list)
     method: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -198,6 +200,7 @@ def get_method(name: str) -> Method:
 from symmerge.methods import c2m3 as c2m3  # noqa: E402
 from symmerge.methods import ensemble as ensemble  # noqa: E402
 from symmerge.methods import mudsc as mudsc  # noqa: E402
+from symmerge.methods import pleas as pleas  # noqa: E402
 from symmerge.methods import rebasin as rebasin  # noqa: E402
 from symmerge.methods import ste as ste  # noqa: E402
 from symmerge.methods import zipit as zipit  # noqa: E402
