@@ -142,6 +142,28 @@ def test_least_squares_on_a_linear_network_at_ratio_one_has_zero_residual() -> N
         _close(merged(x), (a(x) + b(x)) / 2, 1e-5)
 
 
+def test_fitting_on_the_merged_models_own_inputs() -> None:
+    """``ls_inputs="merged"``: on a linear network side by side the merged model's own inputs
+    are the ensemble's, so the fit is exact again; on a ReLU MLP and a permuted copy (r=0.5)
+    the merged model reproduces the model on the data it was fitted on."""
+    a, b = _Linear(0), _Linear(1)
+    data = _batches(a, 4, 32)
+    merged, _ = merge([a, b], "pleas", data=data, ratios=1.0, ls_inputs="merged", ridge=0.0)
+    x = _inputs(a)
+    with torch.no_grad():
+        _close(merged(x), (a(x) + b(x)) / 2, 1e-5)
+    model = _mlp(3, width=16)
+    spec = symmerge.trace(model, (_inputs(model),))
+    other = spec.permuted(model, spec.random_permutations(seed=5))
+    data = _batches(model, 8, 128)
+    merged, _ = merge([model, other], "pleas", data=data, ratios=0.5, ls_inputs="merged",
+                      ridge=1e-9)  # fmt: skip
+    with torch.no_grad():
+        _close(merged(data[0]), model(data[0]), 1e-3)
+    with pytest.raises(ValueError, match="closed form"):
+        merge([model, other], "pleas", data=data, ls="adam", ls_inputs="merged")
+
+
 def test_closed_form_and_adam_agree_and_adam_keeps_zero_blocks() -> None:
     """Widths 6 -> 10 -> 7 -> 3 (n_in != n_out everywhere), half of each group kept apart."""
     a, b = _Linear(0), _Linear(1)

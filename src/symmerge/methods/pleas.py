@@ -76,6 +76,7 @@ def pleas(
     match: str = "activation",
     kind: str = "neg_sqdist",
     ls: str = "closed",
+    ls_inputs: str = "ensemble",
     ridge: float = 1e-4,
     steps: int = 400,
     lr: float = 5e-4,
@@ -102,6 +103,8 @@ def pleas(
             (``"neg_sqdist"``, minus the mean squared distance, by default).
         ls: ``"closed"`` (normal equations), ``"adam"`` (the official code's optimiser) or
             ``"none"`` (the partial merge alone).
+        ls_inputs: ``"ensemble"`` (teacher forcing on the source models, the paper) or
+            ``"merged"`` (each layer fitted on the merged model's own inputs, in order).
         ridge: relative ridge of the closed form; steps, lr: Adam's.
         stats, collect, device: as for activation matching.
     """
@@ -170,7 +173,7 @@ def pleas(
         assert data is not None
         t4 = time.perf_counter()
         fit = fit_layers(spec, list(models), maps, merged, data, solver=ls, ridge=ridge,
-                         steps=steps, lr=lr, device=device)  # fmt: skip
+                         inputs_from=ls_inputs, steps=steps, lr=lr, device=device)  # fmt: skip
         merged, loss = fit.state_dict, fit.loss
         timings["lstsq"] = time.perf_counter() - t4
         log.append(f"pleas: least squares ({ls}) on {len(fit.layers)} layers"

@@ -39,6 +39,8 @@ __all__ = ["LSQ_SOLVERS", "LeastSquaresResult", "fit_layers"]
 
 #: Solvers of :func:`fit_layers`.
 LSQ_SOLVERS = ("closed", "adam")
+#: Where the regressors of :func:`fit_layers` come from.
+LSQ_INPUTS = ("ensemble", "merged")
 
 
 @dataclass
@@ -115,6 +117,7 @@ def fit_layers(
     data: Iterable[Any],
     *,
     solver: str = "closed",
+    inputs_from: str = "ensemble",
     ridge: float = 1e-4,
     steps: int = 400,
     lr: float = 5e-4,
@@ -131,6 +134,10 @@ def fit_layers(
         data: batches (tensors or ``(inputs, labels)``), iterated once (closed form) or
             cycled for ``steps`` batches (Adam).
         solver: ``"closed"`` or ``"adam"``.
+        inputs_from: ``"ensemble"`` (teacher forcing, the paper) or ``"merged"``: layer by
+            layer in module order, each fitted (closed form) on the merged model's own inputs,
+            its earlier layers already refitted, so it tracks its own drift; BatchNorm
+            statistics are reset on ``data`` before each layer (one or two passes per layer).
         ridge: relative ridge of the closed form.
         steps, lr: Adam's steps (batches) and peak learning rate (cosine to 0).
     """
@@ -138,6 +145,12 @@ def fit_layers(
         raise ValueError(
             f"The 'solver' parameter must be one of {LSQ_SOLVERS}. Got {solver!r} instead."
         )
+    if inputs_from not in LSQ_INPUTS:
+        raise ValueError(
+            f"The 'inputs_from' parameter must be one of {LSQ_INPUTS}. Got {inputs_from!r} instead."
+        )
+    if inputs_from == "merged" and solver != "closed":
+        raise ValueError("inputs_from='merged' fits layer by layer in closed form: solver='closed'")
     if not (isinstance(ridge, (int, float)) and ridge >= 0 and math.isfinite(ridge)):
         raise ValueError(f"The 'ridge' parameter must be a float >= 0. Got {ridge!r} instead.")
     t0 = time.perf_counter()
@@ -149,7 +162,9 @@ def fit_layers(
     inputs, targets = _teacher(spec, maps, weights, models[0], layers)
     out = {k: v.clone() for k, v in state_dict.items()}
     loss: dict[str, float] = {}
-    if solver == "closed":
+    if inputs_from == "merged":
+        out = _sequential(spec, models, maps, out, data, layers, targets, masks, ridge, device)
+    elif solver == "closed":
         from symmerge.stats import collect_layer_products
 
         products = collect_layer_products(models, data, layers, inputs=inputs, targets=targets,
@@ -161,6 +176,50 @@ def fit_layers(
         loss = _adam(models, layers, inputs, targets, masks, out, data, steps, lr, device,
                      progress)  # fmt: skip
     return LeastSquaresResult(out, layers, skipped, loss, time.perf_counter() - t0)
+
+
+def _sequential(
+    spec: SymmetrySpec,
+    models: list[nn.Module],
+    maps: Mapping[str, GroupMap],
+    state: dict[str, Tensor],
+    data: Iterable[Any],
+    layers: list[str],
+    targets: Mapping[str, Any],
+    masks: Mapping[str, Tensor],
+    ridge: float,
+    device: str | torch.device | None,
+) -> dict[str, Tensor]:
+    """Each layer in turn fitted on the merged model's own inputs (its earlier layers done)."""
+    from symmerge.merging import build_model, has_bn_statistics
+    from symmerge.renorm import reset_bn
+    from symmerge.stats import collect_layer_products
+
+    merged = build_model(models[0], spec, maps, state)
+    n = len(models)
+
+    def own(xs: list[Tensor]) -> Tensor:
+        return xs[n]
+
+    for name in layers:
+        if has_bn_statistics(merged):
+            reset_bn(merged, data)
+        goal = targets[name]
+
+        def target(ys: list[Tensor], goal: Any = goal) -> Tensor:
+            return goal(ys[:n])
+
+        products = collect_layer_products([*models, merged], data, [name], inputs={name: own},
+                                          targets={name: target}, device=device)  # fmt: skip
+        weight, bias = _solve(products, name, masks[f"{name}.weight"], ridge)
+        layer = merged.get_submodule(name)
+        with torch.no_grad():
+            layer.weight.copy_(weight.reshape(layer.weight.shape))
+            if bias is not None and layer.bias is not None:
+                layer.bias.copy_(bias)
+    if has_bn_statistics(merged):
+        reset_bn(merged, data)
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
 def _store(out: dict[str, Tensor], name: str, weight: Tensor, bias: Tensor | None) -> None:
