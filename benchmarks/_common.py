@@ -69,8 +69,8 @@ def code_version() -> str:
 
     try:
         commit = git("rev-parse", "--short=12", "HEAD").strip()
-        paths = ("src", "benchmarks/*.py")
-        diff = git("diff", "HEAD", "--", *paths) + git("status", "--porcelain", "--", *paths)
+        paths = ("src", "benchmarks/*.py")  # untracked files count only in the package
+        diff = git("diff", "HEAD", "--", *paths) + git("status", "--porcelain", "--", "src")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     if not diff:
