@@ -243,6 +243,34 @@ def main() -> None:
 @classes_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Init/shuffle seed.")
 @click.option(
+    "--split",
+    "split_kind",
+    type=click.Choice(["iid", "dirichlet", "shards"]),
+    default=None,
+    help="Train on one part of a split of the training set (needs --part): iid = equal random "
+    "parts; dirichlet = per-class Dir proportions; shards = disjoint whole classes.",
+)
+@click.option(
+    "--part",
+    "part_spec",
+    metavar="K/N",
+    default=None,
+    help="Which part: K of N, K counted from 1 (e.g. 1/2 and 2/2 for two parents).",
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Dirichlet concentration of every part. Default: linspace(1, 5, N) shuffled per class.",
+)
+@click.option(
+    "--split-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the split; keep it the same for all N parts so they are disjoint.",
+)
+@click.option(
     "--epochs", type=click.IntRange(min=0), default=None, help="Default: the arch's recipe."
 )
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak LR.")
@@ -265,6 +293,10 @@ def train(
     dataset: str,
     classes: list[int] | str | None,
     seed: int,
+    split_kind: str | None,
+    part_spec: str | None,
+    alpha: float | None,
+    split_seed: int,
     epochs: int | None,
     lr: float | None,
     batch_size: int | None,
@@ -277,12 +309,47 @@ def train(
     progress: bool,
 ) -> None:
     """Train MODEL (e.g. mlp, mlp-w256-d4, vgg11, resnet20x4-ln) on a dataset and save a
-    checkpoint."""
+    checkpoint.
+
+    With --split KIND --part K/N, train one of N parents on part K of a seeded split of the
+    training set (of --classes, if given), e.g. for neuron-interpolation fusion. The
+    metadata records the split and the part's per-class training counts (class_counts).
+    """
+    from symmerge.data import parse_part, validate_split
     from symmerge.io import save_checkpoint, sidecar_path
     from symmerge.train import resolve_config, train_model
 
     class_list = _classes_arg(classes)
     _check_classes(class_list, dataset)
+    part = n_parts = None
+    ctx = click.get_current_context()
+    if split_kind is None:
+        split_options = {"--part": "part_spec", "--alpha": "alpha", "--split-seed": "split_seed"}
+        given = [
+            flag
+            for flag, name in split_options.items()
+            if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} given without --split iid|dirichlet|shards")
+    else:
+        if part_spec is None:
+            raise click.UsageError(f"--split {split_kind} needs --part K/N (e.g. --part 1/2)")
+        try:
+            part, n_parts = parse_part(part_spec)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--part") from None
+        try:
+            validate_split(split_kind, n_parts, part, alpha)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        n_classes = len(class_list) if class_list else int(_dataset_info(dataset)["num_classes"])
+        if split_kind == "shards" and n_parts > n_classes:
+            raise click.BadParameter(
+                f"{n_parts} shards of whole classes need at least {n_parts} classes; "
+                f"there are {n_classes}",
+                param_hint="--part",
+            )
     if not overwrite:
         for p in (output, sidecar_path(output)):
             if p.exists():
@@ -309,13 +376,21 @@ def train(
             progress=progress,
             limit_train=limit_train,
             limit_test=limit_test,
+            split=split_kind,
+            part=part,
+            n_parts=n_parts,
+            split_seed=split_seed,
+            alpha=alpha,
         )
     except (ValueError, FloatingPointError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     info["model_name"] = model
     save_checkpoint(output, net, config, info, overwrite=overwrite)
+    where = f"classes {_describe_classes(class_list)}"
+    if split_kind is not None:
+        where += f", {split_kind} part {part}/{n_parts} (split seed {split_seed})"
     click.echo(
-        f"saved {output}: {model} on {dataset} (classes {_describe_classes(class_list)}), "
+        f"saved {output}: {model} on {dataset} ({where}), n_train {info['n_train']}, "
         f"seed {seed}, {info['epochs']} epochs, test accuracy {_pct(info['test_accuracy'])} "
         f"(n={info['n_test']}), trained in {info['train_time_s']:.1f} s on {info['device']}"
     )

@@ -22,6 +22,8 @@ import gzip
 import hashlib
 import io
 import json
+import math
+import numbers
 import os
 import pickle
 import struct
@@ -39,17 +41,22 @@ from torch.utils.data import TensorDataset
 
 __all__ = [
     "DATASETS",
+    "SPLIT_KINDS",
     "cache_dir",
     "class_split",
     "data_root",
     "dataset_info",
+    "dirichlet_concentrations",
     "dirichlet_split",
     "get_dataset",
     "iterate_batches",
     "load_arrays",
+    "parse_part",
     "random_crop_flip",
     "read_idx",
     "shard_split",
+    "split_indices",
+    "validate_split",
 ]
 
 _CIFAR_CLASSES = [
@@ -699,6 +706,8 @@ def shard_split(labels: Any, num_shards: int, seed: int, by_class: bool = True) 
     ``by_class=True`` sorts samples by label before cutting (shards hold one or few classes;
     2 shards of a balanced 10-class set are exactly classes 0-4 and 5-9); ``False`` cuts a
     random permutation (IID shards). The seed fixes the order of samples within a class.
+    A class can straddle two shards; for shards of whole classes use
+    ``split_indices(labels, "shards", n)``.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be positive, got {num_shards}")
@@ -708,3 +717,129 @@ def shard_split(labels: Any, num_shards: int, seed: int, by_class: bool = True) 
     if by_class:
         order = order[np.argsort(arr[order], kind="stable")]
     return [np.sort(s).astype(np.int64) for s in np.array_split(order, num_shards)]
+
+
+# --------------------------------------------------------------------------- training regimes
+
+#: Data regimes for training the parents of a fusion (algorithms.md §5(a) "Regimes").
+SPLIT_KINDS = ("iid", "dirichlet", "shards")
+
+#: Default Dirichlet concentrations: evenly spaced over this range, one per part.
+_DIRICHLET_RANGE = (1.0, 5.0)
+
+
+def validate_split(
+    kind: str, n_parts: int, part: int | None = None, alpha: float | None = None
+) -> None:
+    """Raise ``ValueError`` naming the bad argument, so callers can check before loading data.
+
+    ``part`` is 1-based (``1 <= part <= n_parts``), as in ``--part K/N``.
+    """
+    if kind not in SPLIT_KINDS:
+        raise ValueError(f"unknown split kind {kind!r}; expected one of {', '.join(SPLIT_KINDS)}")
+    if isinstance(n_parts, bool) or not isinstance(n_parts, int | np.integer) or n_parts < 2:
+        raise ValueError(f"the number of parts N must be an integer >= 2, got {n_parts!r}")
+    if part is not None and (
+        isinstance(part, bool) or not isinstance(part, int | np.integer) or not 1 <= part <= n_parts
+    ):
+        raise ValueError(f"part K must be an integer in [1, {n_parts}] (1-based), got {part!r}")
+    if alpha is not None:
+        if kind != "dirichlet":
+            raise ValueError(f"alpha only applies to the dirichlet split, not {kind!r}")
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, numbers.Real)
+            or not (math.isfinite(alpha) and alpha > 0)
+        ):
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+
+
+def parse_part(spec: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)``: part K (1-based) of N; raises ``ValueError`` when malformed."""
+    k_text, slash, n_text = str(spec).strip().partition("/")
+    try:
+        if not slash:
+            raise ValueError
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise ValueError(f"part must look like K/N, e.g. 1/2 or 3/5; got {spec!r}") from None
+    validate_split("iid", n, k)
+    return k, n
+
+
+def _concentrations(
+    rng: np.random.Generator, num_classes: int, n_parts: int, alpha: float | None
+) -> np.ndarray:
+    if alpha is not None:
+        return np.full((num_classes, n_parts), float(alpha))
+    base = np.linspace(*_DIRICHLET_RANGE, n_parts)
+    return rng.permuted(np.tile(base, (num_classes, 1)), axis=1)  # each row shuffled alone
+
+
+def dirichlet_concentrations(
+    num_classes: int, n_parts: int, *, seed: int = 0, alpha: float | None = None
+) -> torch.Tensor:
+    """The ``(num_classes, n_parts)`` Dirichlet concentrations ``split_indices`` uses.
+
+    Row ``c`` is for the c-th smallest label present. By default (the paper's non-IID scheme,
+    algorithms.md §5(a)) each row is ``linspace(1, 5, n_parts)`` shuffled independently, so
+    every class favours different parts while the largest/smallest ratio stays 5; ``alpha``
+    gives every entry that value instead. Same ``seed``, same draws as ``split_indices``.
+    """
+    validate_split("dirichlet", n_parts, alpha=alpha)
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(_concentrations(rng, int(num_classes), n_parts, alpha))
+
+
+def split_indices(
+    labels: Any, kind: str, n_parts: int, *, seed: int = 0, alpha: float | None = None
+) -> list[torch.Tensor]:
+    """All ``n_parts`` index sets of a training-set split: disjoint, covering, each ascending.
+
+    Computing every part from one ``seed`` is what makes parents trained on parts 1..N of
+    the same split see disjoint data, so this seed must not be the training seed.
+
+    * ``"iid"``: a seeded random permutation cut into N near-equal parts (sizes differ by at
+      most one, as ``numpy.array_split``).
+    * ``"dirichlet"``: per class, proportions ``p ~ Dir(a_c)`` over the N parts and the class's
+      (shuffled) samples cut at ``round(cumsum(p) * n_c)``. ``a_c`` is, by default, the
+      paper's ``linspace(1, 5, N)`` shuffled per class (our reading of "α evenly spaced from
+      1 to 5 ... and shuffled"); with ``alpha`` every entry is ``alpha``. See
+      :func:`dirichlet_concentrations`. Parts may be small or even empty for tiny data.
+    * ``"shards"``: whole classes per part: the classes present are shuffled, then cut as
+      evenly as possible (``numpy.array_split``), so every class is in exactly one part.
+      Needs at least N classes. (Unlike :func:`shard_split`, which cuts sorted samples.)
+
+    Returns int64 CPU tensors indexing ``labels``. Raises ``ValueError`` for an unknown
+    ``kind``, ``n_parts < 2``, ``alpha <= 0`` (or ``alpha`` with a kind other than
+    dirichlet), non-integer labels, or too few samples or classes.
+    """
+    validate_split(kind, n_parts, alpha=alpha)
+    arr = _labels_np(labels)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
+    if len(arr) < n_parts:
+        raise ValueError(f"cannot split {len(arr)} samples into {n_parts} parts")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(arr)
+    if kind == "iid":
+        pieces = np.array_split(rng.permutation(len(arr)), n_parts)
+    elif kind == "shards":
+        if len(classes) < n_parts:
+            raise ValueError(
+                f"shards needs at least one class per part: {len(classes)} classes "
+                f"for {n_parts} parts"
+            )
+        groups = np.array_split(rng.permutation(classes), n_parts)
+        pieces = [np.flatnonzero(np.isin(arr, g)) for g in groups]
+    else:
+        conc = _concentrations(rng, len(classes), n_parts, alpha)
+        buckets: list[list[np.ndarray]] = [[] for _ in range(n_parts)]
+        for c, a in zip(classes, conc, strict=True):
+            idx = rng.permutation(np.flatnonzero(arr == c))
+            props = rng.dirichlet(a)
+            cuts = np.rint(np.cumsum(props)[:-1] * len(idx)).astype(np.int64)
+            for k, piece in enumerate(np.split(idx, cuts)):
+                buckets[k].append(piece)
+        pieces = [np.concatenate(b) for b in buckets]
+    return [torch.from_numpy(np.sort(p).astype(np.int64)) for p in pieces]

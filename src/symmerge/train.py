@@ -283,6 +283,11 @@ def train_model(
     limit_train: int | None = None,
     limit_test: int | None = None,
     deterministic: bool | None = None,
+    split: str | None = None,
+    part: int | None = None,
+    n_parts: int | None = None,
+    split_seed: int = 0,
+    alpha: float | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a model from scratch on ``dataset`` (optionally a class subset) and test it.
 
@@ -293,13 +298,35 @@ def train_model(
     the first N training/test samples (quick tests and smoke runs). ``deterministic``
     defaults to True on CPU, False on GPU.
 
+    ``split``/``part``/``n_parts`` train a parent for fusion on part ``part`` (1-based) of
+    an ``n_parts``-way ``"iid"``, ``"dirichlet"`` or ``"shards"`` split of the training set
+    (:func:`symmerge.data.split_indices` with ``split_seed`` and ``alpha``). The split is
+    taken after ``classes`` (it divides that subset) and before ``limit_train`` (so the
+    parts do not depend on it). Test metrics stay on the full test set (of ``classes``).
+
     Returns ``(model in eval mode, info)``; ``info`` holds ``config`` plus everything needed
     to reproduce and judge the run (recipe, test accuracy/loss on the same classes, timing,
     device, per-epoch history) and can be passed to :func:`symmerge.io.save_checkpoint`.
     """
-    from symmerge.data import dataset_info, get_dataset, iterate_batches, random_crop_flip
+    from symmerge.data import (
+        dataset_info,
+        get_dataset,
+        iterate_batches,
+        random_crop_flip,
+        split_indices,
+        validate_split,
+    )
 
-    dataset = dataset_info(dataset)["name"]  # canonical spelling, e.g. "fmnist" -> "fashion-mnist"
+    ds_info = dataset_info(dataset)
+    dataset = ds_info["name"]  # canonical spelling, e.g. "fmnist" -> "fashion-mnist"
+    num_classes = int(ds_info["num_classes"])
+    if split is None:
+        if part is not None or n_parts is not None or alpha is not None:
+            raise ValueError("part, n_parts and alpha need a split kind (split=...)")
+    else:
+        if part is None or n_parts is None:
+            raise ValueError(f"split={split!r} needs part and n_parts")
+        validate_split(split, n_parts, part, alpha)  # before the data is loaded
     dev = resolve_device(device)
     config = resolve_config(name_or_config, dataset)
     recipe = recipe_for(config["arch"])
@@ -315,11 +342,26 @@ def train_model(
     classes = None if classes is None else sorted({int(c) for c in classes})
 
     x, y = _as_tensors(get_dataset(dataset, "train", root=data_root, classes=classes, device=dev))
+    split_info = None
+    if split is not None:
+        assert part is not None and n_parts is not None
+        idx = split_indices(y, split, n_parts, seed=split_seed, alpha=alpha)[part - 1].to(dev)
+        x, y = x[idx], y[idx]
+        split_info = {
+            "kind": split,
+            "part": part,
+            "n_parts": n_parts,
+            "alpha": alpha,
+            "seed": split_seed,
+        }
     if limit_train is not None:
         x, y = x[:limit_train], y[:limit_train]
     n_train = int(x.shape[0])
     if n_train == 0:
-        raise ValueError(f"no training samples in {dataset} for classes {classes}")
+        where = "" if split_info is None else f" in {split} part {part}/{n_parts}"
+        raise ValueError(f"no training samples in {dataset} for classes {classes}{where}")
+    # Per-class counts of what is actually trained on: fusion weights parents' logits by them.
+    class_counts = torch.bincount(y.cpu(), minlength=num_classes).tolist()
     drop_last = n_train >= batch_size  # avoids a size-1 last batch breaking BatchNorm
     steps_per_epoch = n_train // batch_size if drop_last else 1
     total_steps = steps_per_epoch * epochs
@@ -429,6 +471,8 @@ def train_model(
         "total_steps": total_steps,
         "augment": "random crop (pad 4) + horizontal flip" if augment else None,
         "n_train": n_train,
+        "split": split_info,
+        "class_counts": class_counts,
         "limit_train": limit_train,
         "limit_test": limit_test,
         "train_loss": history[-1]["train_loss"] if history else None,
