@@ -189,9 +189,12 @@ def test_closed_form_and_adam_agree_and_adam_keeps_zero_blocks() -> None:
     assert reached - best <= 0.02 * (start - best)
 
 
-def test_formula_compute_equals_the_count_on_the_block_sparse_export() -> None:
+@pytest.mark.parametrize("name", ["resnet20x1", "vit-tiny"])
+def test_formula_compute_equals_the_count_on_the_block_sparse_export(name: str) -> None:
+    """Fused q/k/v projections, heads and residual streams included (attention's own
+    products are counted by neither)."""
     torch.manual_seed(0)
-    a, b = create_model("resnet20x1")[0].eval(), create_model("resnet20x1")[0].eval()
+    a, b = create_model(name)[0].eval(), create_model(name)[0].eval()
     spec = symmerge.trace(a, (_inputs(a),))
     data = _batches(a, 2, 8)
     merged, res = merge([a, b], "pleas", data=data, budget=1.5, ls="none")

@@ -550,7 +550,7 @@ def merged_support(
 
 def merge_values(
     values: Sequence[torch.Tensor],
-    member: Member | None,
+    member: Member | None | Sequence[Member | None],
     maps: Mapping[str, GroupMap],
     dim: int,
     weights: Sequence[float],
@@ -559,13 +559,16 @@ def merge_values(
     mapped as a bias is: what the merged model's units should carry.
 
     For a layer's inputs pass the member of its weight's input axis, for its outputs that of
-    the output axis (q, k, v segments and flatten factors included). ``member=None`` (an axis
+    the output axis (q, k, v segments and flatten factors included); for models of different
+    widths, one member per model (each traced from its own model). ``member=None`` (an axis
     outside every group: image channels, logits) gives the weighted mean ``sum_m w_m x_m``.
     """
+    members = list(member) if isinstance(member, Sequence) else [member] * len(values)
     total: torch.Tensor | None = None
     for m, x in enumerate(values):
         axis = dim % x.dim()
-        as_out = None if member is None else dataclasses.replace(member, axis=axis, role="out")
+        mem = members[m]
+        as_out = None if mem is None else dataclasses.replace(mem, axis=axis, role="out")
         layout = {} if as_out is None else {axis: as_out}
         term = _transform(x, layout, maps, m, float(weights[m]))
         total = term if total is None else total + term

@@ -199,6 +199,7 @@ def get_method(name: str) -> Method:
 # Method modules register themselves on import.
 from symmerge.methods import c2m3 as c2m3  # noqa: E402
 from symmerge.methods import ensemble as ensemble  # noqa: E402
+from symmerge.methods import fusion as fusion  # noqa: E402
 from symmerge.methods import mudsc as mudsc  # noqa: E402
 from symmerge.methods import pleas as pleas  # noqa: E402
 from symmerge.methods import rebasin as rebasin  # noqa: E402

@@ -81,27 +81,31 @@ def _layers(model: nn.Module, spec: SymmetrySpec) -> tuple[list[str], dict[str, 
 
 
 def _teacher(
-    spec: SymmetrySpec,
+    spec: SymmetrySpec | Sequence[SymmetrySpec],
     maps: Mapping[str, GroupMap],
     weights: Sequence[float],
     model: nn.Module,
     layers: Sequence[str],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Per layer, the functions mapping the models' inputs / outputs to merged coordinates."""
-    layout: dict[str, dict[int, Member]] = {}
-    for mem in spec.members():
-        layout.setdefault(mem.tensor, {})[mem.axis] = mem
+    """Per layer, the functions mapping the models' inputs / outputs to merged coordinates
+    (``spec``: one per model when their widths differ)."""
+    specs = [spec] * len(weights) if isinstance(spec, SymmetrySpec) else list(spec)
+    layouts: list[dict[str, dict[int, Member]]] = []
+    for sp in specs:
+        layouts.append({})
+        for mem in sp.members():
+            layouts[-1].setdefault(mem.tensor, {})[mem.axis] = mem
     inputs, targets = {}, {}
     for name in layers:
-        axes = layout.get(f"{name}.weight", {})
+        axes = [layout.get(f"{name}.weight", {}) for layout in layouts]
         dim = -1 if isinstance(model.get_submodule(name), nn.Linear) else 1
-        inputs[name] = _merger(axes.get(1), maps, dim, weights)
-        targets[name] = _merger(axes.get(0), maps, dim, weights)
+        inputs[name] = _merger([a.get(1) for a in axes], maps, dim, weights)
+        targets[name] = _merger([a.get(0) for a in axes], maps, dim, weights)
     return inputs, targets
 
 
 def _merger(
-    mem: Member | None, maps: Mapping[str, GroupMap], dim: int, weights: Sequence[float]
+    mem: Sequence[Member | None], maps: Mapping[str, GroupMap], dim: int, weights: Sequence[float]
 ) -> Any:
     def merged(values: list[Tensor]) -> Tensor:
         return merge_values(values, mem, maps, dim, weights)
@@ -110,7 +114,7 @@ def _merger(
 
 
 def fit_layers(
-    spec: SymmetrySpec,
+    spec: SymmetrySpec | Sequence[SymmetrySpec],
     models: Sequence[nn.Module],
     maps: Mapping[str, GroupMap],
     state_dict: Mapping[str, Tensor],
@@ -127,8 +131,9 @@ def fit_layers(
     """Refit the Linear / Conv2d layers of the merged ``state_dict`` on teacher-forced inputs.
 
     Args:
-        spec: the models' symmetry; ``maps`` the merge's GroupMap of every group (their
-            ``weights`` average what no group holds).
+        spec: the models' symmetry (one spec per model when their widths differ); ``maps``
+            the merge's GroupMap of every group (their ``weights`` average what no group
+            holds).
         models: the source models (run on ``data``).
         state_dict: the merged weights (the Adam start; the closed form ignores them).
         data: batches (tensors or ``(inputs, labels)``), iterated once (closed form) or
@@ -155,7 +160,8 @@ def fit_layers(
         raise ValueError(f"The 'ridge' parameter must be a float >= 0. Got {ridge!r} instead.")
     t0 = time.perf_counter()
     models = list(models)
-    layers, skipped = _layers(models[0], spec)
+    spec0 = spec if isinstance(spec, SymmetrySpec) else spec[0]
+    layers, skipped = _layers(models[0], spec0)
     weights = next(iter(maps.values())).weights if maps else [1.0 / len(models)] * len(models)
     sds = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
     masks = merged_support(spec, sds, maps, [f"{n}.weight" for n in layers])
@@ -179,7 +185,7 @@ def fit_layers(
 
 
 def _sequential(
-    spec: SymmetrySpec,
+    spec: SymmetrySpec | Sequence[SymmetrySpec],
     models: list[nn.Module],
     maps: Mapping[str, GroupMap],
     state: dict[str, Tensor],
@@ -195,7 +201,8 @@ def _sequential(
     from symmerge.renorm import reset_bn
     from symmerge.stats import collect_layer_products
 
-    merged = build_model(models[0], spec, maps, state)
+    spec0 = spec if isinstance(spec, SymmetrySpec) else spec[0]
+    merged = build_model(models[0], spec0, maps, state)
     n = len(models)
 
     def own(xs: list[Tensor]) -> Tensor:

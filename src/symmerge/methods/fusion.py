@@ -1,0 +1,241 @@
+"""Neuron-interpolation fusion, linear variants: group the parents' neurons, then refit every
+layer of the fused model, in order, to the groups' mean outputs on its *own* inputs.
+
+For every group, the neurons of all N parents (their layer outputs before the nonlinearity,
+measured on the fusion data) are clustered into the fused width K: importance-weighted K-means
+(``kf-linear``, any N, parents of any widths, any K) or, for two parents of one width, the
+optimal one-to-one pairing of the exact grouping cost ``s_a s_b / (s_a + s_b) ||z_a - z_b||^2``
+(``hf-linear``). A cluster is a fused neuron whose target is the importance-weighted mean of
+its members' outputs (:class:`~symmerge.groupmap.GroupMap`: ``M_m`` the weighted means, ``U_m``
+the assignment). The head keeps the identity class map (logits averaged). Then every Linear /
+Conv2d layer, from input to output, is refitted by least squares on the fused model's own
+inputs, its earlier layers already replaced (:func:`symmerge.refine.lstsq.fit_layers` with
+``inputs_from="merged"``): unlike Git Re-Basin or OT fusion, the fused model tracks its own
+drift. Norm parameters are the clusters' weighted means; BatchNorm statistics are reset on the
+fusion data before each layer is fitted.
+
+Importance scores: uniform (every neuron weight 1). Attribution scores (conductance, DeepLIFT,
+ablation) are not implemented yet.
+
+Reference: "Model Fusion via Neuron Interpolation", arXiv 2507.00037 (algorithms.md §5).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from symmerge.groupmap import GroupMap, build_state_dict, check_specs
+from symmerge.methods import MergeResult, register_method
+from symmerge.methods.rebasin import Models, _default_collect, _state_dicts
+from symmerge.spec import ActivationSite, Group, SymmetrySpec
+
+__all__ = ["hf_linear", "kf_linear"]
+
+_PAPER = "Model Fusion via Neuron Interpolation (arXiv 2507.00037)"
+_URL = "https://arxiv.org/abs/2507.00037"
+_LAYER_OPS = ("linear", "conv1d", "conv2d", "conv3d", "addmm", "matmul")
+
+
+@register_method("kf-linear", paper=_PAPER, url=_URL, needs_data=True, max_models=None,
+                 unequal_widths=True, target_width=True)  # fmt: skip
+def kf_linear(
+    spec: SymmetrySpec,
+    models: Models,
+    *,
+    data: Iterable[Any] | None = None,
+    lam: float = 0.5,
+    seed: int = 0,
+    width: int | Mapping[str, int] | None = None,
+    importance: str = "uniform",
+    restarts: int = 10,
+    samples: int = 4096,
+    ridge: float = 1e-4,
+    weights: Sequence[float] | None = None,
+    specs: Sequence[SymmetrySpec] | None = None,
+    collect: Callable[..., Any] | None = None,
+    device: str | torch.device | None = None,
+) -> MergeResult:
+    """KF-Linear: weighted K-means of all parents' neurons into the fused width, then every
+    layer refitted in order on the fused model's own inputs (closed-form least squares).
+
+    Args:
+        data: the fusion set (batches; labels unused with uniform importance).
+        lam: model 1's share of the logits for two parents (``weights`` for more).
+        width: fused width of every group (an int) or ``{group: K}``; default model 0's.
+        importance: ``"uniform"``.
+        restarts: K-means restarts (farthest-point initialisation, seeded by ``seed``).
+        samples: rows (samples x positions) of each group's outputs kept for clustering.
+        ridge: relative ridge of the least squares.
+        specs: one spec per parent when their widths differ (``merge`` passes them).
+    """
+    return _fuse("kf-linear", spec, models, data, lam, seed, width, importance, restarts,
+                 samples, ridge, weights, specs, collect, device)  # fmt: skip
+
+
+@register_method("hf-linear", paper=_PAPER, url=_URL, needs_data=True, max_models=2)
+def hf_linear(
+    spec: SymmetrySpec,
+    models: Models,
+    *,
+    data: Iterable[Any] | None = None,
+    lam: float = 0.5,
+    seed: int = 0,
+    importance: str = "uniform",
+    samples: int = 4096,
+    ridge: float = 1e-4,
+    collect: Callable[..., Any] | None = None,
+    device: str | torch.device | None = None,
+) -> MergeResult:
+    """HF-Linear: two parents of one width paired one to one by the exact grouping cost (a
+    LAP), then every layer refitted in order on the fused model's own inputs."""
+    return _fuse("hf-linear", spec, models, data, lam, seed, None, importance, 1, samples,
+                 ridge, None, None, collect, device)  # fmt: skip
+
+
+def producer_sites(group: Group) -> list[ActivationSite]:
+    """The outputs of the Linear / Conv layers producing the group (pre-activations), else
+    its first module output."""
+    outs = [s for s in group.sites if s.module_output]
+    return [s for s in outs if s.op in _LAYER_OPS][:1] or outs[:1]
+
+
+def _fuse(
+    name: str,
+    spec: SymmetrySpec,
+    models: Models,
+    data: Iterable[Any] | None,
+    lam: float,
+    seed: int,
+    width: int | Mapping[str, int] | None,
+    importance: str,
+    restarts: int,
+    samples: int,
+    ridge: float,
+    weights: Sequence[float] | None,
+    specs: Sequence[SymmetrySpec] | None,
+    collect: Callable[..., Any] | None,
+    device: str | torch.device | None,
+) -> MergeResult:
+    from symmerge.methods.rebasin import _model_weights
+    from symmerge.refine.lstsq import fit_layers
+    from symmerge.solvers.kmeans import hungarian_pairs, pair_clusters, weighted_kmeans
+
+    t0 = time.perf_counter()
+    if importance != "uniform":
+        raise ValueError(
+            f"The 'importance' parameter of {name} must be 'uniform' (attribution scores are "
+            f"not implemented yet). Got {importance!r} instead."
+        )
+    if data is None:
+        raise ValueError(f"the '{name}' method needs data= (the fusion set)")
+    if not all(isinstance(m, nn.Module) for m in models):
+        raise ValueError(f"the '{name}' method runs the models: pass nn.Modules")
+    models = list(models)
+    n = len(models)
+    all_specs = check_specs(specs, n) if specs is not None else [spec] * n
+    sizes = {g: [sp.groups[g].size for sp in all_specs] for g in spec.groups}
+    if name == "hf-linear":
+        unequal = sorted(g for g, s in sizes.items() if len(set(s)) > 1)
+        if n != 2 or unequal:
+            raise ValueError(
+                "hf-linear pairs two parents of one width one to one; use kf-linear (K-means) "
+                f"for {n} parents" + (f" or different widths ({unequal[:3]})" if unequal else "")
+            )
+    blocked = sorted(g for g, grp in spec.groups.items() if grp.blocks or grp.block_group)
+    if blocked:
+        raise ValueError(
+            f"{name} does not cluster blocked groups (GroupNorm groups, attention heads) yet: "
+            f"{blocked[:4]}"
+        )
+    targets = _targets(spec, sizes, width, name)
+    w = _model_weights(n, lam, weights, name)
+    extra = {} if specs is None else {"specs": all_specs}
+    stats = (collect or _default_collect())(spec, models, data, raw_samples=samples,
+                                            sites=producer_sites, device=device, seed=seed,
+                                            **extra)  # fmt: skip
+    t_stats = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    maps: dict[str, GroupMap] = {}
+    objective: dict[str, float] = {}
+    for g in spec.groups:
+        raw = stats.raw(g)
+        if raw is None:
+            raise ValueError(f"no activations were collected for group {g!r}")
+        z = raw.to(torch.float64).T  # (units of all parents, samples)
+        s = torch.ones(z.shape[0], dtype=torch.float64)
+        if name == "hf-linear":
+            k = sizes[g][0]
+            perm = hungarian_pairs(z[:k], z[k:], s[:k], s[k:])
+            labels = pair_clusters(perm)
+        else:
+            found = weighted_kmeans(z, s, targets[g], restarts=restarts, seed=seed)
+            labels = found.labels
+        maps[g] = cluster_map(labels, s, sizes[g], targets[g], w)
+        centroid = torch.zeros(targets[g], z.shape[1], dtype=torch.float64)
+        centroid.index_add_(0, labels, z)
+        centroid /= torch.bincount(labels, minlength=targets[g]).clamp(min=1)[:, None].double()
+        objective[g] = float(((z - centroid[labels]) ** 2).sum(1).mean())
+    t_group = time.perf_counter() - t1
+    sds = _state_dicts(models)
+    t2 = time.perf_counter()
+    start = build_state_dict(all_specs if specs is not None else spec, sds, maps)
+    fit = fit_layers(all_specs if specs is not None else spec, models, maps, start, data,
+                     inputs_from="merged", ridge=ridge, device=device)  # fmt: skip
+    t_fit = time.perf_counter() - t2
+    log = [f"{name}: {len(fit.layers)} layers refitted on the fused model's own inputs"
+           + (f"; left as grouped: {fit.skipped}" if fit.skipped else "")]  # fmt: skip
+    total = time.perf_counter() - t0
+    return MergeResult(fit.state_dict, maps, objective, 0, 0.0, total, log, name,
+                       {"statistics": t_stats, "grouping": t_group, "lstsq": t_fit})  # fmt: skip
+
+
+def cluster_map(
+    labels: torch.Tensor,
+    importance: torch.Tensor,
+    sizes: Sequence[int],
+    k: int,
+    weights: Sequence[float],
+) -> GroupMap:
+    """The GroupMap of a clustering of all parents' units (model-major): fused unit c is the
+    importance-weighted mean of its members (``M_m``), and every unit reads its cluster
+    (``U_m``); ``weights`` share what no group holds (the logits)."""
+    s = importance.to(torch.float64)
+    mass = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, s)
+    merges, unmerges, offset = [], [], 0
+    for size in sizes:
+        lab, imp = labels[offset : offset + size], s[offset : offset + size]
+        one_hot = torch.zeros(size, k, dtype=torch.float64)
+        one_hot[torch.arange(size), lab] = 1.0
+        merges.append((one_hot * (imp / mass[lab])[:, None]).T)
+        unmerges.append(one_hot)
+        offset += size
+    return GroupMap.from_matrices(merges, unmerges, weights)
+
+
+def _targets(
+    spec: SymmetrySpec,
+    sizes: Mapping[str, list[int]],
+    width: int | Mapping[str, int] | None,
+    name: str,
+) -> dict[str, int]:
+    """The fused width of every group, in [1, total units of the parents]."""
+    out = {g: s[0] for g, s in sizes.items()}
+    if isinstance(width, Mapping):
+        unknown = sorted(set(width) - set(out))
+        if unknown:
+            raise ValueError(f"The 'width' parameter of {name} names unknown groups {unknown}")
+        out.update(width)
+    elif width is not None:
+        out = {g: width for g in out}
+    for g, k in out.items():
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= sum(sizes[g]):
+            raise ValueError(
+                f"The fused width of group {g!r} must be an int in [1, {sum(sizes[g])}] (the "
+                f"parents' units). Got {k!r} instead."
+            )
+    return out

@@ -1,0 +1,85 @@
+"""Neuron-interpolation fusion, linear variants (kf-linear, hf-linear): algorithms.md §5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import symmerge
+from symmerge.merging import merge
+from symmerge.models import create_model
+from symmerge.spec import _jitter_
+
+
+def _mlp(seed: int, width: int = 16, depth: int = 2) -> nn.Module:
+    torch.manual_seed(seed)
+    model = create_model("mlp", width=width, depth=depth)[0].eval()
+    _jitter_(model, seed)
+    return model
+
+
+def _data(model: nn.Module, n: int = 1024, size: int = 128) -> list[torch.Tensor]:
+    """More samples than inputs (784 + 1), so every least-squares fit is determined."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, *model.input_shape, generator=g)
+    return list(x.split(size))
+
+
+def _copies(model: nn.Module, k: int) -> list[nn.Module]:
+    spec = symmerge.trace(model, (torch.randn(2, *model.input_shape),))
+    return [model] + [spec.permuted(model, spec.random_permutations(seed=s)) for s in range(k)]
+
+
+@pytest.mark.parametrize(
+    ("method", "copies"), [("kf-linear", 1), ("kf-linear", 2), ("hf-linear", 1)]
+)
+def test_fusing_permuted_copies_returns_the_model(method: str, copies: int) -> None:
+    model = _mlp(0)
+    data = _data(model)
+    fused, res = merge(_copies(model, copies), method, data=data, ridge=1e-10)
+    x = torch.randn(16, *model.input_shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+    assert all(v == pytest.approx(0.0, abs=1e-8) for v in res.objective.values())
+
+
+def test_hf_recovers_a_random_permutation() -> None:
+    model = _mlp(1)
+    spec = symmerge.trace(model, (torch.randn(2, *model.input_shape),))
+    applied = spec.random_permutations(seed=4)
+    other = spec.permuted(model, applied)
+    _, res = merge([model, other], "hf-linear", data=_data(model))
+    for g, gm in res.maps.items():
+        partner = gm.unmerge_matrix(1).argmax(0)  # the unit of model 1 in each fused unit
+        assert torch.equal(partner, torch.argsort(applied[g])), g
+
+
+def test_different_widths_fuse_to_any_width_and_results_repeat() -> None:
+    a, b = _mlp(0, width=32), _mlp(1, width=16)
+    data = _data(a)
+    x = data[0][:8]
+    for width in (24, 32, 48):
+        fused, res = merge([a, b], "kf-linear", data=data, width=width, restarts=2)
+        assert all(gm.n_out == width for gm in res.maps.values())
+        with torch.no_grad():
+            assert torch.isfinite(fused(x)).all()
+    again, _ = merge([a, b], "kf-linear", data=data, width=24, restarts=2)
+    first, _ = merge([a, b], "kf-linear", data=data, width=24, restarts=2)
+    for (k, v), w in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+
+
+def test_bad_input_is_refused() -> None:
+    a, b = _mlp(0, width=32), _mlp(1, width=16)
+    data = _data(a, 256)
+    with pytest.raises(ValueError, match="kf-linear"):
+        merge([a, b], "hf-linear", data=data)
+    with pytest.raises(ValueError, match="kf-linear"):
+        merge([a, a, a], "hf-linear", data=data)
+    with pytest.raises(ValueError, match=r"\[1, 48\]"):
+        merge([a, b], "kf-linear", data=data, width=49)
+    with pytest.raises(ValueError, match="uniform"):
+        merge([a, b], "kf-linear", data=data, importance="conductance")
+    with pytest.raises(ValueError, match="data"):
+        merge([a, b], "kf-linear")
