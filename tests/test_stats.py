@@ -565,3 +565,122 @@ def test_all_reduce_equals_single_process(resnet_setup, tmp_path: Path) -> None:
     z = _direct(models, {g: single.sites[g]}, batches)[g]
     assert reduced.raw(g).shape == (30, 128)
     assert _nearest(reduced.raw(g), z).max() < 1e-12
+
+
+# ---- per-batch distances (PLeaS's matching cost) -----------------------------------------
+
+
+def _batch_cdist(models: list[nn.Module], sites, batches) -> dict[str, torch.Tensor]:
+    """Brute force: per batch, ``cdist`` between the unit vectors (rows = units), summed."""
+    out: dict[str, torch.Tensor] = {}
+    for x in batches:
+        for g, z in _direct(models, sites, [x]).items():
+            d = torch.cdist(z.T, z.T, compute_mode="donot_use_mm_for_euclid_dist")
+            out[g] = out[g] + d if g in out else d
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlp_setup():
+    models = _models("mlp", 2, width=16, depth=2)
+    spec = symmerge.trace(models[0], _batches(models[0], 1)[0][:2])
+    return spec, models, _batches(models[0], 4, size=16)
+
+
+def test_batch_distances_equal_a_loop_of_cdist_over_batches(mlp_setup, resnet_setup) -> None:
+    spec, models, batches = mlp_setup
+    off = collect_statistics(spec, models, batches)
+    assert not off.batch_distances and off.batch_dist == {}  # off: nothing extra is kept
+    with pytest.raises(ValueError, match="batch_distances=True"):
+        off.batch_distance("layers.1.out")
+    stats = collect_statistics(spec, models, batches, batch_distances=True)
+    brute = _batch_cdist(models, stats.sites, batches)
+    for g in stats.groups:
+        assert stats.batches[g] == len(batches)
+        d = stats.batch_distance(g)
+        assert d.dtype == torch.float64 and d.shape == (32, 32)
+        torch.testing.assert_close(d, brute[g], rtol=1e-10, atol=1e-9)
+        # a sum of per-batch norms, not the norm over all samples (moments give that one)
+        whole = -symmerge.similarity.activation_similarity(stats, g, 1, 0, kind="neg_dist")
+        cross = d[stats.units(g, 1), stats.units(g, 0)]
+        assert (cross >= whole - 1e-9).all() and (cross - whole).max() > 1e-2
+        sim = symmerge.similarity.activation_similarity(stats, g, 0, 1, kind="neg_batch_dist")
+        torch.testing.assert_close(sim, -d[stats.units(g, 0), stats.units(g, 1)])
+    # conv maps (native layout) and a residual stream observed at four sites per batch
+    spec, models, batches = resnet_setup
+    stats = collect_statistics(spec, models, batches, batch_distances=True)
+    groups = ["conv1.out", "layer3.0.conv1.out"]
+    brute = _batch_cdist(models, {g: stats.sites[g] for g in groups}, batches)
+    for g in groups:
+        torch.testing.assert_close(stats.batch_distance(g), brute[g], rtol=1e-9, atol=1e-7)
+
+
+def test_batch_distances_add_up_over_chunks_of_the_data(mlp_setup) -> None:
+    spec, models, batches = mlp_setup
+    whole = collect_statistics(spec, models, batches, batch_distances=True)
+    halves = [collect_statistics(spec, models, part, batch_distances=True)
+              for part in (batches[:1], batches[1:])]  # fmt: skip
+    for g in whole.groups:
+        assert sum(h.batches[g] for h in halves) == whole.batches[g]
+        total = halves[0].batch_distance(g) + halves[1].batch_distance(g)
+        torch.testing.assert_close(total, whole.batch_distance(g), rtol=1e-12, atol=1e-10)
+
+
+def test_batch_distances_survive_all_reduce(mlp_setup) -> None:
+    """One gloo process: all_reduce reaches the accumulator and keeps it (the sum over several
+    processes is the collective's, tested for the moments above)."""
+    spec, models, batches = mlp_setup
+    stats = collect_statistics(spec, models, batches, batch_distances=True)
+    before = {g: stats.batch_distance(g).clone() for g in stats.groups}
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        stats.all_reduce()
+    finally:
+        dist.destroy_process_group()
+    for g in stats.groups:
+        assert stats.batches[g] == len(batches)
+        torch.testing.assert_close(stats.batch_distance(g), before[g], rtol=1e-15, atol=0)
+
+
+def test_kind_neg_batch_dist_needs_the_accumulator(mlp_setup) -> None:
+    spec, models, batches = mlp_setup
+    stats = collect_statistics(spec, models, batches)
+    with pytest.raises(ValueError, match="batch_distances=True"):
+        symmerge.similarity.activation_similarity(stats, "layers.1.out", kind="neg_batch_dist")
+    with pytest.raises(ValueError, match="batch_distances=True"):
+        symmerge.similarity.activation_similarity_from_moments(
+            stats.mean("layers.1.out"), stats.second_moment("layers.1.out"), 2,
+            kind="neg_batch_dist",
+        )  # fmt: skip
+
+
+def _pleas_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model("mlp", width=16, depth=2)[0].eval()
+
+
+def test_pleas_matches_with_per_batch_distances() -> None:
+    from symmerge.merging import merge
+
+    a, b = _pleas_mlp(0), _pleas_mlp(1)
+    data = [x.float() for x in _batches(a, 3, size=16)]
+    x = data[0]
+    merged, res = merge([a, b], "pleas", data=data, kind="neg_batch_dist", ratios=0.5)
+    with torch.no_grad():
+        assert torch.isfinite(merged(x)).all()
+    assert res.details["ratios"] and res.details["ls"] == "closed"
+    # at ratio 0 PLeaS is activation matching on the same cost (so the kind reached matching)
+    zero, _ = merge([a, b], "pleas", data=data, kind="neg_batch_dist", ratios=0.0, ls="none")
+    spec = symmerge.trace(a, x[:2])
+    stats = collect_statistics(spec, [a, b], data, batch_distances=True)
+    act, _ = merge([a, b], "activation", data=data, stats=stats, kind="neg_batch_dist")
+    for (k, v), (k2, v2) in zip(zero.state_dict().items(), act.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2), k
+    other = spec.permuted(a, spec.random_permutations(seed=5))  # a permuted copy: same function
+    same, _ = merge([a, other], "pleas", data=data, kind="neg_batch_dist", ratios=0.5, ls="none")
+    with torch.no_grad():
+        want = a(x)
+        err = float((same(x) - want).abs().max())
+    assert err <= 1e-5 * max(1.0, float(want.abs().max())), err

@@ -12,7 +12,9 @@ which keeps everything outside the assignment solves cheap during coordinate des
 
 Activation similarity works from streamed statistics (:mod:`symmerge.stats`): the mean and the
 second moment of the units of all N models stacked, so a cross block of the ``(N n x N n)``
-moment matrix compares model a with model b.
+moment matrix compares model a with model b. One kind, ``"neg_batch_dist"`` (PLeaS's cost), is
+a sum over batches of per-batch distances that no moment gives; it reads the statistics'
+per-batch accumulator (``collect_statistics(..., batch_distances=True)``) instead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from symmerge.spec import Member, SymmetrySpec
 
 __all__ = [
     "ACTIVATION_KINDS",
+    "BATCH_KINDS",
     "WEIGHT_KINDS",
     "WeightSimilarity",
     "activation_similarity",
@@ -36,7 +39,10 @@ __all__ = [
 ]
 
 WEIGHT_KINDS = ("inner", "corr", "cos")
-ACTIVATION_KINDS = ("inner", "cov", "corr", "neg_dist", "neg_sqdist")
+ACTIVATION_KINDS = ("inner", "cov", "corr", "neg_dist", "neg_sqdist", "neg_batch_dist")
+#: Kinds that need more than moments: only :func:`activation_similarity` on statistics
+#: collected with ``batch_distances=True`` computes them.
+BATCH_KINDS = ("neg_batch_dist",)
 
 #: State-dict suffixes left out of weight similarity by default: running statistics are
 #: permuted with their group but are not weights (Git Re-Basin excludes them too).
@@ -309,29 +315,26 @@ def activation_similarity_from_moments(
         kind: ``"inner"`` E[z_a z_b] (proportional to Z_A Z_B^T), ``"cov"``, ``"corr"`` (Pearson;
             a constant unit correlates 0 with everything), ``"neg_sqdist"`` -E[(z_a - z_b)^2],
             ``"neg_dist"`` -||Z_A[i] - Z_B[j]|| over the samples (needs ``count``; equals
-            ``-torch.cdist(Z_A, Z_B)``).
+            ``-torch.cdist(Z_A, Z_B)``). ``"neg_batch_dist"`` cannot come from moments (see
+            :func:`activation_similarity`).
         count: number of samples behind the moments.
         sizes: units of each model when the models differ in width (default: N equal parts).
 
     Returns:
         ``(n_a, n_b)`` float64 matrix; larger means more similar.
     """
-    if kind not in ACTIVATION_KINDS:
+    _check_kind(kind)
+    if kind in BATCH_KINDS:
         raise ValueError(
-            f"The 'kind' parameter of activation_similarity must be one of {ACTIVATION_KINDS}. "
-            f"Got {kind!r} instead."
+            f"kind={kind!r} sums per-batch distances, which moments cannot give; call "
+            "activation_similarity on statistics from collect_statistics(..., "
+            "batch_distances=True)"
         )
     mean = torch.as_tensor(mean).to(torch.float64).cpu()
     second = torch.as_tensor(second_moment).to(torch.float64).cpu()
-    total = mean.numel()
-    sizes = [total // num_models] * num_models if sizes is None else [int(n) for n in sizes]
-    if len(sizes) != num_models or sum(sizes) != total or second.shape != (total, total):
-        raise ValueError(
-            f"moments do not fit {num_models} models of sizes {sizes}: mean "
-            f"{tuple(mean.shape)}, second moment {tuple(second.shape)}"
-        )
-    start = [sum(sizes[:m]) for m in range(num_models)]
-    ra, rb = slice(start[a], start[a] + sizes[a]), slice(start[b], start[b] + sizes[b])
+    ra, rb = _blocks(second, num_models, a, b, sizes, "moments")
+    if mean.shape != second.shape[:1]:
+        raise ValueError(f"mean {tuple(mean.shape)} does not fit {tuple(second.shape)}")
     cross = second[ra, rb]
     if kind == "inner":
         return cross
@@ -367,15 +370,51 @@ def activation_similarity(
     ``stats`` needs ``mean(group)``, ``second_moment(group)`` and ``count(group)`` as produced
     by :func:`symmerge.stats.collect_statistics`. ``num_models`` defaults to
     ``stats.num_models``; ``sizes`` gives each model's units when widths differ.
+
+    ``kind="neg_batch_dist"`` is PLeaS's matching cost, ``-Σ_batches ‖Z_A[i] − Z_B[j]‖₂`` with
+    ``Z[i]`` unit i's activations in one batch (not squared, not averaged); it reads
+    ``stats.batch_distance(group)``, so collect with ``batch_distances=True``.
     """
     num = num_models if num_models is not None else getattr(stats, "num_models", None)
     if num is None:
         raise ValueError("pass num_models= (the statistics object does not say how many)")
+    _check_kind(kind)
+    if kind in BATCH_KINDS:
+        if not hasattr(stats, "batch_distance"):
+            raise ValueError(
+                f"kind={kind!r} needs per-batch distances, which {type(stats).__name__} does "
+                "not keep; use symmerge.stats.collect_statistics(..., batch_distances=True)"
+            )
+        dist = torch.as_tensor(stats.batch_distance(group)).to(torch.float64).cpu()
+        ra, rb = _blocks(dist, int(num), a, b, sizes, "per-batch distances")
+        return -dist[ra, rb]
     count = stats.count(group) if hasattr(stats, "count") else None
     return activation_similarity_from_moments(
         stats.mean(group), stats.second_moment(group), int(num), a, b, kind=kind, count=count,
         sizes=sizes,
     )  # fmt: skip
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ACTIVATION_KINDS:
+        raise ValueError(
+            f"The 'kind' parameter of activation_similarity must be one of {ACTIVATION_KINDS}. "
+            f"Got {kind!r} instead."
+        )
+
+
+def _blocks(
+    matrix: torch.Tensor, num_models: int, a: int, b: int, sizes: Sequence[int] | None, what: str
+) -> tuple[slice, slice]:
+    """Rows of model a and columns of model b in a stacked ``(Σ n_m, Σ n_m)`` matrix."""
+    total = matrix.shape[0]
+    sizes = [total // num_models] * num_models if sizes is None else [int(n) for n in sizes]
+    if len(sizes) != num_models or sum(sizes) != total or matrix.shape != (total, total):
+        raise ValueError(
+            f"{what} {tuple(matrix.shape)} do not fit {num_models} models of sizes {sizes}"
+        )
+    start = [sum(sizes[:m]) for m in range(num_models)]
+    return slice(start[a], start[a] + sizes[a]), slice(start[b], start[b] + sizes[b])
 
 
 def mix(alpha: float, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,16 @@ means are large next to standard deviations; the shift is undone exactly when mo
 out. Float64 models give float64-exact results. The buffers hold one batch of every site of
 every model at once (N times the observed activations), so memory is set by the batch size.
 
+Per-batch distances (``collect_statistics(..., batch_distances=True)``): PLeaS scores unit
+pairs by the *non-squared* distance between their activation vectors within each batch, summed
+over batches, ``Σ_batches ‖Z[u] − Z[v]‖₂``, which no moment gives (the square root does not
+commute with the sum). Opt-in, this adds per group a float64 ``(N*n, N*n)`` sum (the size of the
+second moment), filled from each batch's own Gram matrix, ``‖a‖² + ‖b‖² − 2 a·b`` clamped at 0,
+then a square root: one elementwise pass over an ``(N*n, N*n)`` matrix (a cdist) per batch per
+group, no extra pass over the data and no loop over samples. Like ``torch.cdist``'s matmul path,
+the distance between nearly equal units carries an absolute error of about ``sqrt(eps)·‖z‖`` in
+the activations' precision; float64 models give float64-exact sums. Off, nothing changes.
+
 Least squares (:func:`collect_layer_products`): per Linear/Conv2d layer, ``XᵀX`` and ``XᵀY`` of
 the layer's inputs (im2col patches for convs, plus a ones column for the bias) and its outputs
 or any per-layer target, the sums PLeaS and neuron-interpolation fusion refit layers with.
@@ -316,7 +326,9 @@ class ActivationStats:
     accumulators are ``count`` (samples), ``shift`` (a fixed reference point ``c``), ``sums`` =
     Σ(z − c) and ``outer`` = Σ(z − c)(z − c)ᵀ. ``unobserved`` lists the requested groups that no
     hook can see (no module output and no Linear/Conv weight holds them, e.g. the attention
-    heads group, visible only inside the attention module).
+    heads group, visible only inside the attention module). With ``batch_distances``,
+    ``batch_dist`` = Σ_batches of the pairwise unit distances within the batch and ``batches``
+    the number of batches (:meth:`batch_distance`).
     """
 
     num_models: int
@@ -331,6 +343,9 @@ class ActivationStats:
     raw_rows: dict[str, Tensor] = field(default_factory=dict)
     raw_keys: dict[str, Tensor] = field(default_factory=dict)
     model_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    batch_distances: bool = False
+    batch_dist: dict[str, Tensor] = field(default_factory=dict)
+    batches: dict[str, int] = field(default_factory=dict)
 
     # ---- bookkeeping --------------------------------------------------------------------
     @property
@@ -414,6 +429,22 @@ class ActivationStats:
         std = cov.diagonal().clamp_min(0).sqrt()
         return (cov / torch.outer(std, std).clamp_min(eps)).clamp_(-1.0, 1.0)
 
+    def batch_distance(self, group: str) -> Tensor:
+        """``D[u, v] = Σ_batches ‖Z[u] − Z[v]‖₂``, shape ``(N*n, N*n)``: PLeaS's unit distance.
+
+        ``Z[u]`` is unit ``u``'s activations in one batch (its samples × positions, rows from
+        every site of the group). Not a mean: it grows with the number of batches
+        (``batches[group]``), as in the paper's code. Needs ``batch_distances=True`` at
+        collection, since moments cannot give it.
+        """
+        if not self.batch_distances:
+            raise ValueError(
+                "these statistics were collected without per-batch distances; collect them "
+                "with collect_statistics(..., batch_distances=True)"
+            )
+        self._check(group)
+        return self.batch_dist[group]
+
     def raw(self, group: str) -> Tensor | None:
         """Up to ``raw_samples`` rows ``(k, N*n)`` drawn uniformly from every sample seen."""
         return self.raw_rows.get(group)
@@ -433,7 +464,8 @@ class ActivationStats:
         Every process must have collected the same groups (same spec, models, ``groups``). The
         result equals one process that saw all processes' data, up to float64 round-off;
         raw buffers are merged by keeping the ``raw_samples`` smallest random keys overall,
-        so they stay a uniform sample of the union. Returns ``self``.
+        so they stay a uniform sample of the union. Per-batch distances (every process must
+        have collected them, or none) and batch counts are summed. Returns ``self``.
         """
         _distributed()
         names = sorted(self.sizes)
@@ -456,6 +488,15 @@ class ActivationStats:
         )
         for g, sums, outer in zip(names, second[0::2], second[1::2], strict=True):
             self.sums[g], self.outer[g] = sums, outer
+        if self.batch_distances:  # absolute distances: a plain sum, no re-basing
+            nb = [torch.tensor([float(self.batches.get(g, 0))], dtype=torch.float64) for g in names]
+            third = _sum_over_processes(
+                [t for g, b in zip(names, nb, strict=True) for t in (self.batch_dist[g], b)],
+                process_group,
+                dev,
+            )
+            for g, dist_, b in zip(names, third[0::2], third[1::2], strict=True):
+                self.batch_dist[g], self.batches[g] = dist_, int(round(b.item()))
         if self.raw_samples:
             self._all_reduce_raw(names, process_group)
         return self
@@ -685,6 +726,7 @@ class _Collector:
                     s.shift[g] = c.double()
                     s.sums[g] = torch.zeros(k, dtype=torch.float64, device=self.device)
                     s.outer[g] = torch.zeros(k, k, dtype=torch.float64, device=self.device)
+                batch: tuple[Any, Any, int] = (0, 0, 0)  # this batch's Σ y yᵀ, Σ y, rows
                 for e in entries:
                     p, total, rows = e.moments()
                     s.outer[g] += p
@@ -692,6 +734,15 @@ class _Collector:
                     s.counts[g] = s.counts.get(g, 0) + rows
                     if s.raw_samples:
                         self._reservoir(g, e.rows())
+                    if s.batch_distances:  # one batch = the rows of all the group's sites
+                        batch = (batch[0] + p, batch[1] + total, batch[2] + rows)
+                if s.batch_distances:
+                    dist = _distances(*batch, s.shift[g])
+                    if g in s.batch_dist:
+                        s.batch_dist[g] += dist
+                    else:
+                        s.batch_dist[g] = dist
+                    s.batches[g] = s.batches.get(g, 0) + 1
 
     def _reservoir(self, g: str, y: Tensor) -> None:
         """Keep the rows with the ``raw_samples`` smallest uniform keys seen so far."""
@@ -710,6 +761,22 @@ class _Collector:
         s.raw_keys[g], s.raw_rows[g] = keys, rows
 
 
+def _distances(gram: Tensor, sums: Tensor, rows: int, shift: Tensor) -> Tensor:
+    """``‖z_u − z_v‖₂`` for all unit pairs of one batch, float64, from the Gram matrix
+    ``Σ y yᵀ``, column sums ``Σ y`` and row count of the shifted rows ``y = z − shift``.
+
+    With ``d = c_u − c_v``: ``‖z_u − z_v‖² = ‖y_u − y_v‖² + 2 d Σ(y_u − y_v) + rows d²``, which
+    keeps the shift's cancellation benefit (small ``y``) instead of rebuilding ``Σ z zᵀ``.
+    """
+    p = gram.double()
+    t = sums.double()
+    d = shift[:, None] - shift[None, :]
+    sq = (t[:, None] - t[None, :]).mul_(d).mul_(2.0).addcmul_(d, d, value=float(rows))
+    diag = p.diagonal()
+    sq.add_(diag[:, None]).add_(diag[None, :]).sub_(p, alpha=2.0)
+    return sq.clamp_min_(0.0).sqrt_()
+
+
 def collect_statistics(
     spec: SymmetrySpec,
     models: Sequence[nn.Module],
@@ -723,6 +790,7 @@ def collect_statistics(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     specs: Sequence[SymmetrySpec] | None = None,
+    batch_distances: bool = False,
 ) -> ActivationStats:
     """Moments of every group's units over ``batches``, for all ``models`` in one pass.
 
@@ -750,6 +818,11 @@ def collect_statistics(
             widths (same group names, possibly different sizes). Every model's sites are
             chosen from its own spec, in the same way; a group's columns are then blocks of
             each model's own size (:meth:`ActivationStats.units`).
+        batch_distances: also sum, per group, the pairwise distances between all units within
+            each batch (:meth:`ActivationStats.batch_distance`, PLeaS's matching cost, read by
+            ``activation_similarity(..., kind="neg_batch_dist")``). Costs one more float64
+            ``(N*n, N*n)`` accumulator and one cdist-like pass over it per batch per group.
+            The sum depends on how the data is cut into batches.
 
     Returns:
         :class:`ActivationStats`. Models are run in eval mode under ``torch.no_grad`` and get
@@ -813,6 +886,7 @@ def collect_statistics(
         raw_samples=int(raw_samples),
         unobserved=[g for g in names if not chosen[0][g]],
         model_sizes={g: tuple(sp.groups[g].size for sp in specs) for g in observed},
+        batch_distances=bool(batch_distances),
     )
     plan = [
         _Site(g, site, per_model=[c[g][i] for c in chosen])
@@ -838,6 +912,9 @@ def collect_statistics(
         stats.sums.setdefault(g, torch.zeros(k, dtype=torch.float64, device=dev))
         stats.outer.setdefault(g, torch.zeros(k, k, dtype=torch.float64, device=dev))
         stats.counts.setdefault(g, 0)
+        if batch_distances:
+            stats.batch_dist.setdefault(g, torch.zeros(k, k, dtype=torch.float64, device=dev))
+            stats.batches.setdefault(g, 0)
     return stats
 
 

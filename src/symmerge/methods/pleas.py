@@ -100,7 +100,8 @@ def pleas(
         match: ``"activation"`` (default) or ``"weight"`` matching, or ``"none"`` (unit i
             merged with unit i: least squares without permutation, a RegMean-like baseline).
         kind: activation similarity for matching and for choosing the merged pairs
-            (``"neg_sqdist"``, minus the mean squared distance, by default).
+            (``"neg_sqdist"``, minus the mean squared distance, by default; ``"neg_batch_dist"``
+            is the paper's: minus the distance per batch, summed over batches).
         ls: ``"closed"`` (normal equations), ``"adam"`` (the official code's optimiser) or
             ``"none"`` (the partial merge alone).
         ls_inputs: ``"ensemble"`` (teacher forcing on the source models, the paper) or
@@ -130,7 +131,8 @@ def pleas(
     timings: dict[str, float] = {}
     if match == "activation" and stats is None:
         assert data is not None
-        stats = (collect or _default_collect())(spec, list(models), data, device=device)
+        extra = {"batch_distances": True} if kind == "neg_batch_dist" else {}
+        stats = (collect or _default_collect())(spec, list(models), data, device=device, **extra)
     timings["statistics"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     if match == "activation":
