@@ -201,6 +201,7 @@ from symmerge.methods import c2m3 as c2m3  # noqa: E402
 from symmerge.methods import ensemble as ensemble  # noqa: E402
 from symmerge.methods import fusion as fusion  # noqa: E402
 from symmerge.methods import mudsc as mudsc  # noqa: E402
+from symmerge.methods import otfusion as otfusion  # noqa: E402
 from symmerge.methods import pleas as pleas  # noqa: E402
 from symmerge.methods import rebasin as rebasin  # noqa: E402
 from symmerge.methods import ste as ste  # noqa: E402

@@ -140,11 +140,16 @@ def _fuse(
     all_specs = check_specs(specs, n) if specs is not None else [spec] * n
     sizes = {g: [sp.groups[g].size for sp in all_specs] for g in spec.groups}
     if name == "hf-linear":
+        if n != 2:
+            raise ValueError(
+                f"the 'hf-linear' method merges 2 models, got {n}; use kf-linear (K-means) for "
+                "more parents"
+            )
         unequal = sorted(g for g, s in sizes.items() if len(set(s)) > 1)
-        if n != 2 or unequal:
+        if unequal:
             raise ValueError(
                 "hf-linear pairs two parents of one width one to one; use kf-linear (K-means) "
-                f"for {n} parents" + (f" or different widths ({unequal[:3]})" if unequal else "")
+                f"for parents of different widths ({unequal[:3]})"
             )
     blocked = sorted(g for g, grp in spec.groups.items() if grp.blocks or grp.block_group)
     if blocked:
