@@ -211,7 +211,7 @@ def main() -> None:
         runs.append((f"pleas closed own-inputs score {b}x", "pleas closed, own inputs (score)",
                      "pleas", {"budget": b, "ls_inputs": "merged", "stats": stats}))  # fmt: skip
     runs += [
-        ("pleas closed score 1.5x, end to end", "end to end (statistics included)", "pleas",
+        ("pleas closed score 1.5x end to end", "end to end (statistics included)", "pleas",
          {"budget": 1.5}),
         ("lstsq no permutation 1.0x", "least squares, no permutation", "pleas",
          {"budget": 1.0, "match": "none"}),
