@@ -8,7 +8,9 @@ training images drawn at random from the whole training set (the union of the pa
 official code samples parent 0's data instead), by every applicable method:
 
 * ``kf-linear``: weighted K-means of all parents' neurons, layers refitted in order on the
-  fused model's own inputs (uniform importance); ``hf-linear`` (two parents);
+  fused model's own inputs (uniform importance), the head's target weighting each class's
+  logits by the parents' shares of that class's training data (the paper's non-IID setting;
+  also with plain averaged logits, "mean head"); ``hf-linear`` (two parents);
 * ``otfusion`` (activation ground metric, uniform marginals) when registered;
 * Git Re-Basin weight matching (two parents) and MergeMany (N parents), naive averaging;
 * the parents themselves and their ensemble (logits averaged, N times the compute).
@@ -103,9 +105,14 @@ def main() -> None:
             rows.append({**base, "method": "parents (mean)", "accuracy": sum(accs) / n,
                          "each": accs, "seconds": 0.0, "class_counts": counts,
                          "checkpoints": [display_path(p) for _, _, p in found]})  # fmt: skip
-            runs = [("kf-linear", {}), ("otfusion", {}), ("naive", {}), ("ensemble", {})]
-            runs += [("hf-linear", {}), ("weight", {})] if n == 2 else [("mergemany", {})]
-            for method, kw in runs:
+            share = {"class_counts": counts, "head": "class-share"}
+            runs = [("kf-linear", "kf-linear", share),
+                    ("kf-linear (mean head)", "kf-linear", {"head": "mean"}),
+                    ("otfusion", "otfusion", {}), ("naive", "naive", {}),
+                    ("ensemble", "ensemble", {})]  # fmt: skip
+            runs += ([("hf-linear", "hf-linear", share), ("weight", "weight", {})] if n == 2
+                     else [("mergemany", "mergemany", {})])  # fmt: skip
+            for label, method, kw in runs:
                 if method not in list_methods():
                     continue
                 t0 = time.perf_counter()
@@ -115,10 +122,10 @@ def main() -> None:
                 except (ValueError, RuntimeError) as exc:  # recorded, never dropped
                     acc, status = None, f"failed: {exc}"
                 seconds = time.perf_counter() - t0
-                rows.append({**base, "method": method, "accuracy": acc, "seconds": seconds,
+                rows.append({**base, "method": label, "accuracy": acc, "seconds": seconds,
                              "status": status})  # fmt: skip
                 shown = "—" if acc is None else f"{100 * acc:.2f}"
-                print(f"{kind} N={n} {method}: {shown} ({seconds:.1f} s) {status}", flush=True)
+                print(f"{kind} N={n} {label}: {shown} ({seconds:.1f} s) {status}", flush=True)
     out = Path(args.out)
     name = f"fusion_regimes_{args.dataset}"
     meta0.update({"dataset": args.dataset, "arch": args.arch, "epochs": args.epochs,

@@ -83,3 +83,31 @@ def test_bad_input_is_refused() -> None:
         merge([a, b], "kf-linear", data=data, importance="conductance")
     with pytest.raises(ValueError, match="data"):
         merge([a, b], "kf-linear")
+
+
+def test_class_share_head_weights_each_class_by_the_parents_data() -> None:
+    """Parent 0 saw classes 0-4 only, parent 1 classes 5-9 (and both saw class 9 equally):
+    the head's target takes each class's logit from the parents that saw it."""
+    from symmerge.methods.fusion import _head_targets
+
+    model = _mlp(0)
+    spec = symmerge.trace(model, (torch.randn(2, *model.input_shape),))
+    counts = [[10] * 5 + [0] * 4 + [5], [0] * 5 + [10] * 4 + [5]]
+    goals, used = _head_targets(spec, model, "auto", counts, 2, "kf-linear")
+    assert used == "class-share" and len(goals) == 1
+    (target,) = goals.values()
+    ya, yb = torch.randn(3, 10), torch.randn(3, 10)
+    want = torch.cat([ya[:, :5], yb[:, 5:9], (ya[:, 9:] + yb[:, 9:]) / 2], 1)
+    torch.testing.assert_close(target([ya, yb]), want)
+    assert _head_targets(spec, model, "auto", None, 2, "kf-linear") == ({}, "mean")
+    with pytest.raises(ValueError, match="class_counts"):
+        _head_targets(spec, model, "class-share", None, 2, "kf-linear")
+    with pytest.raises(ValueError, match="classes"):
+        _head_targets(spec, model, "class-share", [[1] * 9, [1] * 9], 2, "kf-linear")
+    # fused permuted copies stay the model with any class shares
+    data = _data(model)
+    fused, res = merge(_copies(model, 1), "kf-linear", data=data, ridge=1e-10,
+                       class_counts=counts)  # fmt: skip
+    assert "class-share" in res.log[0]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(data[0]), model(data[0]), rtol=1e-4, atol=1e-4)

@@ -1228,6 +1228,21 @@ def _num_outputs(model: Any) -> int:
     return int(last[-1].out_features)
 
 
+def _class_counts(method: str, metas: Sequence[dict], given: dict[str, Any]) -> dict[str, Any]:
+    """``class_counts`` from the checkpoints' metadata for a method that takes them (fusion
+    weights each parent's logits by its share of every class), when every checkpoint has them
+    and the user did not pass them."""
+    import inspect
+
+    from symmerge.methods import get_method
+
+    takes = "class_counts" in inspect.signature(get_method(method)).parameters
+    counts = [m.get("class_counts") for m in metas]
+    if not takes or "class_counts" in given or any(c is None for c in counts):
+        return {}
+    return {"class_counts": counts}
+
+
 def _params(items: Sequence[str], method: str) -> dict[str, Any]:
     """``KEY=VALUE`` strings -> keywords of ``method``: ints, floats, true/false/none, else
     strings. Keys the method does not take are a usage error (listing the ones it does)."""
@@ -1371,6 +1386,7 @@ def merge_cmd(
                          datasets=[m.get("dataset") for m in metas])  # fmt: skip
     targets = _eval_targets(metas, eval_datasets)
     kwargs = _params(params, method)
+    kwargs.update(_class_counts(method, metas, kwargs))
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", BatchNormStatsWarning)

@@ -55,6 +55,8 @@ def kf_linear(
     restarts: int = 10,
     samples: int = 4096,
     ridge: float = 1e-4,
+    head: str = "auto",
+    class_counts: Sequence[Sequence[float]] | None = None,
     weights: Sequence[float] | None = None,
     specs: Sequence[SymmetrySpec] | None = None,
     collect: Callable[..., Any] | None = None,
@@ -71,10 +73,16 @@ def kf_linear(
         restarts: K-means restarts (farthest-point initialisation, seeded by ``seed``).
         samples: rows (samples x positions) of each group's outputs kept for clustering.
         ridge: relative ridge of the least squares.
+        head: the head's target: ``"mean"`` (the parents' logits averaged with the model
+            weights), ``"class-share"`` (each class's logit weighted by each parent's share of
+            that class's training data, for non-IID parents; needs ``class_counts``) or
+            ``"auto"`` (class-share when ``class_counts`` are given).
+        class_counts: per parent, its training samples of every class (checkpoints made by
+            ``symmerge train`` record them; the command line passes them).
         specs: one spec per parent when their widths differ (``merge`` passes them).
     """
     return _fuse("kf-linear", spec, models, data, lam, seed, width, importance, restarts,
-                 samples, ridge, weights, specs, collect, device)  # fmt: skip
+                 samples, ridge, weights, specs, collect, device, head, class_counts)  # fmt: skip
 
 
 @register_method("hf-linear", paper=_PAPER, url=_URL, needs_data=True, max_models=2)
@@ -88,13 +96,16 @@ def hf_linear(
     importance: str = "uniform",
     samples: int = 4096,
     ridge: float = 1e-4,
+    head: str = "auto",
+    class_counts: Sequence[Sequence[float]] | None = None,
     collect: Callable[..., Any] | None = None,
     device: str | torch.device | None = None,
 ) -> MergeResult:
     """HF-Linear: two parents of one width paired one to one by the exact grouping cost (a
-    LAP), then every layer refitted in order on the fused model's own inputs."""
+    LAP), then every layer refitted in order on the fused model's own inputs (arguments as
+    for kf-linear)."""
     return _fuse("hf-linear", spec, models, data, lam, seed, None, importance, 1, samples,
-                 ridge, None, None, collect, device)  # fmt: skip
+                 ridge, None, None, collect, device, head, class_counts)  # fmt: skip
 
 
 def producer_sites(group: Group) -> list[ActivationSite]:
@@ -120,6 +131,8 @@ def _fuse(
     specs: Sequence[SymmetrySpec] | None,
     collect: Callable[..., Any] | None,
     device: str | torch.device | None,
+    head: str,
+    class_counts: Sequence[Sequence[float]] | None,
 ) -> MergeResult:
     from symmerge.methods.rebasin import _model_weights
     from symmerge.refine.lstsq import fit_layers
@@ -189,14 +202,58 @@ def _fuse(
     sds = _state_dicts(models)
     t2 = time.perf_counter()
     start = build_state_dict(all_specs if specs is not None else spec, sds, maps)
+    goals, head_used = _head_targets(spec, models[0], head, class_counts, n, name)
     fit = fit_layers(all_specs if specs is not None else spec, models, maps, start, data,
-                     inputs_from="merged", ridge=ridge, device=device)  # fmt: skip
+                     inputs_from="merged", targets=goals, ridge=ridge, device=device)  # fmt: skip
     t_fit = time.perf_counter() - t2
-    log = [f"{name}: {len(fit.layers)} layers refitted on the fused model's own inputs"
-           + (f"; left as grouped: {fit.skipped}" if fit.skipped else "")]  # fmt: skip
+    log = [f"{name}: {len(fit.layers)} layers refitted on the fused model's own inputs, head "
+           f"target {head_used}" + (f"; left as grouped: {fit.skipped}" if fit.skipped else "")]
     total = time.perf_counter() - t0
     return MergeResult(fit.state_dict, maps, objective, 0, 0.0, total, log, name,
                        {"statistics": t_stats, "grouping": t_group, "lstsq": t_fit})  # fmt: skip
+
+
+def _head_targets(
+    spec: SymmetrySpec,
+    model: nn.Module,
+    head: str,
+    class_counts: Sequence[Sequence[float]] | None,
+    n: int,
+    name: str,
+) -> tuple[dict[str, Callable[[list[torch.Tensor]], torch.Tensor]], str]:
+    """The head's target when its logits are weighted per class by each parent's share of
+    the class's training data (``{}`` for the plain mean); and which one is used."""
+    from symmerge.resize import output_axes
+
+    if head not in ("auto", "mean", "class-share"):
+        raise ValueError(
+            f"The 'head' parameter of {name} must be 'auto', 'mean' or 'class-share'. Got "
+            f"{head!r} instead."
+        )
+    if head == "mean" or (head == "auto" and class_counts is None):
+        return {}, "mean"
+    if class_counts is None:
+        raise ValueError(f"head='class-share' needs class_counts= (per parent, per class): {name}")
+    counts = torch.as_tensor([list(c) for c in class_counts], dtype=torch.float64)
+    heads = {t.rsplit(".", 1)[0] for t, axis, _ in output_axes(spec) if axis == 0}
+    heads = {h for h in heads if isinstance(model.get_submodule(h), nn.Linear)}
+    if counts.shape[0] != n or len(heads) != 1:
+        raise ValueError(
+            f"class-share head targets need one class count row per parent ({counts.shape[0]} "
+            f"for {n}) and one Linear head (found {sorted(heads)})"
+        )
+    (layer,) = heads
+    width = model.get_submodule(layer).out_features
+    if counts.shape[1] != width:
+        raise ValueError(f"class_counts have {counts.shape[1]} classes; the head has {width}")
+    total = counts.sum(0, keepdim=True)
+    share = torch.where(total > 0, counts / total.clamp(min=1e-12), torch.full_like(counts, 1 / n))
+
+    def weighted(ys: list[torch.Tensor]) -> torch.Tensor:
+        pi = share.to(ys[0].device, ys[0].dtype)
+        return sum(pi[m] * y for m, y in enumerate(ys))  # type: ignore[return-value]
+
+    return {layer: weighted}, "class-share"
 
 
 def cluster_map(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +122,7 @@ def fit_layers(
     *,
     solver: str = "closed",
     inputs_from: str = "ensemble",
+    targets: Mapping[str, Callable[[list[Tensor]], Tensor]] | None = None,
     ridge: float = 1e-4,
     steps: int = 400,
     lr: float = 5e-4,
@@ -143,6 +144,9 @@ def fit_layers(
             layer in module order, each fitted (closed form) on the merged model's own inputs,
             its earlier layers already refitted, so it tracks its own drift; BatchNorm
             statistics are reset on ``data`` before each layer (one or two passes per layer).
+        targets: per layer, a function of the N models' outputs of that layer giving its
+            target in merged coordinates, instead of ``sum_m M_m y_m`` (e.g. a head whose
+            logits are weighted per class by each parent's share of the class's data).
         ridge: relative ridge of the closed form.
         steps, lr: Adam's steps (batches) and peak learning rate (cosine to 0).
     """
@@ -165,21 +169,25 @@ def fit_layers(
     weights = next(iter(maps.values())).weights if maps else [1.0 / len(models)] * len(models)
     sds = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
     masks = merged_support(spec, sds, maps, [f"{n}.weight" for n in layers])
-    inputs, targets = _teacher(spec, maps, weights, models[0], layers)
+    unknown = sorted(set(targets or {}) - set(layers))
+    if unknown:
+        raise ValueError(f"targets name layers that are not fitted: {unknown}")
+    inputs, goals = _teacher(spec, maps, weights, models[0], layers)
+    goals.update(targets or {})
     out = {k: v.clone() for k, v in state_dict.items()}
     loss: dict[str, float] = {}
     if inputs_from == "merged":
-        out = _sequential(spec, models, maps, out, data, layers, targets, masks, ridge, device)
+        out = _sequential(spec, models, maps, out, data, layers, goals, masks, ridge, device)
     elif solver == "closed":
         from symmerge.stats import collect_layer_products
 
-        products = collect_layer_products(models, data, layers, inputs=inputs, targets=targets,
+        products = collect_layer_products(models, data, layers, inputs=inputs, targets=goals,
                                           device=device, progress=progress)  # fmt: skip
         for name in layers:
             weight, bias = _solve(products, name, masks[f"{name}.weight"], ridge)
             _store(out, name, weight, bias)
     else:
-        loss = _adam(models, layers, inputs, targets, masks, out, data, steps, lr, device,
+        loss = _adam(models, layers, inputs, goals, masks, out, data, steps, lr, device,
                      progress)  # fmt: skip
     return LeastSquaresResult(out, layers, skipped, loss, time.perf_counter() - t0)
 
