@@ -286,3 +286,18 @@ def test_bad_input_is_refused() -> None:
         symmerge.methods.get_method("pleas")(spec, [a, b], match="weight", ratios=0.5)
     with pytest.raises(ValueError, match="2 models"):
         merge([a, b, _mlp(2)], "pleas", data=data)
+
+
+def test_interpolating_a_partial_merge_reaches_both_endpoints() -> None:
+    """The partial merge's maps re-weighted along lambda (least squares is not redone): at
+    lambda 0 and 1 the model computes A's and B's function, at any ratio."""
+    from symmerge.merging import interpolation
+
+    a, b = _mlp(0), _mlp(1)
+    x = _inputs(a)
+    points = dict(interpolation([a, b], "pleas", [0.0, 0.5, 1.0], data=_batches(a),
+                                ratios=0.5, ls="none"))  # fmt: skip
+    with torch.no_grad():
+        _close(points[0.0](x), a(x), 1e-5)
+        _close(points[1.0](x), b(x), 1e-5)
+    assert points[0.5].state_dict()["layers.1.weight"].shape[0] == 48

@@ -376,7 +376,8 @@ class GroupMap:
     def with_weights(self, weights: Sequence[float]) -> GroupMap:
         """The same (partial) permutations with other model weights (e.g. a new lambda)."""
         if self.indices is not None:
-            return GroupMap.partial_permutations(list(self.indices), self.sizes, weights)
+            found = GroupMap.partial_permutations(list(self.indices), self.sizes, weights)
+            return dataclasses.replace(found, blocks=self.blocks)
         if self.perms is None:
             raise ValueError("with_weights is only defined for permutation maps (and partial ones)")
         return GroupMap.permutations(list(self.perms), weights)

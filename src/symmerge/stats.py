@@ -1054,11 +1054,11 @@ def _add_products(
         if out.bias[name]:
             xc = F.pad(xc, (0, 1), value=1.0)
         if name not in out.xtx:
-            out.xtx[name] = xc.new_zeros(xc.shape[1], xc.shape[1])
-            out.xty[name] = xc.new_zeros(xc.shape[1], yc.shape[1])
+            out.xtx[name] = xc.new_zeros(xc.shape[1], xc.shape[1], dtype=torch.float64)
+            out.xty[name] = xc.new_zeros(xc.shape[1], yc.shape[1], dtype=torch.float64)
             out.counts[name] = 0
-        out.xtx[name] += xc.T @ xc
-        out.xty[name] += xc.T @ yc
+        out.xtx[name] += (xc.T @ xc).to(torch.float64)
+        out.xty[name] += (xc.T @ yc).to(torch.float64)
         out.counts[name] += xc.shape[0]
 
 
@@ -1152,8 +1152,9 @@ def collect_layer_products(
 
     Convs are unfolded (im2col) with their kernel size, stride, padding and dilation, a few
     images at a time, so memory is set by the batch size, not the number of samples; grouped
-    convs are refused. ``dtype`` is the precision of the products: float64 by default, since
-    normal equations square the condition number. Models run in eval mode under
+    convs are refused. ``dtype`` is the precision of each chunk's products (float64 by default,
+    since normal equations square the condition number; float32 halves the time); the sums
+    are always float64. Models run in eval mode under
     ``torch.no_grad`` (modes and devices restored); sums add up across processes with
     :meth:`LayerProducts.all_reduce`.
 

@@ -25,6 +25,7 @@ Squares", CVPR 2025, https://arxiv.org/abs/2407.02447
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -133,10 +134,9 @@ def _index_map(
     perm = torch.as_tensor(perm, dtype=torch.long)
     idx_a = torch.cat([merged, rest, none])
     idx_b = torch.cat([perm[merged], none, perm[rest]])
-    k, p = merged.numel(), rest.numel()
-    val_a = torch.cat([torch.full((k,), w[0]), torch.ones(p), torch.zeros(p)])
-    val_b = torch.cat([torch.full((k,), w[1]), torch.zeros(p), torch.ones(p)])
-    return GroupMap.from_indices([idx_a, idx_b], [val_a, val_b], [n, n], w, blocks=blocks)
+    # matched units averaged with the weights w, private ones with their whole value
+    found = GroupMap.partial_permutations([idx_a, idx_b], [n, n], w)
+    return found if blocks is None else dataclasses.replace(found, blocks=blocks)
 
 
 # ---------------------------------------------------------------------------------------
