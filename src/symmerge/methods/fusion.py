@@ -14,8 +14,14 @@ inputs, its earlier layers already replaced (:func:`symmerge.refine.lstsq.fit_la
 drift. Norm parameters are the clusters' weighted means; BatchNorm statistics are reset on the
 fusion data before each layer is fitted.
 
-Importance scores: uniform (every neuron weight 1). Attribution scores (conductance, DeepLIFT,
-ablation) are not implemented yet.
+Importance scores (``importance=``): ``"uniform"`` (every neuron weight 1), or a captum
+attribution of each parent neuron to the true label on the fusion data (which must then be
+labelled ``(inputs, labels)`` batches): ``"conductance"``, ``"deeplift"`` or ``"ablation"``
+(:func:`symmerge.importance.neuron_importance`, on the same pre-activation layer outputs that are
+clustered; needs ``pip install 'symmerge[attribution]'``). Attribution scores are normalised to
+sum 1 per parent and group, the paper's default for the linear variants, so that a parent whose
+scores run larger does not pull the clusters to itself. They weigh the K-means (or the pair cost)
+and each cluster's mean, and the reported objective is the importance-weighted grouping error.
 
 Reference: "Model Fusion via Neuron Interpolation", arXiv 2507.00037 (algorithms.md §5).
 """
@@ -30,6 +36,7 @@ import torch
 from torch import nn
 
 from symmerge.groupmap import GroupMap, build_state_dict, check_specs
+from symmerge.importance import IMPORTANCE_METHODS, neuron_importance
 from symmerge.methods import MergeResult, register_method
 from symmerge.methods.rebasin import Models, _default_collect, _state_dicts
 from symmerge.spec import ActivationSite, Group, SymmetrySpec
@@ -69,7 +76,9 @@ def kf_linear(
         data: the fusion set (batches; labels unused with uniform importance).
         lam: model 1's share of the logits for two parents (``weights`` for more).
         width: fused width of every group (an int) or ``{group: K}``; default model 0's.
-        importance: ``"uniform"``.
+        importance: the neurons' weights: ``"uniform"``, or ``"conductance"``, ``"deeplift"``
+            or ``"ablation"`` (captum attributions to the true label, summing to 1 per parent
+            and group; ``data`` must be labelled; the time goes to ``timings["importance"]``).
         restarts: K-means restarts (farthest-point initialisation, seeded by ``seed``).
         samples: rows (samples x positions) of each group's outputs kept for clustering.
         ridge: relative ridge of the least squares.
@@ -139,10 +148,10 @@ def _fuse(
     from symmerge.solvers.kmeans import hungarian_pairs, pair_clusters, weighted_kmeans
 
     t0 = time.perf_counter()
-    if importance != "uniform":
+    if importance not in IMPORTANCE_METHODS:
         raise ValueError(
-            f"The 'importance' parameter of {name} must be 'uniform' (attribution scores are "
-            f"not implemented yet). Got {importance!r} instead."
+            f"The 'importance' parameter of {name} must be one of {IMPORTANCE_METHODS}. Got "
+            f"{importance!r} instead."
         )
     if data is None:
         raise ValueError(f"the '{name}' method needs data= (the fusion set)")
@@ -172,11 +181,18 @@ def _fuse(
         )
     targets = _targets(spec, sizes, width, name)
     w = _model_weights(n, lam, weights, name)
+    t3 = time.perf_counter()
+    scores = None
+    if importance != "uniform":  # per parent on its own spec, each summing to 1 per group
+        scores = [neuron_importance(model, sp, data, method=importance, groups=list(spec.groups),
+                                    normalize=True, seed=seed, device=device)
+                  for model, sp in zip(models, all_specs, strict=True)]  # fmt: skip
+    t_imp = time.perf_counter() - t3
     extra = {} if specs is None else {"specs": all_specs}
     stats = (collect or _default_collect())(spec, models, data, raw_samples=samples,
                                             sites=producer_sites, device=device, seed=seed,
                                             **extra)  # fmt: skip
-    t_stats = time.perf_counter() - t0
+    t_stats = time.perf_counter() - t0 - t_imp
     t1 = time.perf_counter()
     maps: dict[str, GroupMap] = {}
     objective: dict[str, float] = {}
@@ -185,7 +201,10 @@ def _fuse(
         if raw is None:
             raise ValueError(f"no activations were collected for group {g!r}")
         z = raw.to(torch.float64).T  # (units of all parents, samples)
-        s = torch.ones(z.shape[0], dtype=torch.float64)
+        if scores is None:
+            s = torch.ones(z.shape[0], dtype=torch.float64)
+        else:  # model-major, like the columns of raw()
+            s = torch.cat([sc[g] for sc in scores]).to(torch.float64)
         if name == "hf-linear":
             k = sizes[g][0]
             perm = hungarian_pairs(z[:k], z[k:], s[:k], s[k:])
@@ -195,9 +214,15 @@ def _fuse(
             labels = found.labels
         maps[g] = cluster_map(labels, s, sizes[g], targets[g], w)
         centroid = torch.zeros(targets[g], z.shape[1], dtype=torch.float64)
-        centroid.index_add_(0, labels, z)
-        centroid /= torch.bincount(labels, minlength=targets[g]).clamp(min=1)[:, None].double()
-        objective[g] = float(((z - centroid[labels]) ** 2).sum(1).mean())
+        if scores is None:
+            centroid.index_add_(0, labels, z)
+            centroid /= torch.bincount(labels, minlength=targets[g]).clamp(min=1)[:, None].double()
+            objective[g] = float(((z - centroid[labels]) ** 2).sum(1).mean())
+        else:  # the importance-weighted grouping error, per unit of importance
+            centroid.index_add_(0, labels, s[:, None] * z)
+            mass = torch.zeros(targets[g], dtype=torch.float64).index_add_(0, labels, s)
+            centroid /= mass.clamp(min=1e-300)[:, None]
+            objective[g] = float((s * ((z - centroid[labels]) ** 2).sum(1)).sum() / s.sum())
     t_group = time.perf_counter() - t1
     sds = _state_dicts(models)
     t2 = time.perf_counter()
@@ -206,11 +231,14 @@ def _fuse(
     fit = fit_layers(all_specs if specs is not None else spec, models, maps, start, data,
                      inputs_from="merged", targets=goals, ridge=ridge, device=device)  # fmt: skip
     t_fit = time.perf_counter() - t2
-    log = [f"{name}: {len(fit.layers)} layers refitted on the fused model's own inputs, head "
-           f"target {head_used}" + (f"; left as grouped: {fit.skipped}" if fit.skipped else "")]
+    log = [
+        f"{name}: {len(fit.layers)} layers refitted on the fused model's own inputs, head "
+        f"target {head_used}" + (f"; left as grouped: {fit.skipped}" if fit.skipped else "")
+    ]
     total = time.perf_counter() - t0
     return MergeResult(fit.state_dict, maps, objective, 0, 0.0, total, log, name,
-                       {"statistics": t_stats, "grouping": t_group, "lstsq": t_fit})  # fmt: skip
+                       {"statistics": t_stats, "importance": t_imp, "grouping": t_group,
+                        "lstsq": t_fit})  # fmt: skip
 
 
 def _head_targets(
