@@ -46,15 +46,18 @@ PAPER = {"KF-Linear": {2: 84.5, 4: 78.9, 8: 69.6}, "OTFusion": {2: 43.4, 4: 20.4
          "Git Re-Basin": {2: 71.8}, "averaging": {2: 11.2, 4: 10.0, 8: 10.0}}  # fmt: skip
 
 
-def parent(dataset: str, kind: str, part: int, n: int, args: Any) -> tuple[nn.Module, dict, Path]:
+def parent(
+    dataset: str, kind: str, part: int, n: int, args: Any, arch: str | None = None
+) -> tuple[nn.Module, dict, Path]:
     from symmerge.io import load_checkpoint, save_checkpoint
     from symmerge.train import train_model
 
-    name = f"{args.arch}_{dataset}_{kind}{n}-p{part}_s{part}_e{args.epochs}.safetensors"
+    arch = arch or args.arch
+    name = f"{arch}_{dataset}_{kind}{n}-p{part}_s{part}_e{args.epochs}.safetensors"
     path = Path(args.cache) / name
     if not path.exists():
-        print(f"training {args.arch} on {dataset} {kind} part {part}/{n} -> {path}", flush=True)
-        model, info = train_model(args.arch, dataset, epochs=args.epochs, seed=part,
+        print(f"training {arch} on {dataset} {kind} part {part}/{n} -> {path}", flush=True)
+        model, info = train_model(arch, dataset, epochs=args.epochs, seed=part,
                                   data_root=args.data_root, progress=False, device="cpu",
                                   split=kind, part=part, n_parts=n, split_seed=0)  # fmt: skip
         save_checkpoint(path, model, info["config"], info)
@@ -82,6 +85,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--limit-test", type=int, default=None)
+    parser.add_argument("--widths", default="512,256",
+                        help="two parents of these widths (non-IID halves), fused to several "
+                        "widths; empty to skip")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     meta0 = provenance({"data": args.data_seed, "split": 0, "parents": "seed = part"})
@@ -95,7 +101,7 @@ def main() -> None:
     x_te, y_te = x_te[: args.limit_test], y_te[: args.limit_test]
     data = batches(*subset(x_tr, y_tr, args.samples, args.data_seed), args.batch_size)
     rows: list[dict[str, Any]] = []
-    for kind in args.regimes.split(","):
+    for kind in filter(None, args.regimes.split(",")):
         for n in (int(v) for v in args.parents.split(",")):
             found = [parent(args.dataset, kind, k, n, args) for k in range(1, n + 1)]
             models = [m for m, _, _ in found]
@@ -126,6 +132,8 @@ def main() -> None:
                              "status": status})  # fmt: skip
                 shown = "—" if acc is None else f"{100 * acc:.2f}"
                 print(f"{kind} N={n} {label}: {shown} ({seconds:.1f} s) {status}", flush=True)
+    if args.widths:
+        rows += different_widths(args, data, x_te, y_te)
     out = Path(args.out)
     name = f"fusion_regimes_{args.dataset}"
     meta0.update({"dataset": args.dataset, "arch": args.arch, "epochs": args.epochs,
@@ -134,6 +142,51 @@ def main() -> None:
     write_markdown(out / f"{name}.md", meta0, rows)
     plot(out / f"{name}.png", rows, args.dataset)
     print(f"wrote {out / name}.json, .md and .png")
+
+
+def different_widths(
+    args: Any, data: list, x_te: torch.Tensor, y_te: torch.Tensor
+) -> list[dict[str, Any]]:
+    """Two parents of different widths (``mlp-w<W>``, the two halves of a non-IID split),
+    fused by kf-linear to the narrow width, their mean and the wide width, and by OT fusion
+    and weight matching into the wide one."""
+    from symmerge.merging import merge
+
+    wide, narrow = (int(w) for w in args.widths.split(","))
+    found = [parent(args.dataset, "dirichlet", k, 2, args, arch=f"{args.arch}-w{w}")
+             for k, w in ((1, wide), (2, narrow))]  # fmt: skip
+    models = [m for m, _, _ in found]
+    counts = [meta.get("class_counts") for _, meta, _ in found]
+    base = {"regime": f"widths {wide}+{narrow}", "parents": 2}
+    rows = [{**base, "method": f"parent {w} wide", "accuracy": accuracy(m, x_te, y_te),
+             "seconds": 0.0} for m, w in zip(models, (wide, narrow), strict=True)]  # fmt: skip
+    runs = [(f"kf-linear to {k}", "kf-linear",
+             {"width": k, "class_counts": counts, "head": "class-share"})
+            for k in (narrow, (wide + narrow) // 2, wide)]  # fmt: skip
+    runs += [
+        ("otfusion (into the wide)", "otfusion", {}),
+        ("weight matching (into the wide)", "weight", {}),
+    ]
+
+    class Ensemble(nn.Module):  # the two parents' logits averaged (their widths differ)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (models[0](x) + models[1](x)) / 2
+
+    rows.append({**base, "method": "ensemble", "accuracy": accuracy(Ensemble(), x_te, y_te),
+                 "seconds": 0.0})  # fmt: skip
+    for label, method, kw in runs:
+        t0 = time.perf_counter()
+        try:
+            fused, _ = merge(models, method, data=data, **kw)
+            acc, status = accuracy(fused, x_te, y_te), "ok"
+        except (ValueError, RuntimeError) as exc:
+            acc, status = None, f"failed: {exc}"
+        seconds = time.perf_counter() - t0
+        rows.append({**base, "method": label, "accuracy": acc, "seconds": seconds,
+                     "status": status})  # fmt: skip
+        shown = "—" if acc is None else f"{100 * acc:.2f}"
+        print(f"widths {label}: {shown} ({seconds:.1f} s) {status}", flush=True)
+    return rows
 
 
 def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
