@@ -12,6 +12,7 @@ official code samples parent 0's data instead), by every applicable method:
   logits by the parents' shares of that class's training data (the paper's non-IID setting;
   also with plain averaged logits, "mean head"); ``hf-linear`` (two parents);
 * ``otfusion`` (activation ground metric, uniform marginals) when registered;
+* logit-KD: parent 1 with only its head refitted to the class-share-weighted logits;
 * Git Re-Basin weight matching (two parents) and MergeMany (N parents), naive averaging;
 * the parents themselves and their ensemble (logits averaged, N times the compute).
 
@@ -114,7 +115,8 @@ def main() -> None:
             share = {"class_counts": counts, "head": "class-share"}
             runs = [("kf-linear", "kf-linear", share),
                     ("kf-linear (mean head)", "kf-linear", {"head": "mean"}),
-                    ("otfusion", "otfusion", {}), ("naive", "naive", {}),
+                    ("otfusion", "otfusion", {}), ("logit-kd", "logit-kd", share),
+                    ("naive", "naive", {}),
                     ("ensemble", "ensemble", {})]  # fmt: skip
             runs += ([("hf-linear", "hf-linear", share), ("weight", "weight", {})] if n == 2
                      else [("mergemany", "mergemany", {})])  # fmt: skip

@@ -111,3 +111,20 @@ def test_class_share_head_weights_each_class_by_the_parents_data() -> None:
     assert "class-share" in res.log[0]
     with torch.no_grad():
         torch.testing.assert_close(fused(data[0]), model(data[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_logit_kd_refits_only_the_head() -> None:
+    """Model 0's trunk is kept; its head is refitted to the parents' averaged logits: with a
+    permuted copy (the same logits) the model comes back, with another parent only the head
+    changes."""
+    model = _mlp(0)
+    data = _data(model)
+    fused, res = merge(_copies(model, 1), "logit-kd", data=data, ridge=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(data[0]), model(data[0]), rtol=1e-4, atol=1e-4)
+    other = _mlp(1)
+    fused, res = merge([model, other], "logit-kd", data=data)
+    changed = {
+        k for k, v in fused.state_dict().items() if not torch.equal(v, model.state_dict()[k])
+    }
+    assert changed == {"layers.5.weight", "layers.5.bias"}, changed

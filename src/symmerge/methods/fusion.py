@@ -41,7 +41,7 @@ from symmerge.methods import MergeResult, register_method
 from symmerge.methods.rebasin import Models, _default_collect, _state_dicts
 from symmerge.spec import ActivationSite, Group, SymmetrySpec
 
-__all__ = ["hf_linear", "kf_linear"]
+__all__ = ["hf_linear", "kf_linear", "logit_kd"]
 
 _PAPER = "Model Fusion via Neuron Interpolation (arXiv 2507.00037)"
 _URL = "https://arxiv.org/abs/2507.00037"
@@ -115,6 +115,53 @@ def hf_linear(
     for kf-linear)."""
     return _fuse("hf-linear", spec, models, data, lam, seed, None, importance, 1, samples,
                  ridge, None, None, collect, device, head, class_counts)  # fmt: skip
+
+
+@register_method("logit-kd", paper=_PAPER + ", its baseline", url=_URL, needs_data=True,
+                 max_models=None)  # fmt: skip
+def logit_kd(
+    spec: SymmetrySpec,
+    models: Models,
+    *,
+    data: Iterable[Any] | None = None,
+    lam: float = 0.5,
+    seed: int = 0,
+    ridge: float = 1e-4,
+    head: str = "auto",
+    class_counts: Sequence[Sequence[float]] | None = None,
+    weights: Sequence[float] | None = None,
+    device: str | torch.device | None = None,
+) -> MergeResult:
+    """Logit distillation into the head only: model 0 with its head refitted (least squares)
+    to the parents' logits (averaged, or weighted per class by ``class_counts``), the
+    baseline of neuron-interpolation fusion that fits no other level."""
+    from symmerge.methods.rebasin import _check_equal_widths, _model_weights
+    from symmerge.refine.lstsq import fit_layers
+
+    t0 = time.perf_counter()
+    if data is None:
+        raise ValueError("the 'logit-kd' method needs data= (the fusion set)")
+    if not all(isinstance(m, nn.Module) for m in models):
+        raise ValueError("the 'logit-kd' method runs the models: pass nn.Modules")
+    models = list(models)
+    sds = _state_dicts(models)
+    _check_equal_widths(sds, "logit-kd")
+    w = _model_weights(len(models), lam, weights, "logit-kd")
+    keep = [1.0] + [0.0] * (len(models) - 1)  # the trunk is model 0's
+    maps = {g: GroupMap.identity(grp.size, len(models), keep) for g, grp in spec.groups.items()}
+    goals, used = _head_targets(spec, models[0], head, class_counts, len(models), "logit-kd")
+    if not goals:  # the plain mean: the head's target from the model weights
+        from symmerge.groupmap import merge_values
+
+        def mean(ys: list[torch.Tensor]) -> torch.Tensor:
+            return merge_values(ys, None, {}, -1, w)
+
+        goals = {layer: mean for layer in _head_layers(spec, models[0])}
+    fit = fit_layers(spec, models, maps, sds[0], data, inputs_from="merged", only=list(goals),
+                     targets=goals, ridge=ridge, device=device)  # fmt: skip
+    log = [f"logit-kd: head {list(goals)} refitted on model 0's features, target {used}"]
+    return MergeResult(fit.state_dict, maps, {}, 0, 0.0, time.perf_counter() - t0, log,
+                       "logit-kd", {"lstsq": fit.seconds})  # fmt: skip
 
 
 def producer_sites(group: Group) -> list[ActivationSite]:
@@ -251,8 +298,6 @@ def _head_targets(
 ) -> tuple[dict[str, Callable[[list[torch.Tensor]], torch.Tensor]], str]:
     """The head's target when its logits are weighted per class by each parent's share of
     the class's training data (``{}`` for the plain mean); and which one is used."""
-    from symmerge.resize import output_axes
-
     if head not in ("auto", "mean", "class-share"):
         raise ValueError(
             f"The 'head' parameter of {name} must be 'auto', 'mean' or 'class-share'. Got "
@@ -263,8 +308,7 @@ def _head_targets(
     if class_counts is None:
         raise ValueError(f"head='class-share' needs class_counts= (per parent, per class): {name}")
     counts = torch.as_tensor([list(c) for c in class_counts], dtype=torch.float64)
-    heads = {t.rsplit(".", 1)[0] for t, axis, _ in output_axes(spec) if axis == 0}
-    heads = {h for h in heads if isinstance(model.get_submodule(h), nn.Linear)}
+    heads = _head_layers(spec, model)
     if counts.shape[0] != n or len(heads) != 1:
         raise ValueError(
             f"class-share head targets need one class count row per parent ({counts.shape[0]} "
@@ -282,6 +326,14 @@ def _head_targets(
         return sum(pi[m] * y for m, y in enumerate(ys))  # type: ignore[return-value]
 
     return {layer: weighted}, "class-share"
+
+
+def _head_layers(spec: SymmetrySpec, model: nn.Module) -> list[str]:
+    """The Linear layers whose output rows are the model's outputs."""
+    from symmerge.resize import output_axes
+
+    found = {t.rsplit(".", 1)[0] for t, axis, _ in output_axes(spec) if axis == 0}
+    return sorted(h for h in found if isinstance(model.get_submodule(h), nn.Linear))
 
 
 def cluster_map(

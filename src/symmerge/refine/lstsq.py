@@ -122,6 +122,7 @@ def fit_layers(
     *,
     solver: str = "closed",
     inputs_from: str = "ensemble",
+    only: Sequence[str] | None = None,
     targets: Mapping[str, Callable[[list[Tensor]], Tensor]] | None = None,
     ridge: float = 1e-4,
     dtype: torch.dtype | None = None,
@@ -145,6 +146,7 @@ def fit_layers(
             layer in module order, each fitted (closed form) on the merged model's own inputs,
             its earlier layers already refitted, so it tracks its own drift; BatchNorm
             statistics are reset on ``data`` before each layer (one or two passes per layer).
+        only: fit these layers alone (module names; the rest keep their weights).
         targets: per layer, a function of the N models' outputs of that layer giving its
             target in merged coordinates, instead of ``sum_m M_m y_m`` (e.g. a head whose
             logits are weighted per class by each parent's share of the class's data).
@@ -172,6 +174,11 @@ def fit_layers(
     models = list(models)
     spec0 = spec if isinstance(spec, SymmetrySpec) else spec[0]
     layers, skipped = _layers(models[0], spec0)
+    if only is not None:
+        unknown = sorted(set(only) - set(layers))
+        if unknown:
+            raise ValueError(f"only= names layers that cannot be fitted: {unknown}")
+        layers = [n for n in layers if n in set(only)]
     weights = next(iter(maps.values())).weights if maps else [1.0 / len(models)] * len(models)
     sds = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
     masks = merged_support(spec, sds, maps, [f"{n}.weight" for n in layers])
