@@ -86,10 +86,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--limit-test", type=int, default=None)
+    parser.add_argument("--render", default=None, help="redraw .md and .png from this JSON")
     parser.add_argument("--widths", default="512,256",
                         help="two parents of these widths (non-IID halves), fused to several "
                         "widths; empty to skip")  # fmt: skip
     args = parser.parse_args()
+    if args.render:
+        import json
+
+        saved = json.loads(Path(args.render).read_text())
+        base = Path(args.render).with_suffix("")
+        write_markdown(base.with_suffix(".md"), saved["meta"], saved["rows"])
+        plot(base.with_suffix(".png"), saved["rows"], saved["meta"]["dataset"])
+        return
     torch.set_num_threads(args.threads)
     meta0 = provenance({"data": args.data_seed, "split": 0, "parents": "seed = part"})
 
@@ -205,10 +214,11 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]])
               "/ 8, OTFusion 43.4 / 20.4 / 12.9, Git Re-Basin 71.8 (N = 2), averaging about "
               "10.", ""]  # fmt: skip
     regimes = list(dict.fromkeys(r["regime"] for r in rows))
-    ns = list(dict.fromkeys(r["parents"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["regime"], r["parents"], r["method"]): r for r in rows}
     for kind in regimes:
+        mine = [r for r in rows if r["regime"] == kind]
+        ns = list(dict.fromkeys(r["parents"] for r in mine))
+        methods = list(dict.fromkeys(r["method"] for r in mine))
         table = []
         for m in methods:
             vals = []
@@ -233,6 +243,8 @@ def plot(path: Path, rows: list[dict[str, Any]], dataset: str) -> None:
     import matplotlib.pyplot as plt
 
     regimes = list(dict.fromkeys(r["regime"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = {m: plt.get_cmap("tab20")(k % 20) for k, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4), squeeze=False)
     for ax, kind in zip(axes[0], regimes, strict=True):
         by: dict[str, list[tuple[int, float]]] = {}
@@ -241,13 +253,14 @@ def plot(path: Path, rows: list[dict[str, Any]], dataset: str) -> None:
                 by.setdefault(r["method"], []).append((r["parents"], 100 * r["accuracy"]))
         for m, pts in by.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=m, markersize=4)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=m, markersize=4,
+                    color=colors[m])  # fmt: skip
         ax.set_title(f"{dataset}, {kind}")
         ax.set_xlabel("parents N")
         ax.set_ylabel("test accuracy (%)")
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
