@@ -54,11 +54,12 @@ def parent(
     from symmerge.train import train_model
 
     arch = arch or args.arch
-    name = f"{arch}_{dataset}_{kind}{n}-p{part}_s{part}_e{args.epochs}.safetensors"
+    lr = "" if args.lr is None else f"_lr{args.lr:g}"
+    name = f"{arch}_{dataset}_{kind}{n}-p{part}_s{part}_e{args.epochs}{lr}.safetensors"
     path = Path(args.cache) / name
     if not path.exists():
         print(f"training {arch} on {dataset} {kind} part {part}/{n} -> {path}", flush=True)
-        model, info = train_model(arch, dataset, epochs=args.epochs, seed=part,
+        model, info = train_model(arch, dataset, epochs=args.epochs, seed=part, lr=args.lr,
                                   data_root=args.data_root, progress=False, device="cpu",
                                   split=kind, part=part, n_parts=n, split_seed=0)  # fmt: skip
         save_checkpoint(path, model, info["config"], info)
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--arch", default="mlp")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=None, help="training lr (default: recipe)")
     parser.add_argument("--regimes", default="dirichlet,shards")
     parser.add_argument("--parents", default="2,4,8")
     parser.add_argument("--samples", type=int, default=2000, help="fusion images")
@@ -148,6 +150,7 @@ def main() -> None:
     out = Path(args.out)
     name = f"fusion_regimes_{args.dataset}"
     meta0.update({"dataset": args.dataset, "arch": args.arch, "epochs": args.epochs,
+                  "lr": args.lr or "the recipe's",
                   "samples": args.samples, "limit_test": args.limit_test})  # fmt: skip
     write_json(out / f"{name}.json", {"meta": meta0, "rows": rows, "paper": PAPER})
     write_markdown(out / f"{name}.md", meta0, rows)
@@ -204,8 +207,9 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]])
     lines = [f"# Zero-shot fusion of N {meta['arch']} parents on {meta['dataset']} parts", ""]
     lines += provenance_md(meta)
     test = "full test set" if meta["limit_test"] is None else f"first {meta['limit_test']}"
-    lines += [f"- Parents: {meta['epochs']} epochs each on their part (training seed = part "
-              f"number, split seed 0); fusion set: {meta['samples']} training images drawn at "
+    lr = meta.get("lr", "the recipe's")
+    lines += [f"- Parents: {meta['epochs']} epochs each (lr {lr}) on their part (training seed = "
+              f"part number, split seed 0); fusion set: {meta['samples']} training images drawn at "
               f"random from the whole training set; evaluation: {test}", "",
               "Accuracy (%) and fusion time (s) per regime and number of parents N. 'parents "
               "(mean)' is the mean of the parents' own accuracies; 'ensemble' averages all "
