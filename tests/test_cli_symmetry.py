@@ -49,9 +49,11 @@ def test_checkpoint_and_pickled_module(tmp_path: Path) -> None:
     assert code == 0 and _diff(lines) < 1e-4
     pickled = tmp_path / "own.pt"
     torch.save(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)), pickled)
-    code, lines = _run(str(pickled))
-    assert code != 0 and "--input-shape" in "\n".join(lines)
     code, lines = _run(str(pickled), "--input-shape", "5")
+    assert code != 0 and "--trust-pickle" in "\n".join(lines)
+    code, lines = _run(str(pickled), "--trust-pickle")
+    assert code != 0 and "--input-shape" in "\n".join(lines)
+    code, lines = _run(str(pickled), "--trust-pickle", "--input-shape", "5")
     assert code == 0 and _diff(lines) < 1e-4
 
 
@@ -62,7 +64,7 @@ def test_a_wrong_rule_makes_the_check_fail(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(_rules._RULES, "tanh", disconnect)
     pickled = tmp_path / "own.pt"
     torch.save(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)), pickled)
-    code, lines = _run(str(pickled), "--input-shape", "5")
+    code, lines = _run(str(pickled), "--trust-pickle", "--input-shape", "5")
     assert code == 1
     assert "FUNCTION CHANGED" in "\n".join(lines) and _diff(lines) > 1e-4
 

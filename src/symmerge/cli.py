@@ -199,6 +199,60 @@ def device_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+#: Prefixes of model references that name an architecture (:mod:`symmerge.resolve`).
+REFERENCE_PREFIXES = ("timm:", "torchvision:", "module:", "hf:")
+
+#: The model forms the commands that load models accept (help texts).
+MODEL_HELP = (
+    "MODEL is a symmerge checkpoint, timm:NAME=FILE, torchvision:NAME=FILE, "
+    "module:package.module:factory=FILE (FILE: a state dict, safetensors or weights-only "
+    ".pt/.pth), hf:DIRECTORY (a save_pretrained directory) or a whole module saved with "
+    "torch.save (only with --trust-pickle)."
+)
+
+
+class ModelRef(click.ParamType):
+    """A model reference: a prefixed form (checked when loaded) or an existing file.
+
+    Cheap on purpose (no torch import) so ``--help`` stays fast; a missing file is a usage
+    error here, as ``click.Path(exists=True)`` made it."""
+
+    name = "MODEL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        text = str(value)
+        if text.startswith(REFERENCE_PREFIXES):
+            return text
+        path = Path(text).expanduser()
+        if not path.exists():
+            self.fail(f"Path {text!r} does not exist. {MODEL_HELP}", param, ctx)
+        if path.is_dir():
+            self.fail(f"{text!r} is a directory; a save_pretrained directory is hf:{text}",
+                      param, ctx)  # fmt: skip
+        return text
+
+
+def trust_pickle_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--trust-pickle``: allow unpickling (runs code from the file), never by default."""
+    return click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Also load .pt/.pth files that hold pickled Python objects (a whole module "
+        "saved with torch.save). Unpickling runs code from the file: use it only for files "
+        "you trust; a state dict with a named architecture needs no such trust.",
+    )(fn)
+
+
+def input_shape_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--input-shape C,H,W``: example input for tracing models that do not record one."""
+    return click.option(
+        "--input-shape",
+        default=None,
+        help="Example input shape C,H,W (no batch) for models that do not record one "
+        "(a module: reference, a pickled module; torchvision: default 3,224,224).",
+    )(fn)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Plain-text table: first column left-aligned, the others right-aligned."""
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
@@ -397,7 +451,7 @@ def train(
 
 
 @main.command("eval")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=ModelRef())
 @dataset_option(required=False, multiple=True)
 @classes_option
 @click.option(
@@ -431,8 +485,9 @@ def train(
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, hidden=True)
+@trust_pickle_option
 def eval_(
-    checkpoint: Path,
+    checkpoint: str,
     datasets: tuple[str, ...],
     classes: list[int] | str | None,
     task_specs: tuple[list[int] | str, ...],
@@ -444,20 +499,22 @@ def eval_(
     probe_steps: int | None,
     seed: int,
     limit: int | None,
+    trust_pickle: bool,
 ) -> None:
-    """Evaluate CHECKPOINT (symmerge .safetensors or a torch.save'd module).
+    """Evaluate CHECKPOINT (a model reference: symmerge .safetensors, timm:NAME=FILE, ...).
 
     Without --dataset, the checkpoint's training dataset and class subset are used. With
     --task (or a checkpoint recording several tasks): per-task accuracy (argmax within the
     task's classes and logits) and joint accuracy (all tasks' classes compete, no task id).
     """
-    from symmerge.io import CheckpointError, load_checkpoint
+    from symmerge.resolve import load_model
     from symmerge.train import evaluate, resolve_device
 
     try:
-        model, meta = load_checkpoint(checkpoint, device=resolve_device(device))
-    except (CheckpointError, OSError) as exc:
+        loaded = load_model(checkpoint, trust_pickle=trust_pickle)
+    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
         raise click.ClickException(str(exc)) from None
+    model, meta = loaded.model.to(resolve_device(device)), loaded.metadata
     trained_on = meta.get("dataset")
     if not datasets:
         if not trained_on:
@@ -1019,21 +1076,32 @@ def _parse_shape(value: str | None) -> tuple[int, ...] | None:
     show_default=True,
     help="Pass when max |diff| <= tol * max(1, max |output|) (float64).",
 )
+@trust_pickle_option
 def check_symmetry(
-    model: str, seed: int, show: bool, input_shape: str | None, unknown_ops: str, tol: float
+    model: str,
+    seed: int,
+    show: bool,
+    input_shape: str | None,
+    unknown_ops: str,
+    tol: float,
+    trust_pickle: bool,
 ) -> None:
     """Trace MODEL's permutation symmetry and verify it: a random permutation of every group
     must leave the outputs unchanged.
 
     MODEL is a zoo name (mlp, vgg11, vgg16, resnet20x4, resnet20x4-ln, resnet20x4-gn,
-    resnet18), timm:NAME (random init) or a checkpoint path. Exit status 0 only when the
-    function is preserved.
+    resnet18), timm:NAME or torchvision:NAME (random init), hf:TYPE (small random init), a
+    checkpoint path, or a model with its weights: timm:NAME=FILE, torchvision:NAME=FILE,
+    module:package.module:factory=FILE, hf:DIRECTORY. Exit status 0 only when the function
+    is preserved.
     """
     from symmerge.resolve import resolve_model
     from symmerge.spec import TraceError, trace
 
     try:
-        resolved = resolve_model(model, input_shape=_parse_shape(input_shape), seed=seed)
+        resolved = resolve_model(
+            model, input_shape=_parse_shape(input_shape), seed=seed, trust_pickle=trust_pickle
+        )
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from e
     net, inputs = resolved.model, resolved.example_inputs
@@ -1106,18 +1174,44 @@ def methods_cmd(as_json: bool) -> None:
             click.echo(f"  {reference}")
 
 
-def _load_models(paths: Sequence[Path]) -> tuple[list[Any], list[dict[str, Any]]]:
-    from symmerge.io import CheckpointError, load_checkpoint
+def _load_models(
+    refs: Sequence[str], *, trust_pickle: bool, input_shape: str | None = None, seed: int = 0
+) -> tuple[list[Any], list[dict[str, Any]], tuple[Any, ...] | None]:
+    """The models that ``refs`` name (:func:`symmerge.resolve.resolve_model`), their
+    metadata, and example inputs for tracing when the first model records no input shape
+    (token ids for Hugging Face models; ``None`` keeps ``merge``'s own default)."""
+    from symmerge.resolve import resolve_model
 
-    models, metas = [], []
-    for p in paths:
+    shape = _parse_shape(input_shape)
+    models, metas, inputs = [], [], None
+    for k, ref in enumerate(refs):
         try:
-            model, meta = load_checkpoint(p)
-        except (CheckpointError, FileNotFoundError, ValueError) as e:
-            raise click.BadParameter(str(e), param_hint="CKPT") from e
-        models.append(model)
-        metas.append(meta)
-    return models, metas
+            resolved = resolve_model(ref, input_shape=shape, seed=seed, trust_pickle=trust_pickle)
+        except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
+            raise click.BadParameter(str(e), param_hint="MODEL") from e
+        if k == 0 and (shape or not hasattr(resolved.model, "input_shape")):
+            inputs = resolved.example_inputs
+        models.append(resolved.model)
+        metas.append(resolved.metadata)
+    return models, metas, inputs
+
+
+def _short(ref: str) -> str:
+    """A table label for a model reference: the file name, with its prefix if any."""
+    head, eq, file = ref.partition("=")
+    if ref.startswith(REFERENCE_PREFIXES):
+        return f"{head}={Path(file).name}" if eq else ref
+    return Path(ref).name
+
+
+def _reference_files(refs: Sequence[str]) -> set[Path]:
+    """The files ``refs`` read, resolved (an output must never replace one)."""
+    from symmerge.resolve import reference_files
+
+    try:
+        return {f.resolve() for ref in refs for f in reference_files(ref)}
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="MODEL") from e
 
 
 #: What ``--data`` accepts (the ``merge`` and ``interpolate`` help texts).
@@ -1287,12 +1381,7 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 
 
 @main.command("merge")
-@click.argument(
-    "checkpoints",
-    nargs=-1,
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-)
+@click.argument("checkpoints", nargs=-1, required=True, type=ModelRef())
 @click.option("--method", "-m", type=_method_choice(), default="weight", show_default=True,
               help="Merging method; `symmerge methods` lists what each can do.")  # fmt: skip
 @click.option(
@@ -1352,8 +1441,10 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @data_root_option
+@trust_pickle_option
+@input_shape_option
 def merge_cmd(
-    checkpoints: tuple[Path, ...],
+    checkpoints: tuple[str, ...],
     method: str,
     data_spec: str | None,
     data_samples: int,
@@ -1369,22 +1460,41 @@ def merge_cmd(
     overwrite: bool,
     json_path: Path | None,
     data_root: Path | None,
+    trust_pickle: bool,
+    input_shape: str | None,
 ) -> None:
-    """Merge two or more checkpoints of one architecture and evaluate the result."""
+    """Merge two or more models of one architecture and evaluate the result.
+
+    Each model is a symmerge checkpoint, timm:NAME=FILE, torchvision:NAME=FILE,
+    module:package.module:factory=FILE (FILE: a state dict, safetensors or weights-only
+    .pt/.pth) or hf:DIRECTORY (a save_pretrained directory). Models that do not record a
+    dataset are evaluated only with --eval-dataset. The merge is saved as a symmerge
+    checkpoint, which `symmerge eval` and symmerge.io.load_checkpoint reload.
+    """
     from symmerge.io import save_checkpoint
     from symmerge.merging import BatchNormStatsWarning, merge
 
     if len(checkpoints) < 2:
         raise click.UsageError("merge needs at least two checkpoints")
     _check_method(method, len(checkpoints), data_spec)
-    if output.resolve() in {p.resolve() for p in checkpoints}:
+    if output.resolve() in _reference_files(checkpoints):
         raise click.UsageError(f"output {output} is one of the inputs; it is never overwritten")
     if output.exists() and not overwrite:
         raise click.UsageError(f"{output} exists; pass --overwrite to replace it")
-    models, metas = _load_models(checkpoints)
+    models, metas, inputs = _load_models(
+        checkpoints, trust_pickle=trust_pickle, input_shape=input_shape, seed=seed
+    )
+    config = metas[0].get("config")
+    if config is None:  # checked before merging: nothing could be saved
+        raise click.UsageError(
+            f"{checkpoints[0]} records no architecture to rebuild (a whole pickled module "
+            "does not), so the merge could not be saved: save its state_dict and name the "
+            "architecture, e.g. module:package.module:factory=FILE"
+        )
     data = _data_batches(data_spec, data_root, data_samples, 500, seed, models=models,
                          datasets=[m.get("dataset") for m in metas])  # fmt: skip
-    targets = _eval_targets(metas, eval_datasets)
+    known = eval_datasets or any(m.get("dataset") for m in metas)
+    targets = _eval_targets(metas, eval_datasets) if known else []
     kwargs = _params(params, method)
     kwargs.update(_class_counts(method, metas, kwargs))
     try:
@@ -1392,7 +1502,7 @@ def merge_cmd(
             warnings.simplefilter("always", BatchNormStatsWarning)
             merged, result = merge(
                 models, method, data=data, renorm=renorm, lam=lam, seed=seed, heads=heads,
-                block_sparse=block_sparse, **kwargs,
+                block_sparse=block_sparse, example_inputs=inputs, **kwargs,
             )  # fmt: skip
     except ValueError as e:
         raise click.UsageError(str(e)) from e
@@ -1402,9 +1512,6 @@ def merge_cmd(
             stats_note = True
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    config = metas[0].get("config")
-    if config is None:
-        raise click.UsageError("the first checkpoint has no architecture config")
     tasks = _merged_tasks(metas, models, heads)
     union = sorted({c for t in tasks for c in t["classes"]})
     info = {"method": method, "inputs": [str(p) for p in checkpoints], "lam": lam,
@@ -1416,12 +1523,16 @@ def merge_cmd(
                                        "timings": result.timings}}  # fmt: skip
     save_checkpoint(output, merged, config, info, overwrite=overwrite)
     named = [
-        (f"model {k} ({p.name})", m)
-        for k, (p, m) in enumerate(zip(checkpoints, models, strict=True))
+        (f"model {k} ({_short(ref)})", m)
+        for k, (ref, m) in enumerate(zip(checkpoints, models, strict=True))
     ]
     named.append((f"merged ({method}{', ' + renorm if renorm else ''})", merged))
-    headers, rows, results = _eval_rows(named, targets, data_root, eval_limit)
-    click.echo(format_table(headers, rows))
+    results: dict[str, dict[str, Any]] = {}
+    if targets:
+        headers, rows, results = _eval_rows(named, targets, data_root, eval_limit)
+        click.echo(format_table(headers, rows))
+    else:
+        click.echo("not evaluated: the models record no dataset (pass --eval-dataset)")
     dataset = metas[0].get("dataset")
     if len(tasks) > 1 and dataset:  # the label space the merge records, as `eval` reports it
         plan = ([t["classes"] for t in tasks], tasks)
@@ -1455,8 +1566,8 @@ def merge_cmd(
 
 
 @main.command("interpolate")
-@click.argument("model_a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("model_b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model_a", type=ModelRef())
+@click.argument("model_b", type=ModelRef())
 @click.option("--method", "-m", type=_method_choice(), default="weight", show_default=True,
               help="Merging method; `symmerge methods` lists what each can do.")  # fmt: skip
 @click.option("--data", "data_spec", default=None, help=DATA_HELP)
@@ -1470,9 +1581,11 @@ def merge_cmd(
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @data_root_option
+@trust_pickle_option
+@input_shape_option
 def interpolate_cmd(
-    model_a: Path,
-    model_b: Path,
+    model_a: str,
+    model_b: str,
     method: str,
     data_spec: str | None,
     data_samples: int,
@@ -1484,15 +1597,21 @@ def interpolate_cmd(
     plot: Path | None,
     json_path: Path | None,
     data_root: Path | None,
+    trust_pickle: bool,
+    input_shape: str | None,
 ) -> None:
-    """Loss and accuracy along (1-λ)·A + λ·aligned(B), with the barrier at the worst point."""
+    """Loss and accuracy along (1-λ)·A + λ·aligned(B), with the barrier at the worst point.
+
+    MODEL_A and MODEL_B are checkpoints or references to your own weights (as for merge)."""
     from tqdm import tqdm
 
     from symmerge.evaluate import barrier, plot_curve
     from symmerge.merging import interpolation
 
     _check_method(method, 2, data_spec)
-    models, metas = _load_models([model_a, model_b])
+    models, metas, inputs = _load_models(
+        [model_a, model_b], trust_pickle=trust_pickle, input_shape=input_shape, seed=seed
+    )
     data = _data_batches(data_spec, data_root, data_samples, 500, seed, models=models,
                          datasets=[m.get("dataset") for m in metas])  # fmt: skip
     if renorm and data is None:
@@ -1501,7 +1620,8 @@ def interpolate_cmd(
     lambdas = [k / (steps - 1) for k in range(steps)]
     curve = []
     try:
-        points = interpolation(models, method, lambdas, data=data, renorm=renorm, seed=seed)
+        points = interpolation(models, method, lambdas, data=data, renorm=renorm, seed=seed,
+                               example_inputs=inputs)  # fmt: skip
         for lam, model in tqdm(
             points, total=steps, desc="interpolating", leave=False, disable=None
         ):

@@ -13,12 +13,16 @@ tensors). Its header metadata has one key, ``"symmerge"``, whose value is a JSON
      "metadata": {"dataset": ..., "seed": ..., ..., "symmerge_version": ..., "date": ...}}
 
 ``arch`` is a zoo architecture (:func:`symmerge.models.build_model`), ``timm:NAME``
-(``timm.create_model(NAME, **kwargs)``) or ``module:package.module:factory`` (the user's own
-architecture: ``factory(**kwargs)``; a resized one also needs ``input_shape`` in the kwargs or
-as an attribute of the model). ``resize`` is present for a model whose widths differ
-from that architecture's (a zip, partial merge, side-by-side ensemble, per-task heads): the
-source is built, traced and resized (:func:`symmerge.resize.resize`) before the weights are
-loaded. Version 1 (no ``resize``) is read unchanged.
+(``timm.create_model(NAME, **kwargs)``), ``torchvision:NAME``
+(``torchvision.models.get_model(NAME, weights=None, **kwargs)``, less an ``input_shape``
+kwarg), ``hf:CLASS`` (a Hugging Face ``transformers.CLASS`` built from the config dict in
+``kwargs["config"]``, called on token ids: :func:`symmerge.resolve.hf_from_config`) or
+``module:package.module:factory`` (the user's own architecture: ``factory(**kwargs)``; a
+resized one also needs ``input_shape`` in the kwargs or as an attribute of the model).
+``resize`` is present for a model whose widths differ from that architecture's (a zip,
+partial merge, side-by-side ensemble, per-task heads): the source is built, traced and
+resized (:func:`symmerge.resize.resize`) before the weights are loaded.
+Version 1 (no ``resize``) is read unchanged.
 
 ``block_sparse`` is present when the model holds block-sparse layers
 (:mod:`symmerge.blocksparse`): per layer name, its row classes in block order, each as output
@@ -31,15 +35,20 @@ safetensors reader can open. For people (and ``jq``) a pretty-printed copy of th
 document is also written beside it as ``<path>.json``; it is only read back when the
 header has no symmerge entry (for example if a tool rewrote the file without metadata).
 
-Users can also bring their own checkpoints: a whole ``nn.Module`` saved with ``torch.save``
-is accepted by :func:`load_checkpoint` (see the note there about pickle).
+Users can also bring their own checkpoints: a state dict (safetensors or a weights-only
+``.pth``) read by :func:`load_state_dict_file` once a model reference names its architecture
+(:mod:`symmerge.resolve`), or a whole ``nn.Module`` saved with ``torch.save``, which
+:func:`load_checkpoint` unpickles only when asked (``trust_pickle=True``: unpickling runs code
+from the file).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import pickle
 import platform
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,6 +68,8 @@ __all__ = [
     "build_architecture",
     "FORMAT_VERSION",
     "load_checkpoint",
+    "load_state_dict_file",
+    "REFERENCE_FORMS",
     "read_checkpoint_metadata",
     "save_checkpoint",
     "sidecar_path",
@@ -67,6 +78,13 @@ __all__ = [
 
 class CheckpointError(ValueError):
     """A checkpoint file exists but cannot be used (bad metadata, mismatched weights...)."""
+
+
+#: The model references that name an architecture for a bare state dict (error messages).
+REFERENCE_FORMS = (
+    "timm:NAME=FILE, torchvision:NAME=FILE, module:package.module:factory=FILE "
+    "(or hf:DIRECTORY for a save_pretrained directory)"
+)
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -263,8 +281,9 @@ def _read_document(path: Path) -> dict[str, Any]:
         return _parse_document(side.read_text(), str(side))
     raise CheckpointError(
         f"{path} has no symmerge metadata (no '{HEADER_KEY}' header entry and no {side.name}); "
-        "the architecture cannot be rebuilt. Save with symmerge.io.save_checkpoint, or "
-        "torch.save the whole nn.Module as a .pt file instead."
+        "the architecture cannot be rebuilt. If it holds a plain state dict, name its "
+        f"architecture with a model reference: {REFERENCE_FORMS}; or save with "
+        "symmerge.io.save_checkpoint."
     )
 
 
@@ -310,22 +329,25 @@ def _check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], path:
         )
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", *, trust_pickle: bool = False
+) -> tuple[nn.Module, dict]:
     """Rebuild a model from a checkpoint; returns ``(model in eval mode, metadata)``.
 
     For a symmerge safetensors checkpoint the model is rebuilt with
     :func:`symmerge.models.build_model` from the stored config and weights are loaded
     strictly; metadata is the training metadata plus ``"config"``.
 
-    A file that is not safetensors is treated as a user's own ``torch.save(model, path)``
-    of a whole ``nn.Module`` (``.pt``/``.pth``) and returned with metadata ``{}``.
-    Note: that path uses ``torch.load(weights_only=False)``, i.e. unpickling, which can run
-    arbitrary code. Only load such files from sources you trust.
+    A file that is not safetensors may be a user's own ``torch.save(model, path)`` of a whole
+    ``nn.Module`` (``.pt``/``.pth``), returned with metadata ``{}``. Unpickling such a file
+    runs code from it, so it is loaded only with ``trust_pickle=True`` (``--trust-pickle``);
+    without it, and for a bare state dict (no architecture), a :class:`CheckpointError` says
+    what to do instead. Everything else goes through ``torch.load(weights_only=True)``.
     """
     path = _existing(path)
     device = torch.device(device)
     if not _is_safetensors(path):
-        return _load_pickled_module(path, device), {}
+        return _load_pickled_module(path, device, trust_pickle), {}
 
     doc = _read_document(path)
     config = doc["config"]
@@ -360,6 +382,12 @@ def build_architecture(config: Mapping[str, Any], where: str | Path = "config") 
             model = timm.create_model(arch[5:], pretrained=False, **kwargs)
             if not hasattr(model, "input_shape"):
                 model.input_shape = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        elif arch.startswith("torchvision:"):
+            model = _torchvision_model(arch, kwargs, where)
+        elif arch.startswith("hf:"):
+            from symmerge.resolve import hf_from_config  # deferred: transformers is optional
+
+            model = hf_from_config(arch[3:], kwargs.get("config") or {})
         elif arch.startswith("module:"):
             model = _user_module(arch, kwargs, where)
         else:
@@ -374,6 +402,22 @@ def build_architecture(config: Mapping[str, Any], where: str | Path = "config") 
     if resize:
         model = _resized(model, resize, where)
     return _block_sparse(model, config.get("block_sparse"), where)
+
+
+def _torchvision_model(arch: str, kwargs: dict[str, Any], where: str | Path) -> nn.Module:
+    """``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, **kwargs)``;
+    an ``input_shape`` kwarg (default 3x224x224) is kept on the model for tracing."""
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise CheckpointError(
+            f"{where} holds a torchvision model ({arch}); rebuilding it needs torchvision, "
+            "which is not installed here (pip install torchvision)"
+        ) from exc
+    shape = tuple(kwargs.pop("input_shape", (3, 224, 224)))
+    model = torchvision.models.get_model(arch[len("torchvision:") :], weights=None, **kwargs)
+    model.input_shape = shape
+    return model
 
 
 def _user_module(arch: str, kwargs: dict[str, Any], where: str | Path) -> nn.Module:
@@ -432,19 +476,89 @@ def _block_sparse(model: nn.Module, record: Any, where: str | Path) -> nn.Module
         raise CheckpointError(f"cannot rebuild the block-sparse layers of {where}: {exc}") from exc
 
 
-def _load_pickled_module(path: Path, device: torch.device) -> nn.Module:
-    try:
-        obj = torch.load(str(path), map_location=device, weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path} is neither a safetensors checkpoint nor a torch.save'd file: {exc}"
-        ) from exc
+def _load_pickled_module(path: Path, device: torch.device, trust_pickle: bool) -> nn.Module:
+    obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
         return obj.to(device).eval()
     if isinstance(obj, Mapping):
         raise CheckpointError(
-            f"{path} holds a {type(obj).__name__} (probably a state_dict), not a whole model; "
-            "a state_dict does not say which architecture to build. Save the module itself "
-            "(torch.save(model, path)) or use symmerge.io.save_checkpoint."
+            f"{path} holds a {type(obj).__name__} (a state_dict?), not a whole model, and a "
+            "state_dict does not say which architecture to build: name it with a model "
+            f"reference, {REFERENCE_FORMS}."
         )
     raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected an nn.Module")
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """``torch.load`` on the CPU: weights-only first; full unpickling only when trusted,
+    since it runs code from the file."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise CheckpointError(_pickle_refusal(path, exc)) from None
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is neither a safetensors checkpoint nor a torch.save'd file: {exc}"
+        ) from exc
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"cannot unpickle {path}: {exc}") from exc
+
+
+def _pickle_refusal(path: Path, exc: Exception) -> str:
+    """Why a file that needs full unpickling is refused, and the two ways forward."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = f" (it needs {found.group(1)})" if found else ""
+    return (
+        f"{path} holds pickled Python objects{what}, probably a whole nn.Module saved with "
+        "torch.save. Unpickling runs code from the file, so symmerge does not do it unasked: "
+        "pass --trust-pickle (trust_pickle=True in Python) if you trust where the file comes "
+        "from, or save model.state_dict() instead and name its architecture with a model "
+        f"reference: {REFERENCE_FORMS}."
+    )
+
+
+#: Keys under which training scripts commonly nest the state dict in a saved dict.
+_NESTED_STATE = ("state_dict", "model", "model_state_dict")
+
+
+def load_state_dict_file(
+    path: str | Path, *, trust_pickle: bool = False
+) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict file, for an architecture named elsewhere.
+
+    safetensors (a symmerge checkpoint's tied-tensor aliases are restored) or a ``.pt``/
+    ``.pth`` read with ``weights_only=True``; a dict nesting the state dict under
+    ``state_dict``/``model``/``model_state_dict`` is unwrapped. A file that needs full
+    unpickling (a whole module, a dict holding Python objects) is refused unless
+    ``trust_pickle``; a whole module then gives its ``state_dict()``.
+    """
+    path = _existing(path)
+    if _is_safetensors(path):
+        try:
+            state = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tensors from {path}: {exc}") from exc
+        if HEADER_KEY in header:
+            doc = _parse_document(header[HEADER_KEY], f"the header of {path}")
+            state.update({a: state[t] for a, t in doc.get("aliases", {}).items() if t in state})
+        return state
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, Mapping) and not _all_tensors(obj):
+        obj = next((obj[k] for k in _NESTED_STATE if isinstance(obj.get(k), Mapping)), obj)
+    if not isinstance(obj, Mapping) or not _all_tensors(obj):
+        kind = type(obj).__name__
+        if isinstance(obj, Mapping):
+            kind += f" with keys {', '.join(map(str, list(obj)[:5]))}"
+        raise CheckpointError(f"{path} holds a {kind}, not a state dict (tensor names -> tensors)")
+    return dict(obj)
+
+
+def _all_tensors(obj: Mapping) -> bool:
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())

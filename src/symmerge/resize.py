@@ -241,6 +241,11 @@ def with_state(
     """
     memo: dict[int, torch.Tensor] = {}
     problems = []
+    transient = {  # buffers a state dict never holds (position ids, rotary frequencies)
+        f"{prefix}.{b}" if prefix else b
+        for prefix, mod in model.named_modules(remove_duplicate=False)
+        for b in mod._non_persistent_buffers_set
+    }
     for name, old in [
         *model.named_parameters(remove_duplicate=False),
         *model.named_buffers(remove_duplicate=False),
@@ -249,6 +254,8 @@ def with_state(
             continue  # tied: the first name's tensor serves every name
         want = tuple(old.shape) if shapes is None else tuple(shapes[name])
         t = state_dict.get(name)
+        if t is None and name in transient and tuple(old.shape) == want:
+            continue  # the model's own copy is kept
         if t is None or tuple(t.shape) != want:
             got = "missing" if t is None else f"shape {tuple(t.shape)}"
             problems.append(f"{name}: {got}, expected {want}")

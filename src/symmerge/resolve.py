@@ -1,18 +1,77 @@
 """Turn a model reference from the command line into a model and an example input.
 
-A reference is a zoo name (``resnet20x4-ln``), ``timm:NAME`` (random init; timm is an
-optional dependency), or a path to a checkpoint (safetensors + metadata written by
-``symmerge train``, or a pickled ``nn.Module``).
+One parser for every command that takes models (``merge``, ``interpolate``, ``eval``,
+``check-symmetry``) and for Python. A reference is one of:
+
+- a zoo name (``resnet20x4-ln``): random init;
+- ``timm:NAME=FILE``: timm's architecture (``timm.create_model(NAME, pretrained=False)``, with
+  ``num_classes`` taken from the state dict's head when it differs) plus a state dict;
+  ``timm:NAME`` alone is a random init (timm is an optional dependency);
+- ``torchvision:NAME=FILE``: ``torchvision.models.get_model(NAME, weights=None)`` likewise;
+- ``module:package.module:factory=FILE``: the user's own architecture, ``factory()``, plus a
+  state dict (``module:package.module:factory`` alone: its random init);
+- ``hf:PATH``: a Hugging Face ``save_pretrained`` directory (sharded or not) or a hub id
+  already in the local cache, loaded with the class its config names; when PATH is neither,
+  ``hf:TYPE`` is a small random model of that model type;
+- a path: a symmerge checkpoint, or a whole module pickled with ``torch.save`` (only with
+  ``trust_pickle``: unpickling runs code from the file).
+
+FILE is safetensors or a ``.pt``/``.pth`` read with ``torch.load(weights_only=True)``
+(:func:`symmerge.io.load_state_dict_file`). Models loaded from a reference carry metadata
+with a ``config`` (:func:`symmerge.io.build_architecture`), so a merge of them can be saved
+as a symmerge checkpoint and reloaded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+__all__ = [
+    "HF_SMALL",
+    "LoadedModel",
+    "Reference",
+    "ResolvedModel",
+    "example_input",
+    "hf_from_config",
+    "hf_small_config",
+    "load_model",
+    "parse_reference",
+    "reference_files",
+    "resolve_model",
+]
+
+#: Reference kinds written ``KIND:NAME[=FILE]`` (an architecture, optionally with weights).
+ARCH_KINDS = ("timm", "torchvision", "module")
+
+#: The accepted forms, for error messages.
+FORMS = (
+    "a checkpoint path, a zoo name, timm:NAME[=FILE], torchvision:NAME[=FILE], "
+    "module:package.module:factory[=FILE] or hf:DIRECTORY (hf:TYPE: a small random model)"
+)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed model reference: ``kind`` is timm, torchvision, module, hf, path or zoo."""
+
+    kind: str
+    name: str
+    file: Path | None = None
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    metadata: dict[str, Any]  # a checkpoint's metadata; "config" when it can be rebuilt
+    description: str
+    files: tuple[Path, ...] = ()  # what the reference reads (an output must not replace it)
 
 
 @dataclass
@@ -20,6 +79,41 @@ class ResolvedModel:
     model: nn.Module
     example_inputs: tuple[Any, ...]
     description: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    files: tuple[Path, ...] = ()
+
+
+def parse_reference(ref: str) -> Reference:
+    """Split ``ref`` into its kind, name and weights file; a malformed one is a ValueError.
+
+    ``KIND:NAME=FILE`` splits at the first ``=`` (names never contain one); ``hf:`` keeps
+    the rest whole. A string without a known prefix is a path when such a file exists, else
+    a zoo name.
+    """
+    kind, sep, rest = ref.partition(":")
+    if sep and kind in ARCH_KINDS:
+        name, eq, file = rest.partition("=")
+        form = "module:package.module:factory" if kind == "module" else f"{kind}:NAME"
+        bad = not name or bool(eq and not file)
+        if kind == "module":
+            module, _, factory = name.partition(":")
+            bad = bad or not module or not factory or ":" in factory
+        if bad:
+            raise ValueError(f"model reference {ref!r} must read {form}=FILE (or {form})")
+        return Reference(kind, name, Path(file).expanduser() if eq else None)
+    if sep and kind == "hf":
+        if not rest:
+            raise ValueError("model reference 'hf:' needs a directory or model type: hf:PATH")
+        return Reference("hf", rest)
+    if Path(ref).expanduser().exists():
+        return Reference("path", ref, Path(ref).expanduser())
+    return Reference("zoo", ref)
+
+
+def reference_files(ref: str) -> tuple[Path, ...]:
+    """The files a reference reads, known before loading (so an output never replaces one)."""
+    parsed = parse_reference(ref)
+    return () if parsed.file is None else (parsed.file,)
 
 
 def example_input(shape: tuple[int, ...], batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -28,54 +122,269 @@ def example_input(shape: tuple[int, ...], batch: int = 2, seed: int = 0) -> torc
 
 
 def resolve_model(
-    ref: str, *, input_shape: tuple[int, ...] | None = None, seed: int = 0
+    ref: str,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    seed: int = 0,
+    trust_pickle: bool = False,
 ) -> ResolvedModel:
     """Build or load the model that ``ref`` names, with a batch of 2 example inputs.
 
-    Raises ValueError with the accepted forms when ``ref`` is none of them.
+    Image models get ``input_shape`` (else the model's own: timm's ``pretrained_cfg``,
+    torchvision's 3x224x224, a checkpoint's record); Hugging Face models a batch of token
+    ids from their vocabulary. Raises ValueError with the accepted forms when ``ref`` is
+    none of them, and :class:`symmerge.io.CheckpointError` (a ValueError) for a file that
+    cannot be used as asked.
     """
+    loaded = load_model(ref, trust_pickle=trust_pickle, input_shape=input_shape, seed=seed)
+    inputs = _example_inputs(ref, loaded, input_shape, seed)
+    return ResolvedModel(loaded.model, inputs, loaded.description, loaded.metadata, loaded.files)
+
+
+def load_model(
+    ref: str,
+    *,
+    trust_pickle: bool = False,
+    input_shape: tuple[int, ...] | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """The model ``ref`` names, in eval mode on the CPU, with its metadata (no inputs made).
+
+    ``trust_pickle`` allows full unpickling of a ``.pt``/``.pth`` file (a whole module);
+    without it such files are refused, since unpickling runs code from the file.
+    ``input_shape`` is recorded for torchvision models (their config keeps it).
+    """
+    parsed = parse_reference(ref)
     torch.manual_seed(seed)
-    if ref.startswith("timm:"):
-        return _timm_model(ref[5:], input_shape, seed)
-    if ref.startswith("hf:"):
-        return _hf_model(ref[3:], seed)
-    path = Path(ref)
-    if path.exists():
+    if parsed.kind in ARCH_KINDS:
+        return _with_weights(parsed, ref, trust_pickle, input_shape)
+    if parsed.kind == "hf":
+        return _hf(parsed.name, seed)
+    if parsed.kind == "path":
         from symmerge.io import load_checkpoint
 
-        model, meta = load_checkpoint(path)
-        shape = input_shape or getattr(model, "input_shape", None)
-        if shape is None:
-            shape = (meta.get("config", {}).get("kwargs", {}) or {}).get("input_shape")
-        if shape is None:
-            raise ValueError(f"cannot tell the input shape of {ref}; pass --input-shape C,H,W")
-        return ResolvedModel(
-            model.eval(), (example_input(tuple(shape), seed=seed),), f"checkpoint {ref}"
-        )
+        assert parsed.file is not None
+        model, meta = load_checkpoint(parsed.file, trust_pickle=trust_pickle)
+        return LoadedModel(model.eval(), meta, f"checkpoint {ref}", (parsed.file,))
     from symmerge.models import create_model
 
     try:
-        model, _ = create_model(ref)
+        model, config = create_model(ref)
     except ValueError as e:
+        raise ValueError(f"{e}\nA MODEL is {FORMS} (no file named '{ref}' exists).") from e
+    return LoadedModel(model.eval(), {"config": config}, f"zoo {ref}")
+
+
+def _example_inputs(
+    ref: str, loaded: LoadedModel, input_shape: tuple[int, ...] | None, seed: int
+) -> tuple[Any, ...]:
+    model = loaded.model
+    if isinstance(model, _IdsOnly):
+        return (_token_ids(model.model.config, seed),)
+    shape = input_shape or getattr(model, "input_shape", None)
+    if shape is None:
+        shape = (loaded.metadata.get("config", {}).get("kwargs", {}) or {}).get("input_shape")
+    if shape is None:
+        raise ValueError(f"cannot tell the input shape of {ref}; pass --input-shape C,H,W")
+    return (example_input(tuple(shape), seed=seed),)
+
+
+# --------------------------------------------------------------------------------------
+# an architecture plus a state dict: timm:, torchvision:, module:
+# --------------------------------------------------------------------------------------
+
+
+def _with_weights(
+    parsed: Reference, ref: str, trust_pickle: bool, input_shape: tuple[int, ...] | None
+) -> LoadedModel:
+    from symmerge.io import load_state_dict_file
+
+    state = None
+    if parsed.file is not None:
+        state = load_state_dict_file(parsed.file, trust_pickle=trust_pickle)
+    model, config = _architecture(parsed, state, input_shape, ref)
+    label = f"{parsed.kind} {parsed.name}"
+    if state is None:
+        return LoadedModel(model.eval(), {"config": config}, f"{label} (random init)")
+    _load_weights(model, state, parsed.file, f"{parsed.kind}:{parsed.name}")
+    meta = {"config": config, "source": ref}
+    return LoadedModel(model.eval(), meta, f"{label} with {parsed.file}", (parsed.file,))
+
+
+def _architecture(
+    parsed: Reference,
+    state: Mapping[str, torch.Tensor] | None,
+    input_shape: tuple[int, ...] | None,
+    where: str,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The named architecture and its checkpoint config; timm and torchvision heads get the
+    state dict's class count when it differs from the default (a fine-tuned head)."""
+    from symmerge.io import build_architecture
+
+    config: dict[str, Any] = {"arch": f"{parsed.kind}:{parsed.name}", "kwargs": {}}
+    if parsed.kind == "torchvision" and input_shape:
+        config["kwargs"]["input_shape"] = list(input_shape)
+    model = build_architecture(config, where)
+    if parsed.kind != "module":
+        head = getattr(model, "pretrained_cfg", {}).get("classifier")  # timm names its head
+        classes = _head_width(model, state, head if isinstance(head, str) else None)
+        if classes is not None:
+            config["kwargs"]["num_classes"] = classes
+            model = build_architecture(config, where)
+    return model, config
+
+
+def _head_width(
+    model: nn.Module, state: Mapping[str, torch.Tensor] | None, head: str | None
+) -> int | None:
+    """Output width of the state dict's classifier when it differs from the model's (the
+    classifier is ``head`` or else the model's last Linear); None when it does not."""
+    if state is None:
+        return None
+    if head is None:
+        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            return None
+        head = linears[-1]
+    own, theirs = model.state_dict().get(f"{head}.weight"), state.get(f"{head}.weight")
+    if own is None or theirs is None or theirs.ndim == 0 or theirs.shape[0] == own.shape[0]:
+        return None
+    return int(theirs.shape[0])
+
+
+def _load_weights(
+    model: nn.Module, state: Mapping[str, torch.Tensor], file: Path | None, arch: str
+) -> None:
+    """Load strictly; a misfit names the first missing and unexpected keys and shapes, so
+    the user sees whether the file or the architecture is wrong."""
+    from symmerge.io import CheckpointError
+
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", shapes)):  # fmt: skip
+            if keys:
+                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+                parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+        raise CheckpointError(
+            f"the state dict in {file} does not fit {arch}: "
+            + "; ".join(parts)
+            + ". Check that the reference names the architecture the weights were saved from."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------------------
+# Hugging Face: hf:PATH (save_pretrained directory or cached hub id) and hf:TYPE
+# --------------------------------------------------------------------------------------
+
+
+def _hf(name: str, seed: int) -> LoadedModel:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _hf_pretrained(str(path), f"hf:{name}", (path,))
+    if "/" in name or path.exists():  # a hub id (org/name) or a path, never a model type
+        return _hf_pretrained(name, f"hf:{name}", ())
+    model = _hf_model(name, seed)
+    try:
+        meta = {"config": _hf_checkpoint_config(model.model)}
+    except (TypeError, ValueError):  # an exotic config: usable, but a merge cannot be saved
+        meta = {}
+    return LoadedModel(model, meta, f"hf {name} (small random init)")
+
+
+def _hf_pretrained(source: str, where: str, files: tuple[Path, ...]) -> LoadedModel:
+    """``from_pretrained`` with the class the directory's config names (any head)."""
+    transformers = _transformers(where)
+    from symmerge.io import CheckpointError
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
         raise ValueError(
-            f"{e}\nA MODEL is a zoo name, timm:NAME or a checkpoint path "
-            f"(no file named '{ref}' exists)."
-        ) from e
-    shape = input_shape or model.input_shape
-    return ResolvedModel(model.eval(), (example_input(tuple(shape), seed=seed),), f"zoo {ref}")
-
-
-def _timm_model(name: str, input_shape: tuple[int, ...] | None, seed: int) -> ResolvedModel:
+            f"{where} is not a Hugging Face model: neither a save_pretrained directory with "
+            f"a config.json nor a model id in the local cache ({exc})"
+        ) from None
+    arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        raise ValueError(
+            f"{where}: its config names the class {arch}, which transformers "
+            f"{transformers.__version__} does not have (upgrade transformers)"
+        )
     try:
-        import timm
+        try:
+            model, info = cls.from_pretrained(
+                source, local_files_only=True, output_loading_info=True,
+                attn_implementation="sdpa",
+            )  # fmt: skip
+        except ValueError as exc:  # a model without an sdpa path keeps its own attention
+            if "sdpa" not in str(exc).lower():
+                raise
+            model, info = cls.from_pretrained(
+                source, local_files_only=True, output_loading_info=True
+            )
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load the weights of {where}: {exc}") from None
+    missing, unexpected = list(info.get("missing_keys", [])), list(info.get("unexpected_keys", []))
+    if missing or unexpected:
+        parts = [f"{label}: {', '.join(keys[:5])}" for label, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected)) if keys]  # fmt: skip
+        raise CheckpointError(f"the weights in {where} do not fit {arch}: " + "; ".join(parts))
+    model.eval()
+    meta = {"config": _hf_checkpoint_config(model), "source": where}
+    return LoadedModel(_IdsOnly(model), meta, f"hf {type(model).__name__} from {source}", files)
+
+
+def _hf_checkpoint_config(model: nn.Module) -> dict[str, Any]:
+    """A symmerge checkpoint config that rebuilds ``model`` (:func:`hf_from_config`)."""
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    return {"arch": f"hf:{type(model).__name__}", "kwargs": {"config": config}}
+
+
+def hf_from_config(class_name: str, config: Mapping[str, Any]) -> nn.Module:
+    """``transformers.<class_name>`` built from a config dict (random weights), called on
+    token ids as :func:`resolve_model` calls it; rebuilds an ``hf:`` checkpoint."""
+    transformers = _transformers(f"hf:{class_name}")
+    cls = getattr(transformers, class_name, None)
+    if cls is None or "model_type" not in config:
+        raise ValueError(
+            f"cannot rebuild hf:{class_name}: transformers {transformers.__version__} has no "
+            "such class, or the config has no model_type"
+        )
+    cfg = transformers.AutoConfig.for_model(**config, attn_implementation="sdpa")
+    try:
+        model = cls(cfg)
+    except ValueError:  # no sdpa path: the model's own attention
+        cfg._attn_implementation = None
+        model = cls(cfg)
+    return _IdsOnly(model.eval())
+
+
+def _token_ids(config: Any, seed: int) -> torch.Tensor:
+    """A batch of 2 x 8 token ids from the model's vocabulary (fewer if positions are few)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if not vocab:
+        raise ValueError(f"cannot make example token ids: {type(config).__name__} has no vocab")
+    length = min(8, getattr(text, "max_position_embeddings", None) or 8)
+    return torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _transformers(where: str) -> Any:
+    try:
+        import transformers
     except ImportError as e:
-        raise ValueError("timm:NAME needs timm: pip install 'symmerge[timm]'") from e
-    try:
-        model = timm.create_model(name, pretrained=False)
-    except RuntimeError as e:
-        raise ValueError(f"timm has no model '{name}': {e}") from e
-    shape = input_shape or tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-    return ResolvedModel(model.eval(), (example_input(tuple(shape), seed=seed),), f"timm {name}")
+        raise ValueError(f"{where} needs transformers: pip install 'symmerge[hf]'") from e
+    return transformers
 
 
 #: Small sizes for random-init Hugging Face models (names as in most configs; a config's
@@ -96,7 +405,10 @@ def hf_small_config(model_type: str, **overrides: Any) -> Any:
     try:
         config = AutoConfig.for_model(model_type)
     except ValueError as e:
-        raise ValueError(f"transformers has no model type '{model_type}': {e}") from e
+        raise ValueError(
+            f"transformers has no model type '{model_type}' (and no directory of that name "
+            f"exists; hf:PATH loads a save_pretrained directory): {e}"
+        ) from e
     optional = {"num_key_value_heads", "head_dim"}  # set only where the config has them
     for key, value in {**HF_SMALL, **overrides}.items():
         if key not in optional or hasattr(config, key):
@@ -108,7 +420,7 @@ def hf_small_config(model_type: str, **overrides: Any) -> Any:
     return config
 
 
-def _hf_model(model_type: str, seed: int) -> ResolvedModel:
+def _hf_model(model_type: str, seed: int) -> _IdsOnly:
     import transformers
 
     config = hf_small_config(model_type)
@@ -123,10 +435,7 @@ def _hf_model(model_type: str, seed: int) -> ResolvedModel:
         except ValueError:
             continue
     assert model is not None
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, config.vocab_size, (2, 8), generator=gen)
-    return ResolvedModel(_IdsOnly(model), (ids,), f"hf {model_type} (small random init)")
+    return _IdsOnly(model.eval())
 
 
 class _IdsOnly(nn.Module):
