@@ -9,8 +9,9 @@ official code samples parent 0's data instead), by every applicable method:
 
 * ``kf-linear``: weighted K-means of all parents' neurons, layers refitted in order on the
   fused model's own inputs (uniform importance), the head's target weighting each class's
-  logits by the parents' shares of that class's training data (the paper's non-IID setting;
-  also with plain averaged logits, "mean head"); ``hf-linear`` (two parents);
+  logits by the parents' shares of that class's training data (the official code does this
+  for its gradient variant only; for the linear ones it is ours), and with plain averaged
+  logits ("mean head", the official linear variants' target); ``hf-linear`` (two parents);
 * ``otfusion`` (activation ground metric, uniform marginals) when registered;
 * logit-KD: parent 1 with only its head refitted to the class-share-weighted logits;
 * Git Re-Basin weight matching (two parents) and MergeMany (N parents), naive averaging;

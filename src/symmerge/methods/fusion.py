@@ -23,6 +23,13 @@ sum 1 per parent and group, the paper's default for the linear variants, so that
 scores run larger does not pull the clusters to itself. They weigh the K-means (or the pair cost)
 and each cluster's mean, and the reported objective is the importance-weighted grouping error.
 
+Differences from the official code (AndrewSpano/neuron-interpolation-model-fusion, compared in
+``benchmarks/fusion_peer.py``): it groups each layer during the refit, on the fused model's
+current inputs (neurons' least-squares predictions), with an unsquared cost; here every group is
+clustered once, up front, on the parents' own outputs with the paper's squared cost (Theorem
+2a for HF). It solves with an exact pseudo-inverse where this uses a relative ridge. Per-class
+head weights are its gradient variant's; for the linear ones they are this library's option.
+
 Reference: "Model Fusion via Neuron Interpolation", arXiv 2507.00037 (algorithms.md §5).
 """
 
