@@ -103,7 +103,16 @@ def main() -> None:
     parser.add_argument("--limit-test", type=int, default=None, help="test images per set")
     parser.add_argument("--adam-steps", type=int, default=400)
     parser.add_argument("--runs", default=None, help="comma-separated run labels to keep")
+    parser.add_argument("--render", default=None, help="redraw .md and .png from this JSON")
     args = parser.parse_args()
+    if args.render:
+        import json
+
+        saved = json.loads(Path(args.render).read_text())
+        base = Path(args.render).with_suffix("")
+        write_markdown(base.with_suffix(".md"), saved["meta"], saved["rows"], args)
+        plot(base.with_suffix(".png"), saved["rows"], saved["meta"]["setting"])
+        return
     torch.set_num_threads(args.threads)
 
     import symmerge
@@ -212,7 +221,7 @@ def main() -> None:
                      "pleas", {"budget": b, "ls_inputs": "merged", "stats": stats}))  # fmt: skip
     runs += [
         ("pleas closed score 1.5x end to end", "end to end (statistics included)", "pleas",
-         {"budget": 1.5}),
+         {"budget": 1.5, "allocator": "score"}),
         ("lstsq no permutation 1.0x", "least squares, no permutation", "pleas",
          {"budget": 1.0, "match": "none"}),
         ("weight matching", "Git Re-Basin (weight)", "weight", {}),
@@ -305,7 +314,7 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict], args: Any
                         ("match", "allocate", "lstsq", "export_and_count"))])  # fmt: skip
     lines += md_table(["run", "compute", "accuracy", *keys, "merge s", "match s", "alloc s",
                        "lstsq s", "export s"], table)  # fmt: skip
-    lines += ["", *gaps(rows)]
+    lines += ["", *gaps(rows), "", *equal_compute(rows)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -339,6 +348,28 @@ def gaps(rows: list[dict]) -> list[str]:
     if ens is not None:
         table.append(["ensemble (2x)", f"{ens:.2f}", f"{ours - ens:+.2f}", "—"])
     return out + md_table(["baseline", "its accuracy", "PLeaS 1x lead (ours)", "paper"], table)
+
+
+def equal_compute(rows: list[dict], tol: float = 0.1) -> list[str]:
+    """Every PLeaS run beside the ZipIt! partial zip of nearest measured compute (within
+    ``tol`` x one model), and the difference."""
+    zips = [r for r in rows if r["method"] == "zip"]
+    pleas = [r for r in rows if r["method"] == "pleas" and r["compute"] > 1.0 + 1e-6]
+    table = []
+    for r in pleas:
+        near = min(zips, key=lambda z: abs(z["compute"] - r["compute"]), default=None)
+        if near is None or abs(near["compute"] - r["compute"]) > tol:
+            continue
+        table.append([r["run"], f"{r['compute']:.3f}", f"{100 * r['accuracy']:.2f}", near["run"],
+                      f"{near['compute']:.3f}", f"{100 * near['accuracy']:.2f}",
+                      f"{100 * (r['accuracy'] - near['accuracy']):+.2f}"])  # fmt: skip
+    if not table:
+        return []
+    head = ["PLeaS run", "compute", "accuracy", "nearest partial zip", "its compute",
+            "its accuracy", "PLeaS lead"]  # fmt: skip
+    intro = (f"At equal measured compute: every PLeaS run above 1x beside the ZipIt! partial "
+             f"zip nearest in measured compute (within {tol}x):")  # fmt: skip
+    return [intro, "", *md_table(head, table)]
 
 
 def plot(path: Path, rows: list[dict], setting: str) -> None:
