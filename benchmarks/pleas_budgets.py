@@ -382,11 +382,12 @@ def plot(path: Path, rows: list[dict], setting: str) -> None:
     families: dict[str, list[dict]] = {}
     for r in rows:
         families.setdefault(r["family"], []).append(r)
-    for fam, rs in families.items():
+    cmap = plt.get_cmap("tab20")
+    for k, (fam, rs) in enumerate(families.items()):
         rs = sorted(rs, key=lambda r: r["compute"])
         xs, ys = [r["compute"] for r in rs], [100 * r["accuracy"] for r in rs]
-        style = "-o" if len(rs) > 1 else "s"
-        ax.plot(xs, ys, style, label=fam, markersize=4)
+        style = ("--^" if fam.startswith("ZipIt") else "-o") if len(rs) > 1 else "s"
+        ax.plot(xs, ys, style, label=fam, markersize=4, color=cmap(k % 20))
     ax.set_xlabel("measured compute (x one model)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"PLeaS budgets: {setting}")
