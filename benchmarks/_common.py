@@ -42,9 +42,23 @@ def add_common_args(parser: Any) -> None:
     )
 
 
+#: Environment variables whose values are machine paths: results name the variable instead.
+PATH_VARIABLES = ("SYMMERGE_CHECKPOINTS", "SYMMERGE_DATA")
+
+
+def portable(text: str) -> str:
+    """``text`` with the value of every path variable replaced by ``$NAME``."""
+    for name in PATH_VARIABLES:
+        value = os.environ.get(name)
+        if value:
+            text = text.replace(os.path.abspath(value), f"${name}").replace(value, f"${name}")
+    return text
+
+
 def command_line() -> str:
     script = os.path.relpath(sys.argv[0], HERE.parent)
-    return " ".join(shlex.quote(a) for a in [".venv/bin/python", script, *sys.argv[1:]])
+    line = " ".join(shlex.quote(a) for a in [".venv/bin/python", script, *sys.argv[1:]])
+    return portable(line)
 
 
 def cpu_name() -> str:

@@ -72,6 +72,7 @@ from _common import (
     display_path,
     fmt,
     md_table,
+    portable,
     provenance,
     provenance_md,
     subset,
@@ -405,7 +406,7 @@ def main() -> None:
         "peer": peer_info, "parents": parents_info, "samples": args.samples,
         "batch_size": args.batch_size, "limit_test": args.limit_test,
         "test_images": len(x_te),
-        "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "SYMMERGE_DATA")
+        "environment": {k: portable(os.environ[k]) for k in ("OMP_NUM_THREADS", "SYMMERGE_DATA")
                         if os.environ.get(k)},
         "total_s": time.perf_counter() - t_start,
     })  # fmt: skip

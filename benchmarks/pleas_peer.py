@@ -79,6 +79,7 @@ from _common import (
     batches,
     display_path,
     md_table,
+    portable,
     provenance,
     provenance_md,
     subset,
@@ -583,7 +584,7 @@ def main() -> None:
         "peer": {"repository": PEER_URL, "commit": commit, "path": display_path(peer_dir),
                  "pleas_sources_sha256": peer_tree_hash(peer_dir), "import_stubs": stubs,
                  "defaults": PEER_DEFAULTS},
-        "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "SYMMERGE_DATA",
+        "environment": {k: portable(os.environ[k]) for k in ("OMP_NUM_THREADS", "SYMMERGE_DATA",
                                                        "SYMMERGE_CHECKPOINTS")
                         if os.environ.get(k)},
         "sources": sources_info, "samples": args.samples, "batch_size": args.batch_size,
