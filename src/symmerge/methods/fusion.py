@@ -199,7 +199,12 @@ def _fuse(
 ) -> MergeResult:
     from symmerge.methods.rebasin import _model_weights
     from symmerge.refine.lstsq import fit_layers
-    from symmerge.solvers.kmeans import hungarian_pairs, pair_clusters, weighted_kmeans
+    from symmerge.solvers.kmeans import (
+        from_labels,
+        hungarian_pairs,
+        pair_clusters,
+        weighted_kmeans,
+    )
 
     t0 = time.perf_counter()
     if importance not in IMPORTANCE_METHODS:
@@ -261,22 +266,11 @@ def _fuse(
             s = torch.cat([sc[g] for sc in scores]).to(torch.float64)
         if name == "hf-linear":
             k = sizes[g][0]
-            perm = hungarian_pairs(z[:k], z[k:], s[:k], s[k:])
-            labels = pair_clusters(perm)
+            found = from_labels(z, s, pair_clusters(hungarian_pairs(z[:k], z[k:], s[:k], s[k:])))
         else:
             found = weighted_kmeans(z, s, targets[g], restarts=restarts, seed=seed)
-            labels = found.labels
-        maps[g] = cluster_map(labels, s, sizes[g], targets[g], w)
-        centroid = torch.zeros(targets[g], z.shape[1], dtype=torch.float64)
-        if scores is None:
-            centroid.index_add_(0, labels, z)
-            centroid /= torch.bincount(labels, minlength=targets[g]).clamp(min=1)[:, None].double()
-            objective[g] = float(((z - centroid[labels]) ** 2).sum(1).mean())
-        else:  # the importance-weighted grouping error, per unit of importance
-            centroid.index_add_(0, labels, s[:, None] * z)
-            mass = torch.zeros(targets[g], dtype=torch.float64).index_add_(0, labels, s)
-            centroid /= mass.clamp(min=1e-300)[:, None]
-            objective[g] = float((s * ((z - centroid[labels]) ** 2).sum(1)).sum() / s.sum())
+        maps[g] = cluster_map(found.labels, s, sizes[g], targets[g], w)
+        objective[g] = found.cost / float(s.sum())  # grouping error per unit of importance
     t_group = time.perf_counter() - t1
     sds = _state_dicts(models)
     t2 = time.perf_counter()
