@@ -53,7 +53,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,7 +64,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from symmerge.progress import peak_rss_mb, progress_bar
 
 __all__ = [
     "DEFAULTS",
@@ -402,12 +402,8 @@ def _run_dm(
     pools = _class_pools(y, num_classes, 1)
     batch_gen, net_gen = _seed_stream(seed, 2), _seed_stream(seed, 3)
     history: list[float] = []
-    bar = tqdm(
-        range(iterations),
-        desc="DM",
-        unit="it",
-        disable=None if progress else True,
-        dynamic_ncols=True,
+    bar = progress_bar(
+        range(iterations), desc="DM", unit="it", enabled=progress, dynamic_ncols=True
     )
     for it in bar:
         embed = _strip_head(_fresh(factory, _next_seed(net_gen), x.device)).train()
@@ -472,12 +468,8 @@ def _run_dc(
     batch_gen, net_gen = _seed_stream(seed, 2), _seed_stream(seed, 3)
     outer, inner = loops
     history: list[float] = []
-    bar = tqdm(
-        range(iterations),
-        desc="DC",
-        unit="net",
-        disable=None if progress else True,
-        dynamic_ncols=True,
+    bar = progress_bar(
+        range(iterations), desc="DC", unit="net", enabled=progress, dynamic_ncols=True
     )
     for _ in bar:
         net = _fresh(factory, _next_seed(net_gen), x.device).train()
@@ -507,11 +499,6 @@ def _run_dc(
 # --------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------
-
-
-def _peak_rss_mb() -> float:
-    """Process peak resident set size so far (``getrusage`` ru_maxrss, KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def condense(
@@ -548,7 +535,7 @@ def condense(
         data_root: dataset folder (default ``$SYMMERGE_DATA``, see :func:`symmerge.data.data_root`).
         device: torch device (default CUDA if available, else CPU). Bitwise determinism is
             promised on CPU only.
-        progress: show a tqdm bar over iterations.
+        progress: report progress over iterations (:func:`symmerge.progress.progress_bar`).
         lr_img: image learning rate, SGD momentum 0.5 (default DC 0.1 as in the paper; DM
             1.0 as in the paper, but ``10 * ipc`` for the MLP, tuned on MNIST: see
             :data:`DEFAULTS`). Divergence raises ``FloatingPointError``.
@@ -612,7 +599,7 @@ def condense(
     history: list[float] = []
     with _determinism(dev.type == "cpu", dev):
         # measured inside: switching deterministic mode on loads ~150 MB of torch libraries
-        rss0 = _peak_rss_mb()
+        rss0 = peak_rss_mb()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
@@ -661,7 +648,7 @@ def condense(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     elapsed = time.perf_counter() - t0
-    rss1 = _peak_rss_mb()
+    rss1 = peak_rss_mb()
     if method in ("dm", "dc"):
         extra["init"] = "random real images (the 'random' method's picks for this seed)"
     extra["indices"] = idx.tolist()

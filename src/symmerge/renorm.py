@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from symmerge.groupmap import GroupMap, _model_weights
+from symmerge.progress import progress_bar
 from symmerge.stats import _eval_on, _first_device, model_inputs
 
 __all__ = ["repair", "reset_bn"]
@@ -35,11 +36,7 @@ _NORMS = (_BN, nn.GroupNorm, nn.LayerNorm)
 
 
 def _progress(batches: Iterable[Any], progress: bool, desc: str) -> Iterable[Any]:
-    if not progress:
-        return batches
-    from tqdm.auto import tqdm
-
-    return tqdm(batches, desc=desc, unit="batch", disable=None)  # None: off without a TTY
+    return progress_bar(batches, desc=desc, unit="batch", enabled=progress)
 
 
 def _reiterable(batches: Iterable[Any]) -> Iterable[Any]:

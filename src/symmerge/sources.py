@@ -18,6 +18,10 @@ them, comma-separated (the ``--data`` option of ``symmerge merge`` / ``interpola
   drawn uniformly from the dataset's classes so that every consumer accepts it (activation
   statistics, least squares, BN reset and REPAIR ignore labels, ``_check_fits`` and the
   cross-entropy of STE need valid ones; STE would fit random targets, so give it real data).
+* ``imagefolder:DIR`` (a folder per class) and ``text:FILE`` (a line per example,
+  ``LABEL<TAB>text`` for a label), for timm, torchvision and Hugging Face models: read and
+  preprocessed the first model's own way (:mod:`symmerge.realdata`, which gets its
+  ``reference`` and explicit ``preprocessing``). These take no suffixes.
 
 Any item takes two suffixes, in this order (quote the spec in a shell: ``[`` and ``>`` are
 special there):
@@ -51,6 +55,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +63,9 @@ from torch import Tensor, nn
 
 from symmerge.condense import condense, load_condensed
 from symmerge.data import DATASETS, dataset_info, get_dataset, iterate_batches
+
+if TYPE_CHECKING:
+    from symmerge.realdata import Preprocessing
 
 __all__ = [
     "CORESET_METHODS",
@@ -106,6 +114,8 @@ def load_data_sources(
     seed: int = 0,
     datasets: Sequence[str | None] = (),
     model: nn.Module | None = None,
+    reference: str | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Images and labels of the comma-separated sources in ``spec`` (see the module
     docstring), concatenated and shuffled with ``seed``.
@@ -120,7 +130,12 @@ def load_data_sources(
             (repeats and ``None`` are skipped), normally the datasets the models were
             trained on; also the first guess of the ``@TARGET`` a misfit suggests.
         model: when given, each source's images must fit its input (``input_shape`` if it
-            has one, and a forward pass) and its labels its outputs.
+            has one, and a forward pass) and its labels its outputs; ``imagefolder:`` and
+            ``text:`` also use its preprocessing.
+        reference: the first model's reference (``timm:NAME=FILE``, ``hf:DIR``...), where
+            ``imagefolder:`` finds an image processor and ``text:`` a tokenizer.
+        preprocessing: explicit image size, mean/std and text length
+            (:class:`symmerge.realdata.Preprocessing`), overriding the model's own.
 
     Raises:
         DataSourceError: a bad spec or source, with a message naming it;
@@ -132,21 +147,33 @@ def load_data_sources(
             f"no data source in {spec!r}; give e.g. 'mnist,fashion-mnist', "
             "'condensed:FILE', 'coreset:random:10' or 'cifar10@mnist'"
         )
-    parsed = [_parse_item(item) for item in items]  # syntax errors before any loading
+    from symmerge.realdata import is_real_source, load_real_source  # it imports this module
+
+    # syntax errors before any loading; imagefolder:/text: items are paths, taken whole
+    parsed = [None if is_real_source(item) else _parse_item(item) for item in items]
     xs: list[Tensor] = []
     ys: list[Tensor] = []
-    for item, (base, classes, target) in zip(items, parsed, strict=True):
-        parts = _load_source(item, base, classes, root, samples, seed, datasets)
-        x, y = _join_parts(item, parts, target)
+    for item, parts in zip(items, parsed, strict=True):
+        if parts is None:  # checked against the model as it loads
+            x, y = load_real_source(
+                item, reference=reference, preprocessing=preprocessing, samples=samples,
+                seed=seed, model=model, datasets=datasets,
+            )  # fmt: skip
+        else:
+            base, classes, target = parts
+            loaded = _load_source(item, base, classes, root, samples, seed, datasets)
+            x, y = _join_parts(item, loaded, target)
         if len(y) == 0:
             raise DataSourceError(f"data source {item!r} holds no images")
-        if xs and tuple(x.shape[1:]) != tuple(xs[0].shape[1:]):
+        if xs and (tuple(x.shape[1:]) != tuple(xs[0].shape[1:]) or x.dtype != xs[0].dtype):
+            real = parts is None or parsed[0] is None  # no dataset to convert to
             raise DataSourceError(
-                f"data source {item!r} has images of shape {tuple(x.shape[1:])} but "
+                f"data source {item!r} has inputs of shape {tuple(x.shape[1:])} but "
                 f"{items[0]!r} has {tuple(xs[0].shape[1:])}; sources must share one shape"
-                f"{_conversion_hint(item, tuple(xs[0].shape[1:]), datasets)}"
-            )
-        if model is not None:
+                + (" (and kind: images or token ids)" if real else
+                   _conversion_hint(item, tuple(xs[0].shape[1:]), datasets))
+            )  # fmt: skip
+        if model is not None and parts is not None:
             _check_fits(model, x, y, item, datasets)
         xs.append(x)
         ys.append(y)
@@ -164,12 +191,15 @@ def data_source_batches(
     seed: int = 0,
     datasets: Sequence[str | None] = (),
     model: nn.Module | None = None,
+    reference: str | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """:func:`load_data_sources` cut into ``(x, y)`` batches of ``batch_size`` (the last may
     be smaller), ready for ``merge(..., data=...)``."""
     x, y = load_data_sources(
-        spec, root=root, samples=samples, seed=seed, datasets=datasets, model=model
-    )
+        spec, root=root, samples=samples, seed=seed, datasets=datasets, model=model,
+        reference=reference, preprocessing=preprocessing,
+    )  # fmt: skip
     return [(bx, by) for bx, by in iterate_batches((x, y), batch_size, shuffle=False)]
 
 

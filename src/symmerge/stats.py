@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from symmerge.progress import progress_bar
 from symmerge.spec import ActivationSite, Factor, Group, SymmetrySpec
 
 __all__ = [
@@ -897,11 +898,7 @@ def collect_statistics(
     with _eval_on(models, dev) as dev, torch.no_grad():
         collector = _Collector(stats, plan, models, dev, dtype, seed)
         try:
-            it: Iterable[Any] = batches
-            if progress:
-                from tqdm.auto import tqdm
-
-                it = tqdm(batches, desc="statistics", unit="batch", disable=None)
+            it = progress_bar(batches, desc="statistics", unit="batch", enabled=progress)
             for batch in it:
                 collector.run(batch)
         finally:
@@ -1101,11 +1098,7 @@ def layer_io(
             for name, mod in zip(layers, row, strict=True)
         ]
         try:
-            it: Iterable[Any] = batches
-            if progress:
-                from tqdm.auto import tqdm
-
-                it = tqdm(batches, desc="layer inputs", unit="batch", disable=None)
+            it = progress_bar(batches, desc="layer inputs", unit="batch", enabled=progress)
             for batch in it:
                 args, kwargs = model_inputs(batch, dev)
                 seen.update({name: [None] * len(models) for name in layers})

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
+
+from symmerge.progress import progress_bar
 
 __all__ = [
     "RECIPES",
@@ -392,7 +393,7 @@ def train_model(
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
             correct = torch.zeros((), dtype=torch.int64, device=dev)
             seen = 0
-            bar = tqdm(
+            bar = progress_bar(
                 iterate_batches(
                     (x, y),
                     batch_size,
@@ -404,7 +405,7 @@ def train_model(
                 total=steps_per_epoch,
                 desc=f"epoch {epoch + 1}/{epochs}",
                 unit="batch",
-                disable=None if progress else True,  # None: off without a TTY
+                enabled=progress,
                 leave=True,
                 dynamic_ncols=True,
             )
