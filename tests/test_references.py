@@ -170,7 +170,7 @@ def test_every_reference_kind_loads_the_saved_model(
         assert ids.dtype == torch.long and int(ids.max()) < 100  # from the config's vocab
 
 
-@pytest.mark.parametrize("kind", ["timm-safetensors", "torchvision", "module", "hf"])
+@pytest.mark.parametrize("kind", ["timm-safetensors", "torchvision", "module"])
 def test_merge_a_reference_with_itself_from_the_cli(
     tmp_path: Path, user_module: object, kind: str
 ) -> None:
@@ -184,8 +184,20 @@ def test_merge_a_reference_with_itself_from_the_cli(
     resolved = resolve_model(ref, input_shape=(3, 32, 32) if kind == "torchvision" else None)
     assert meta["inputs"] == [ref, ref] and meta["config"] == resolved.metadata["config"]
     inputs = resolved.example_inputs
-    expected = _outputs(original, inputs, hf=kind == "hf")
+    expected = _outputs(original, inputs)
     torch.testing.assert_close(_outputs(merged, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_a_hugging_face_directory_with_itself_from_the_cli(tmp_path: Path) -> None:
+    """The merge is a save_pretrained directory (tests/test_export.py covers the rest)."""
+    ref, original = _hf(tmp_path)
+    out = tmp_path / "merged"
+    code, text = _run("merge", ref, ref, "-m", "weight", "-o", out)
+    assert code == 0, text
+    merged = type(original).from_pretrained(out)
+    inputs = resolve_model(ref).example_inputs
+    expected = _outputs(original, inputs, hf=True)
+    torch.testing.assert_close(_outputs(merged, inputs, hf=True), expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_data

@@ -8,8 +8,10 @@ happen inside commands so ``symmerge --help`` stays fast.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +31,7 @@ __all__ = [
     "format_table",
     "main",
     "parse_class_spec",
+    "preprocessing_options",
 ]
 
 #: What ``--classes all`` converts to, distinct from "option not given" (``None``).
@@ -251,6 +254,59 @@ def input_shape_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         help="Example input shape C,H,W (no batch) for models that do not record one "
         "(a module: reference, a pickled module; torchvision: default 3,224,224).",
     )(fn)
+
+
+def _numbers(kind: type, counts: tuple[int, ...]) -> Callable[..., Any]:
+    """A click callback: ``"a,b,..."`` -> a tuple of ``kind`` with one of ``counts`` values."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        try:
+            out = tuple(kind(v) for v in value.split(","))
+        except ValueError:
+            out = ()
+        if len(out) not in counts:
+            wanted = " or ".join(map(str, counts))
+            raise click.BadParameter(f"give {wanted} comma-separated {kind.__name__}s, not "
+                                     f"{value!r}")  # fmt: skip
+        return out
+
+    return parse
+
+
+def preprocessing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--image-size``, ``--mean``, ``--std``, ``--max-length``: how ``imagefolder:`` and
+    ``text:`` data are preprocessed where the model's own recipe is not wanted. The command
+    gets them as one ``preprocessing`` (:class:`symmerge.realdata.Preprocessing`)."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, image_size: Any, mean: Any, std: Any, max_length: int,
+                **kwargs: Any) -> Any:  # fmt: skip
+        from symmerge.realdata import Preprocessing
+
+        size = None if image_size is None else (image_size[0], image_size[-1])
+        try:
+            prep = Preprocessing(image_size=size, mean=mean, std=std, max_length=max_length)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--mean' / '--std'") from None
+        return fn(*args, preprocessing=prep, **kwargs)
+
+    for option in reversed([
+        click.option("--image-size", callback=_numbers(int, (1, 2)), metavar="H[,W]",
+                     help="imagefolder: images resized and centre-cropped to H x W "
+                     "(default: the model's own preprocessing)."),
+        click.option("--mean", callback=_numbers(float, (1, 3)), metavar="A,B,C",
+                     help="imagefolder: per-channel mean to normalise with (default: "
+                     "the model's)."),
+        click.option("--std", callback=_numbers(float, (1, 3)), metavar="A,B,C",
+                     help="imagefolder: per-channel std to normalise with (default: the "
+                     "model's)."),
+        click.option("--max-length", type=click.IntRange(min=1), default=128,
+                     show_default=True, help="text: tokens per line (truncated or padded)."),
+    ]):  # fmt: skip
+        command = option(command)
+    return command
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -510,11 +566,13 @@ def eval_(
     from symmerge.resolve import load_model
     from symmerge.train import evaluate, resolve_device
 
+    phases = _Phases()
     try:
         loaded = load_model(checkpoint, trust_pickle=trust_pickle)
     except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
         raise click.ClickException(str(exc)) from None
     model, meta = loaded.model.to(resolve_device(device)), loaded.metadata
+    phases.lap("load")
     trained_on = meta.get("dataset")
     if not datasets:
         if not trained_on:
@@ -552,6 +610,7 @@ def eval_(
         except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
             raise click.ClickException(f"evaluating on {name}: {exc}") from None
         results.append(res)
+    phases.lap("evaluate")
 
     arch = meta.get("model_name") or meta.get("config", {}).get("arch") or type(model).__name__
     click.echo(f"checkpoint: {checkpoint} ({arch}; trained on {trained_on or 'unknown'})")
@@ -567,6 +626,8 @@ def eval_(
         payload = {"checkpoint": str(checkpoint), "config": meta.get("config"), "results": results}
         if probes:
             payload["probes"] = probes
+            phases.lap("probe")
+        payload.update(phases.summary())
         text = json.dumps(payload, indent=2)
         if str(json_out) == "-":
             click.echo(text)
@@ -1225,7 +1286,13 @@ DATA_HELP = (
     "labels (a floor; not for ste). Suffixes: SOURCE[CLASSES] keeps those classes "
     "(e.g. cifar10[8-9], cifar10[0,2,5-7]); SOURCE@TARGET converts the images to TARGET's "
     "input (greyscale or channel copies, resize, TARGET's mean/std), e.g. "
-    "'cifar10[8-9]@mnist' for MNIST models. Quote such specs in a shell."
+    "'cifar10[8-9]@mnist' for MNIST models. Quote such specs in a shell. "
+    "For timm, torchvision and hf: models: imagefolder:DIR: a folder per class of PNG/JPEG "
+    "images (--data-samples of them), preprocessed the first model's way (timm's data "
+    "config, the hf:DIR image processor, or resize/crop with ImageNet mean/std; "
+    "--image-size, --mean, --std override); text:FILE: a line per example, tokenised by the "
+    "first model's hf:DIR tokenizer to --max-length tokens; LABEL<TAB>text gives a label, "
+    "other lines get label 0 (a placeholder; not for ste). These take no suffixes."
 )
 
 
@@ -1238,10 +1305,13 @@ def _data_batches(
     *,
     models: Sequence[Any] = (),
     datasets: Sequence[str | None] = (),
+    reference: str | None = None,
+    preprocessing: Any = None,
 ) -> list[tuple[Any, Any]] | None:
     """``--data`` batches from :func:`symmerge.sources.data_source_batches` (``None`` when
-    ``spec`` is None), checked against ``models[0]``. A bad source is a usage error
-    (``BadParameter``); dataset files that cannot be read are a ``ClickException``."""
+    ``spec`` is None), checked against ``models[0]`` (whose ``reference`` and explicit
+    ``preprocessing`` preprocess ``imagefolder:``/``text:`` data). A bad source is a usage
+    error (``BadParameter``); dataset files that cannot be read are a ``ClickException``."""
     if spec is None:
         return None
     from symmerge.sources import DataSourceError, DataUnavailableError, data_source_batches
@@ -1249,8 +1319,9 @@ def _data_batches(
     try:
         model = models[0] if models else None
         return data_source_batches(
-            spec, batch_size, root=root, samples=samples, seed=seed, datasets=datasets, model=model
-        )
+            spec, batch_size, root=root, samples=samples, seed=seed, datasets=datasets,
+            model=model, reference=reference, preprocessing=preprocessing,
+        )  # fmt: skip
     except DataUnavailableError as exc:
         raise click.ClickException(f"--data {exc.source}: {exc.reason}") from None
     except DataSourceError as exc:
@@ -1371,6 +1442,117 @@ def _params(items: Sequence[str], method: str) -> dict[str, Any]:
     return out
 
 
+class _Phases:
+    """A command's wall time, split into named phases, and the process's peak memory, for
+    its ``--json`` summary: ``lap(name)`` adds the time since the previous lap to ``name``."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def summary(self) -> dict[str, Any]:
+        """``seconds`` (wall, so far), ``timings`` (seconds per phase), ``peak_rss_mb``."""
+        from symmerge.progress import peak_rss_mb
+
+        return {
+            "seconds": round(time.perf_counter() - self.start, 4),
+            "timings": {k: round(v, 4) for k, v in self.seconds.items()},
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+
+
+def _hf_directories(refs: Sequence[str], output: Path, overwrite: bool) -> list[Path] | None:
+    """The directories of ``refs`` when all are ``hf:`` save_pretrained directories (the
+    merge is then written as one), after checking that ``output`` overlaps none of them."""
+    from symmerge.export import check_output_dir
+    from symmerge.resolve import parse_reference
+
+    parsed = [parse_reference(r) for r in refs]
+    dirs = [Path(p.name).expanduser() for p in parsed if p.kind == "hf"]
+    if len(dirs) != len(refs) or not all(d.is_dir() for d in dirs):
+        return None
+    try:
+        check_output_dir(output, dirs, overwrite)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e)) from None
+    return dirs
+
+
+def _from_disk(method: str, params: Sequence[str]) -> bool:
+    """Whether :func:`symmerge.lazy.merge_pretrained` runs this merge (its methods, and no
+    keyword but the sweep bound)."""
+    from symmerge.lazy import LAZY_METHODS
+
+    return method in LAZY_METHODS and all(p.startswith("max_sweeps=") for p in params)
+
+
+def _merge_from_disk(
+    dirs: Sequence[Path],
+    method: str,
+    lam: float,
+    seed: int,
+    params: Sequence[str],
+    output: Path,
+    overwrite: bool,
+    json_path: Path | None,
+) -> None:
+    from symmerge.lazy import merge_pretrained
+    from symmerge.methods import method_info
+
+    phases = _Phases()
+    kwargs = _params(params, method)
+    card = {"paper": method_info(method).paper, **kwargs}
+    say = functools.partial(click.echo, err=True)
+    try:
+        res = merge_pretrained(dirs, output, method=method, lam=lam, seed=seed, card=card,
+                               overwrite=overwrite, log=say, **kwargs)  # fmt: skip
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e)) from None
+    phases.seconds.update(res.timings)
+    click.echo(f"merged {len(dirs)} models from disk ({method}); saved {output}")
+    _write_json(json_path, {
+        "method": method, "lam": lam, "seed": seed, "inputs": [f"hf:{d}" for d in dirs],
+        "output": str(output), "from_disk": True, "iterations": res.iterations,
+        "objective": res.objective, **phases.summary(),
+    })  # fmt: skip
+
+
+def _save_merged(
+    output: Path,
+    merged: Any,
+    config: dict[str, Any],
+    info: dict[str, Any],
+    metas: Sequence[dict[str, Any]],
+    dirs: Sequence[Path] | None,
+    overwrite: bool,
+) -> str:
+    """Write the merge the way its inputs came (:mod:`symmerge.export`); says what it wrote."""
+    from symmerge.blocksparse import block_record
+    from symmerge.export import save_hf_directory
+    from symmerge.io import save_checkpoint
+    from symmerge.resize import RECORD
+
+    dtype = metas[0].get("dtype")
+    reshaped = getattr(merged, RECORD, None) or block_record(merged)
+    if dirs and not reshaped:
+        card = {k: info[k] for k in ("method", "lam", "seed", "data", "renorm") if info.get(k)}
+        save_hf_directory(merged, output, dirs, {**card, **info["params"]}, overwrite=overwrite)
+        return f"{output} (a save_pretrained directory)"
+    if dirs:  # other widths than the config's: only symmerge's checkpoint can rebuild it
+        output.mkdir(parents=True, exist_ok=True)
+        path = output / "merged.safetensors"
+        save_checkpoint(path, merged, config, info, overwrite=overwrite, dtype=dtype)
+        return (f"{path} (a symmerge checkpoint: the merge's widths differ from the "
+                "inputs' config, which a Hugging Face config cannot record)")  # fmt: skip
+    save_checkpoint(output, merged, config, info, overwrite=overwrite, dtype=dtype)
+    return str(output) + (f" ({dtype})" if dtype and dtype != "float32" else "")
+
+
 def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
@@ -1437,12 +1619,14 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     help="Save the merged model computing only its non-zero blocks (partial merges such as "
     "pleas, partial zips, the ensemble): the compute spent is the compute counted.",
 )
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="The merged checkpoint file, or directory for hf: inputs.")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @data_root_option
 @trust_pickle_option
 @input_shape_option
+@preprocessing_options
 def merge_cmd(
     checkpoints: tuple[str, ...],
     method: str,
@@ -1462,18 +1646,22 @@ def merge_cmd(
     data_root: Path | None,
     trust_pickle: bool,
     input_shape: str | None,
+    preprocessing: Any,
 ) -> None:
     """Merge two or more models of one architecture and evaluate the result.
 
     Each model is a symmerge checkpoint, timm:NAME=FILE, torchvision:NAME=FILE,
     module:package.module:factory=FILE (FILE: a state dict, safetensors or weights-only
     .pt/.pth) or hf:DIRECTORY (a save_pretrained directory). Models that do not record a
-    dataset are evaluated only with --eval-dataset. The merge is saved as a symmerge
-    checkpoint, which `symmerge eval` and symmerge.io.load_checkpoint reload.
+    dataset are evaluated only with --eval-dataset. The merge is saved the way its inputs
+    came: hf: directories give a save_pretrained directory (the inputs' dtype, their shared
+    tokenizer files, a model card), other inputs a symmerge checkpoint in the inputs' dtype,
+    a plain state dict that timm or torchvision load and `symmerge eval` reloads. naive and
+    weight merges of hf: directories run from disk, tensor by tensor, in bounded memory.
     """
-    from symmerge.io import save_checkpoint
     from symmerge.merging import BatchNormStatsWarning, merge
 
+    phases = _Phases()
     if len(checkpoints) < 2:
         raise click.UsageError("merge needs at least two checkpoints")
     _check_method(method, len(checkpoints), data_spec)
@@ -1481,9 +1669,16 @@ def merge_cmd(
         raise click.UsageError(f"output {output} is one of the inputs; it is never overwritten")
     if output.exists() and not overwrite:
         raise click.UsageError(f"{output} exists; pass --overwrite to replace it")
+    dirs = _hf_directories(checkpoints, output, overwrite)
+    if dirs is None and output.is_dir():
+        raise click.UsageError(f"{output} is a directory; the merge is one checkpoint file")
+    plain = not (data_spec or renorm or eval_datasets or block_sparse or heads != "shared")
+    if dirs and plain and _from_disk(method, params):
+        return _merge_from_disk(dirs, method, lam, seed, params, output, overwrite, json_path)
     models, metas, inputs = _load_models(
         checkpoints, trust_pickle=trust_pickle, input_shape=input_shape, seed=seed
     )
+    phases.lap("load")
     config = metas[0].get("config")
     if config is None:  # checked before merging: nothing could be saved
         raise click.UsageError(
@@ -1492,7 +1687,9 @@ def merge_cmd(
             "architecture, e.g. module:package.module:factory=FILE"
         )
     data = _data_batches(data_spec, data_root, data_samples, 500, seed, models=models,
-                         datasets=[m.get("dataset") for m in metas])  # fmt: skip
+                         datasets=[m.get("dataset") for m in metas], reference=checkpoints[0],
+                         preprocessing=preprocessing)  # fmt: skip
+    phases.lap("data")
     known = eval_datasets or any(m.get("dataset") for m in metas)
     targets = _eval_targets(metas, eval_datasets) if known else []
     kwargs = _params(params, method)
@@ -1506,6 +1703,7 @@ def merge_cmd(
             )  # fmt: skip
     except ValueError as e:
         raise click.UsageError(str(e)) from e
+    phases.lap("merge")
     stats_note = False
     for w in caught:  # the BatchNorm one becomes a note after the table; others pass on
         if issubclass(w.category, BatchNormStatsWarning):
@@ -1521,7 +1719,8 @@ def merge_cmd(
                                        "iterations": result.iterations,
                                        "log": result.log[:20], "details": result.details,
                                        "timings": result.timings}}  # fmt: skip
-    save_checkpoint(output, merged, config, info, overwrite=overwrite)
+    saved = _save_merged(output, merged, config, info, metas, dirs, overwrite)
+    phases.lap("save")
     named = [
         (f"model {k} ({_short(ref)})", m)
         for k, (ref, m) in enumerate(zip(checkpoints, models, strict=True))
@@ -1540,9 +1739,8 @@ def merge_cmd(
                                      1000, eval_limit)  # fmt: skip
         click.echo(f"\nmerged model, tasks ({heads} head{'s' if heads == 'per-task' else ''}):")
         click.echo(_task_table([task_result]))
-    click.echo(
-        f"merge time {result.seconds:.2f} s (LAP {result.lap_seconds:.2f} s); saved {output}"
-    )
+    phases.lap("evaluate")
+    click.echo(f"merge time {result.seconds:.2f} s (LAP {result.lap_seconds:.2f} s); saved {saved}")
     if stats_note:
         click.echo(
             "note: the merged model's BatchNorm statistics are averages of the inputs', which "
@@ -1558,9 +1756,11 @@ def merge_cmd(
             "seed": seed,
             "inputs": info["inputs"],
             "output": str(output),
-            "seconds": result.seconds,
+            "merge_seconds": result.seconds,
+            "lap_seconds": result.lap_seconds,
             "result": info["result"],
             "results": results,
+            **phases.summary(),
         },
     )
 
@@ -1583,6 +1783,7 @@ def merge_cmd(
 @data_root_option
 @trust_pickle_option
 @input_shape_option
+@preprocessing_options
 def interpolate_cmd(
     model_a: str,
     model_b: str,
@@ -1599,21 +1800,25 @@ def interpolate_cmd(
     data_root: Path | None,
     trust_pickle: bool,
     input_shape: str | None,
+    preprocessing: Any,
 ) -> None:
     """Loss and accuracy along (1-λ)·A + λ·aligned(B), with the barrier at the worst point.
 
     MODEL_A and MODEL_B are checkpoints or references to your own weights (as for merge)."""
-    from tqdm import tqdm
-
     from symmerge.evaluate import barrier, plot_curve
     from symmerge.merging import interpolation
+    from symmerge.progress import progress_bar
 
+    phases = _Phases()
     _check_method(method, 2, data_spec)
     models, metas, inputs = _load_models(
         [model_a, model_b], trust_pickle=trust_pickle, input_shape=input_shape, seed=seed
     )
+    phases.lap("load")
     data = _data_batches(data_spec, data_root, data_samples, 500, seed, models=models,
-                         datasets=[m.get("dataset") for m in metas])  # fmt: skip
+                         datasets=[m.get("dataset") for m in metas], reference=model_a,
+                         preprocessing=preprocessing)  # fmt: skip
+    phases.lap("data")
     if renorm and data is None:
         raise click.UsageError(f"--{renorm} needs --data")
     targets = _eval_targets(metas, eval_datasets)
@@ -1622,10 +1827,10 @@ def interpolate_cmd(
     try:
         points = interpolation(models, method, lambdas, data=data, renorm=renorm, seed=seed,
                                example_inputs=inputs)  # fmt: skip
-        for lam, model in tqdm(
-            points, total=steps, desc="interpolating", leave=False, disable=None
-        ):
+        for lam, model in progress_bar(points, total=steps, desc="interpolating", leave=False):
+            phases.lap("merge")
             _, _, res = _eval_rows([("m", model)], targets, data_root, eval_limit)
+            phases.lap("evaluate")
             curve.append(
                 {"lam": lam, "accuracy": res["m"]["mean_accuracy"], "loss": res["m"]["mean_loss"]}
             )
@@ -1639,6 +1844,7 @@ def interpolate_cmd(
     if plot is not None:
         plot_curve({label: curve}, plot)
         click.echo(f"plot written to {plot}")
+        phases.lap("plot")
     _write_json(
         json_path,
         {
@@ -1648,6 +1854,7 @@ def interpolate_cmd(
             "loss_barrier": loss_b,
             "accuracy_barrier": acc_b,
             "inputs": [str(model_a), str(model_b)],
+            **phases.summary(),
         },
     )
 

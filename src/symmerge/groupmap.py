@@ -29,14 +29,21 @@ permuted copy of itself gives the model back for any interpolation weight.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from symmerge.spec import Member, SymmetrySpec
 
-__all__ = ["GroupMap", "align_state_dict", "build_state_dict", "merge_values", "merged_support"]
+__all__ = [
+    "GroupMap",
+    "align_state_dict",
+    "build_state_dict",
+    "iter_merged_tensors",
+    "merge_values",
+    "merged_support",
+]
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,13 +465,13 @@ def _weights(weights: Sequence[float] | None, n: int) -> tuple[float, ...]:
 # ---------------------------------------------------------------------------------------
 
 
-def build_state_dict(
+def iter_merged_tensors(
     spec: SymmetrySpec | Sequence[SymmetrySpec],
     state_dicts: Sequence[Mapping[str, torch.Tensor]],
     maps: Mapping[str, GroupMap],
     *,
     weights: Sequence[float] | None = None,
-) -> dict[str, torch.Tensor]:
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Merged weights ``W* = sum_m M_m[out] . W_m . U_m[in]`` on every axis of every tensor.
 
     Args:
@@ -479,9 +486,12 @@ def build_state_dict(
             every group, classifier heads). Default: the ``weights`` of the maps (which must
             agree), or uniform when ``maps`` is empty.
 
-    Returns:
-        A new state dict; tensors of a group with ``n_out != n`` have the merged width.
-        Integer tensors (``num_batches_tracked``) are copied from model 0.
+    Yields:
+        ``(key, merged tensor)`` in model 0's key order, each built when asked for, so state
+        dicts read lazily from disk (:mod:`symmerge.lazy`) are merged tensor by tensor.
+        Tensors of a group with ``n_out != n`` have the merged width; arithmetic is float32
+        or wider and each result has model 0's dtype. Integer tensors
+        (``num_batches_tracked``) are copied from model 0.
     """
     n_models = len(state_dicts)
     if n_models == 0:
@@ -506,7 +516,6 @@ def build_state_dict(
             raise ValueError(f"state dict {m} has different keys than state dict 0: {diff}")
     found = {id(sp): _layouts(sp) for sp in {id(sp): sp for sp in specs}.values()}
     layouts = [found[id(sp)] for sp in specs]
-    out: dict[str, torch.Tensor] = {}
     for key in keys:
         x0 = state_dicts[0][key]
         members = layouts[0].get(key, {})
@@ -515,11 +524,13 @@ def build_state_dict(
                 raise ValueError(
                     f"{key!r} is an integer tensor on a permuted axis; cannot merge it"
                 )
-            out[key] = x0.clone()
+            yield key, x0.clone()
             continue
         total = None
         for m, sd in enumerate(state_dicts):
-            term = _transform(sd[key], layouts[m].get(key, {}), maps, m, w[m])
+            x = x0 if m == 0 else sd[key]
+            x = x.float() if x.element_size() < 4 else x  # bf16/fp16 in: float32 arithmetic
+            term = _transform(x, layouts[m].get(key, {}), maps, m, w[m])
             if total is not None and term.shape != total.shape:
                 raise ValueError(
                     f"{key!r}: model {m} maps to shape {tuple(term.shape)}, model 0 to "
@@ -527,8 +538,18 @@ def build_state_dict(
                     "a group of different widths has no map"
                 )
             total = term if total is None else total + term
-        out[key] = total.to(x0.dtype)
-    return out
+        yield key, total.to(x0.dtype)
+
+
+def build_state_dict(
+    spec: SymmetrySpec | Sequence[SymmetrySpec],
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    maps: Mapping[str, GroupMap],
+    *,
+    weights: Sequence[float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The merged state dict, all of :func:`iter_merged_tensors` at once."""
+    return dict(iter_merged_tensors(spec, state_dicts, maps, weights=weights))
 
 
 def merged_support(

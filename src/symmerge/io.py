@@ -181,6 +181,7 @@ def save_checkpoint(
     metadata: Mapping[str, Any] | None = None,
     *,
     overwrite: bool = False,
+    dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Write ``model``'s weights and metadata to ``path`` (safetensors) and ``<path>.json``.
 
@@ -188,7 +189,8 @@ def save_checkpoint(
     ``metadata`` is free-form JSON-serialisable information (dataset, classes, seed, epochs,
     test accuracy, ...). Package/torch versions and the date are added when absent.
     Existing files are never replaced silently: pass ``overwrite=True`` to do so.
-    Returns the path written.
+    ``dtype`` (e.g. ``"bfloat16"``, the inputs' own) stores the floating tensors in that
+    dtype; loading casts them back to the model's. Returns the path written.
     """
     path = Path(path)
     side = sidecar_path(path)
@@ -208,6 +210,11 @@ def save_checkpoint(
         config["resize"] = record
     config["block_sparse"] = block_record(model)  # {} (dropped) unless it has such layers
     tensors, aliases = _tensors_for_saving(model.state_dict())
+    if dtype is not None:
+        dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+        tensors = {k: v.to(dt) if v.is_floating_point() else v for k, v in tensors.items()}
     document = _json_document(config, metadata or {}, aliases)
     path.parent.mkdir(parents=True, exist_ok=True)
     # write to temporary names first so an interrupted save never leaves a half file

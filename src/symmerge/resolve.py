@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from symmerge.export import stored_dtype
+
 __all__ = [
     "HF_SMALL",
     "LoadedModel",
@@ -111,8 +113,11 @@ def parse_reference(ref: str) -> Reference:
 
 
 def reference_files(ref: str) -> tuple[Path, ...]:
-    """The files a reference reads, known before loading (so an output never replaces one)."""
+    """The files (or ``hf:`` directory) a reference reads, known before loading (so an output
+    never replaces one)."""
     parsed = parse_reference(ref)
+    if parsed.kind == "hf" and Path(parsed.name).expanduser().is_dir():
+        return (Path(parsed.name).expanduser(),)
     return () if parsed.file is None else (parsed.file,)
 
 
@@ -206,8 +211,8 @@ def _with_weights(
     label = f"{parsed.kind} {parsed.name}"
     if state is None:
         return LoadedModel(model.eval(), {"config": config}, f"{label} (random init)")
-    _load_weights(model, state, parsed.file, f"{parsed.kind}:{parsed.name}")
-    meta = {"config": config, "source": ref}
+    _load_weights(model, state, parsed.file, f"{parsed.kind}:{parsed.name}")  # as float32
+    meta = {"config": config, "source": ref, "dtype": _dtype_name(stored_dtype(state))}
     return LoadedModel(model.eval(), meta, f"{label} with {parsed.file}", (parsed.file,))
 
 
@@ -305,6 +310,12 @@ def _hf_pretrained(source: str, where: str, files: tuple[Path, ...]) -> LoadedMo
     """``from_pretrained`` with the class the directory's config names (any head)."""
     transformers = _transformers(where)
     from symmerge.io import CheckpointError
+    from symmerge.lazy import SafetensorsState
+
+    try:  # what the directory stores, so a merge is written back the same way
+        stored_dtypes = {k: e.dtype for k, e in SafetensorsState(source).entries.items()}
+    except (ValueError, OSError):  # a hub id, or .bin weights: from_pretrained reads them
+        stored_dtypes = {}
 
     try:
         config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
@@ -324,13 +335,13 @@ def _hf_pretrained(source: str, where: str, files: tuple[Path, ...]) -> LoadedMo
         try:
             model, info = cls.from_pretrained(
                 source, local_files_only=True, output_loading_info=True,
-                attn_implementation="sdpa",
+                attn_implementation="sdpa", dtype=torch.float32,
             )  # fmt: skip
         except ValueError as exc:  # a model without an sdpa path keeps its own attention
             if "sdpa" not in str(exc).lower():
                 raise
             model, info = cls.from_pretrained(
-                source, local_files_only=True, output_loading_info=True
+                source, local_files_only=True, output_loading_info=True, dtype=torch.float32
             )
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load the weights of {where}: {exc}") from None
@@ -340,8 +351,13 @@ def _hf_pretrained(source: str, where: str, files: tuple[Path, ...]) -> LoadedMo
                  (("missing keys", missing), ("unexpected keys", unexpected)) if keys]  # fmt: skip
         raise CheckpointError(f"the weights in {where} do not fit {arch}: " + "; ".join(parts))
     model.eval()
-    meta = {"config": _hf_checkpoint_config(model), "source": where}
+    dtype = _dtype_name(stored_dtype(list(stored_dtypes.values()))) if stored_dtypes else None
+    meta = {"config": _hf_checkpoint_config(model), "source": where, "dtype": dtype}
     return LoadedModel(_IdsOnly(model), meta, f"hf {type(model).__name__} from {source}", files)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _hf_checkpoint_config(model: nn.Module) -> dict[str, Any]:
@@ -384,6 +400,13 @@ def _transformers(where: str) -> Any:
         import transformers
     except ImportError as e:
         raise ValueError(f"{where} needs transformers: pip install 'symmerge[hf]'") from e
+    from symmerge.progress import is_terminal, progress_mode
+
+    mode = progress_mode()  # transformers' own bars follow symmerge's progress setting
+    if mode in ("off", "plain") or (mode == "auto" and not is_terminal()):
+        transformers.utils.logging.disable_progress_bar()
+    else:
+        transformers.utils.logging.enable_progress_bar()
     return transformers
 
 

@@ -8,7 +8,10 @@ permuted by the current permutations, and
 
 so ``C_g[i, j]`` scores unit i of A against unit j of B. :class:`WeightSimilarity` unfolds every
 tensor once and caches each member's contribution until a neighbouring permutation changes,
-which keeps everything outside the assignment solves cheap during coordinate descent.
+which keeps everything outside the assignment solves cheap during coordinate descent. With
+``cache=False`` it holds nothing: each call reads the tensors it needs from the state dicts
+again (lazy state dicts over files, :mod:`symmerge.lazy`), so memory stays at a few tensors
+whatever the model size.
 
 Activation similarity works from streamed statistics (:mod:`symmerge.stats`): the mean and the
 second moment of the units of all N models stacked, so a cross block of the ``(N n x N n)``
@@ -60,11 +63,22 @@ _EPS = 1e-12
 class _Occurrence:
     """One place where a group's units sit in a tensor: (member, segment, factor)."""
 
-    a: torch.Tensor  # (n, rest) unfolded tensor of model A
-    b: torch.Tensor  # (n, *rest_dims) tensor of model B, the group's factor in front
+    #: ``(a, b)``: A's tensor unfolded to (n, rest) and B's as (n, *rest_dims), the group's
+    #: factor in front; read from the state dicts on each call unless ``held``
+    load: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     perms: list[tuple[int, Callable[[Mapping[str, torch.Tensor]], torch.Tensor | None]]]
     keys: tuple[str, ...]  # the groups whose permutations ``perms`` read
-    cache: torch.Tensor | None = None
+    held: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.held if self.held is not None else self.load()
+
+
+@dataclass
+class _Cached:
+    """A contribution and the permutations it was computed with (``seen``)."""
+
+    total: torch.Tensor
     seen: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -79,6 +93,9 @@ class WeightSimilarity:
             unit vectors, MuDSC) or ``"cos"`` (cosine).
         ignore: tensors whose name ends with one of these are left out.
         dtype: arithmetic dtype (float32 by default; float64 for exact ties in tests).
+        cache: hold the unfolded tensors and the partial sums between calls (fast); False
+            reads every tensor from the state dicts at each call and keeps nothing, for
+            models larger than memory.
         spec_b: B's own spec when B has other widths than A (same groups and layouts, other
             sizes); ``spec`` is then A's.
 
@@ -100,15 +117,17 @@ class WeightSimilarity:
         ignore: Sequence[str] = DEFAULT_IGNORE,
         dtype: torch.dtype = torch.float32,
         spec_b: SymmetrySpec | None = None,
+        cache: bool = True,
     ) -> None:
         if kind not in WEIGHT_KINDS:
             raise ValueError(
                 f"The 'kind' parameter of WeightSimilarity must be one of {WEIGHT_KINDS}. "
                 f"Got {kind!r} instead."
             )
-        self.spec, self.kind, self.dtype = spec, kind, dtype
+        self.spec, self.kind, self.dtype, self.cache = spec, kind, dtype, cache
         self.groups = list(spec.groups) if groups is None else list(groups)
         self._occ: dict[str, list[_Occurrence]] = {}
+        self._cached: dict[tuple[str, int], _Cached] = {}
         self._norms: dict[str, tuple[torch.Tensor, ...]] = {}
         self.spec_b = spec if spec_b is None else spec_b
         by_tensor, by_tensor_b = _by_tensor(spec), _by_tensor(self.spec_b)
@@ -117,12 +136,20 @@ class WeightSimilarity:
             for mem in spec.groups[g].members:
                 if mem.tensor.endswith(tuple(ignore)):
                     continue
-                wa, wb = state_a[mem.tensor], state_b[mem.tensor]
-                if not wa.is_floating_point():
-                    continue
                 axes, axes_b = by_tensor[mem.tensor], by_tensor_b.get(mem.tensor, {})
                 _check_same_layout(axes, axes_b)
-                occs += _occurrences(g, mem, axes, wa.to(dtype), wb.to(dtype), axes_b)
+                if cache:
+                    wa, wb = state_a[mem.tensor], state_b[mem.tensor]
+                    if not wa.is_floating_point():
+                        continue
+                    pair = _holder(wa.to(dtype), wb.to(dtype))
+                else:
+                    pair = _reader(state_a, state_b, mem.tensor, dtype)
+                found = _occurrences(g, mem, axes, pair, axes_b)
+                for occ in found:
+                    if cache:
+                        occ.held = occ.load()
+                occs += found
             self._occ[g] = occs  # empty for a head group with no tensor of its own
             if kind != "inner" and occs:
                 self._norms[g] = _unit_norms(occs, kind)
@@ -130,8 +157,8 @@ class WeightSimilarity:
     def __call__(self, group: str, perms: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         perms = perms or {}
         total = None
-        for occ in self._occ[group]:
-            c = _contribution(occ, perms)
+        for i, occ in enumerate(self._occ[group]):
+            c = self._contribution(group, i, occ, perms)
             total = c.clone() if total is None else total + c  # never hand out the cache
         if total is None:
             n, n_b = self.spec.groups[group].size, self.spec_b.groups[group].size
@@ -142,6 +169,33 @@ class WeightSimilarity:
         if self.kind == "corr":
             total = total - torch.outer(sa, sb) / length
         return total / torch.outer(na, nb)
+
+    def _contribution(
+        self, group: str, i: int, occ: _Occurrence, perms: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Occurrence ``i``'s contribution, recomputed only when a permutation it reads
+        changed (with ``cache``)."""
+        hit = self._cached.get((group, i))
+        if hit is not None and all(_same(hit.seen.get(k), perms.get(k)) for k in occ.keys):
+            return hit.total
+        total = _contribution(occ, perms)
+        if self.cache:
+            seen = {k: torch.as_tensor(perms[k]).clone() for k in occ.keys if k in perms}
+            self._cached[(group, i)] = _Cached(total, seen)
+        return total
+
+
+def _holder(a: torch.Tensor, b: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    return lambda: (a, b)
+
+
+def _reader(
+    state_a: Mapping[str, torch.Tensor],
+    state_b: Mapping[str, torch.Tensor],
+    name: str,
+    dtype: torch.dtype,
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    return lambda: (state_a[name].to(dtype), state_b[name].to(dtype))
 
 
 def _by_tensor(spec: SymmetrySpec) -> dict[str, dict[int, Member]]:
@@ -172,12 +226,11 @@ def _occurrences(
     group: str,
     mem: Member,
     axes: Mapping[int, Member],
-    wa: torch.Tensor,
-    wb: torch.Tensor,
+    pair: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     axes_b: Mapping[int, Member] | None = None,
 ) -> list[_Occurrence]:
-    """Unfoldings of A's and B's tensor at each place ``group`` sits on ``mem``'s axis; B is
-    read with its own layouts ``axes_b`` (default A's)."""
+    """Unfoldings of A's and B's tensor (``pair()`` reads both) at each place ``group`` sits
+    on ``mem``'s axis; B is read with its own layouts ``axes_b`` (default A's)."""
     out = []
     ax = mem.axis
     axes_b = axes if axes_b is None else axes_b
@@ -194,8 +247,10 @@ def _occurrences(
                 piece = piece.reshape(shape[:ax] + [f.size for f in seg.factors] + shape[ax + 1 :])
                 return torch.movedim(piece, ax + k, 0)
 
-            a = view(wa, seg).reshape(f.size, -1).contiguous()
-            b = view(wb, seg_b).contiguous()
+            def load(seg: Any = seg, seg_b: Any = seg_b, view: Any = view, n: int = f.size) -> Any:
+                wa, wb = pair()
+                return view(wa, seg).reshape(n, -1).contiguous(), view(wb, seg_b).contiguous()
+
             # where each permuted dimension of ``b`` sits after the reshape and the move
             perms: list[tuple[int, Callable[[Mapping[str, torch.Tensor]], Any]]] = []
             keys: list[str] = []
@@ -210,7 +265,7 @@ def _occurrences(
                 pos = ax + j + (1 if ax + j < ax + k else 0)
                 perms.append((pos, lambda p, name=fa.group: p.get(name)))
                 keys.append(fa.group)
-            out.append(_Occurrence(a, b, perms, tuple(sorted(set(keys)))))
+            out.append(_Occurrence(load, perms, tuple(sorted(set(keys)))))
     return out
 
 
@@ -231,10 +286,8 @@ def _axis_index(mem: Member, perms: Mapping[str, torch.Tensor]) -> torch.Tensor 
 
 
 def _contribution(occ: _Occurrence, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``a @ P(b)^T`` for one occurrence, recomputed only when a permutation it reads changed."""
-    if occ.cache is not None and all(_same(occ.seen.get(key), perms.get(key)) for key in occ.keys):
-        return occ.cache
-    b = occ.b
+    """``a @ P(b)^T`` for one occurrence."""
+    a, b = occ.tensors()
     for dim, index_of in occ.perms:
         idx = index_of(perms)
         if idx is None:
@@ -247,9 +300,7 @@ def _contribution(occ: _Occurrence, perms: Mapping[str, torch.Tensor]) -> torch.
             b = b * (idx >= 0).to(b.device, b.dtype).reshape(shape)
         elif not torch.equal(idx, torch.arange(idx.numel(), device=idx.device)):
             b = b.index_select(dim, idx.to(b.device))
-    occ.cache = occ.a @ b.reshape(b.shape[0], -1).T
-    occ.seen = {k: perms[k].clone() for k in occ.keys if k in perms}
-    return occ.cache
+    return a @ b.reshape(b.shape[0], -1).T
 
 
 def _same(old: torch.Tensor | None, new: torch.Tensor | None) -> bool:
@@ -261,11 +312,14 @@ def _same(old: torch.Tensor | None, new: torch.Tensor | None) -> bool:
 def _unit_norms(occs: Sequence[_Occurrence], kind: str) -> tuple[torch.Tensor, ...]:
     """Per-unit sums and norms of the concatenated unit vectors (permutations of the other
     axes reorder entries within a unit vector, so these never change)."""
-    sa = sum(o.a.sum(1) for o in occs)
-    sb = sum(o.b.reshape(o.b.shape[0], -1).sum(1) for o in occs)
-    qa = sum((o.a**2).sum(1) for o in occs)
-    qb = sum((o.b.reshape(o.b.shape[0], -1) ** 2).sum(1) for o in occs)
-    length = float(sum(o.a.shape[1] for o in occs))
+    sa = sb = qa = qb = 0
+    length = 0.0
+    for o in occs:
+        a, b = o.tensors()
+        b = b.reshape(b.shape[0], -1)
+        sa, sb = sa + a.sum(1), sb + b.sum(1)
+        qa, qb = qa + (a**2).sum(1), qb + (b**2).sum(1)
+        length += a.shape[1]
     if kind == "corr":
         qa, qb = qa - sa**2 / length, qb - sb**2 / length
     na, nb = qa.clamp(min=0).sqrt().clamp(min=_EPS), qb.clamp(min=0).sqrt().clamp(min=_EPS)

@@ -14,6 +14,7 @@ others (aligned), until a round changes nothing, and returns permutations expres
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ def coordinate_descent(
     seed: int = 0,
     rtol: float = 1e-10,
     patience: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> MatchResult:
     """Maximize a sum of per-group linear objectives, one coordinate at a time.
 
@@ -135,15 +137,18 @@ def coordinate_descent(
             stop after ``patience`` such sweeps in a row; the best sweep is returned. (A step
             improves its own coordinate but can lower its neighbours' objectives, so the total
             need not rise; while it does, both rules take the same path.)
+        log: called with each sweep's line of ``result.log`` as it happens (progress on
+            long runs).
 
     Returns:
         A :class:`MatchResult` whose ``iterations`` is the number of sweeps run.
     """
+    started = time.perf_counter()
     perms: Perms = {g: torch.as_tensor(p, dtype=torch.long).clone() for g, p in init.items()}
     gen = torch.Generator().manual_seed(seed)
     res = MatchResult(perms)
     lap_s = other_s = 0.0
-    solved: dict[int, dict[str, torch.Tensor]] = {}  # coordinate -> matrices at its last solve
+    solved: dict[int, dict[str, bytes]] = {}  # coordinate -> digests of its last matrices
     best: tuple[float, Perms, dict[str, float]] | None = None
     if patience is not None:
         best, strikes = _scored(coordinates, similarity, perms), 0
@@ -154,12 +159,13 @@ def coordinate_descent(
             t0 = time.perf_counter()
             sims = {g: similarity(g, perms).to("cpu", torch.float64) for g in coord}
             old = {g: lap_objective(sims[g], perms[g]) for g in coord}
-            if i in solved and all(torch.equal(sims[g], solved[i][g]) for g in coord):
+            digests = {g: _digest(sims[g]) for g in coord}
+            if solved.get(i) == digests:
                 # same matrices as at the last solve, whose optimum is the current solution
                 res.objective.update(old)
                 other_s += time.perf_counter() - t0
                 continue
-            solved[i] = sims
+            solved[i] = digests
             t1 = time.perf_counter()
             new_perms = solve(coord, sims)
             t2 = time.perf_counter()
@@ -177,6 +183,8 @@ def coordinate_descent(
             other_s += (t1 - t0) + (time.perf_counter() - t2)
         res.iterations = sweep
         res.log.append(f"sweep {sweep}: {improved} of {len(coordinates)} coordinates improved")
+        if log is not None:
+            log(f"{res.log[-1]} ({time.perf_counter() - started:.0f} s)")
         if not improved:
             res.converged = True
             break
@@ -198,6 +206,15 @@ def coordinate_descent(
         res.objective = dict(best[2])
     res.lap_seconds, res.other_seconds = lap_s, other_s
     return res
+
+
+def _digest(matrix: torch.Tensor) -> bytes:
+    """A fingerprint of a similarity matrix's exact bytes (kept instead of the matrix: a
+    model's worth of n x n float64 matrices can exceed the model itself)."""
+    data = matrix.detach().contiguous().numpy()
+    return hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).digest() + bytes(
+        str(tuple(matrix.shape)), "ascii"
+    )
 
 
 def _scored(
@@ -227,6 +244,8 @@ def weight_matching(
     alpha: float = 1.0,
     mixed_with: Mapping[str, torch.Tensor] | None = None,
     patience: int | None = None,
+    cache: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> MatchResult:
     """Git Re-Basin weight matching: permutations of B that best align its weights to A's.
 
@@ -244,7 +263,9 @@ def weight_matching(
     Dual-space steps (MuDSC): with ``mixed_with`` (a fixed ``(n, n)`` matrix per group, e.g.
     activation correlations), every step solves ``alpha * C_w + (1 - alpha) * mixed_with[g]``
     (float64) instead of the weight similarity ``C_w``; ``alpha=1`` is plain weight matching.
-    ``patience`` selects the stopping rule (see :func:`coordinate_descent`).
+    ``patience`` selects the stopping rule (see :func:`coordinate_descent`). ``cache=False``
+    reads the weights from the state dicts at every step and holds none of them (state dicts
+    over files, :mod:`symmerge.lazy`); ``log`` receives a line per sweep.
 
     Reference: Ainsworth, Hayase, Srinivasa, "Git Re-Basin", ICLR 2023, arXiv:2209.04836.
     """
@@ -253,7 +274,7 @@ def weight_matching(
     names = [g for c in coords for g in c]
     sim = WeightSimilarity(
         spec, state_a, state_b, groups=names, kind=kind, ignore=ignore, dtype=dtype,
-        spec_b=spec_b,
+        spec_b=spec_b, cache=cache,
     )  # fmt: skip
     start = spec.identity_permutations() if spec_b is None else narrow_identity(spec, spec_b)
     start.update({g: torch.as_tensor(p, dtype=torch.long) for g, p in (init or {}).items()})
@@ -267,7 +288,7 @@ def weight_matching(
     setup = time.perf_counter() - t0
     res = coordinate_descent(
         coords, sim if mixed_with is None else mixed, solve, start, max_sweeps=max_sweeps,
-        seed=seed, patience=patience,
+        seed=seed, patience=patience, log=log,
     )  # fmt: skip
     res.other_seconds += setup
     return res
