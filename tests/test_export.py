@@ -174,32 +174,62 @@ def test_safetensors_state_reads_what_safetensors_wrote(tmp_path: Path) -> None:
     assert not (tmp_path / "z.safetensors").exists()
 
 
+class UserNet(nn.Module):
+    """The user's own architecture (``module:`` reference), importable from this file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 16), nn.Linear(16, 3)
+        self.input_shape = (12,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _library_model(kind: str) -> tuple[nn.Module, str, list[str]]:
+    """A fresh model of ``kind``, its reference name and extra CLI arguments."""
+    if kind == "timm":
+        timm = pytest.importorskip("timm")
+        return timm.create_model("test_resnet", num_classes=5), "timm:test_resnet", []
+    if kind == "torchvision":
+        tv = pytest.importorskip("torchvision")
+        net = tv.models.get_model("resnet18", weights=None, num_classes=4)
+        return net, "torchvision:resnet18", ["--input-shape", "3,32,32"]
+    return UserNet(), f"module:{__name__}:UserNet", []
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_timm_state_dicts_merge_to_a_state_dict_timm_loads_in_their_dtype(
-    tmp_path: Path, dtype: torch.dtype
+@pytest.mark.parametrize("kind", ["timm", "torchvision", "module"])
+def test_state_dicts_merge_to_a_state_dict_their_library_loads_in_their_dtype(
+    tmp_path: Path, kind: str, dtype: torch.dtype
 ) -> None:
-    timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=5).eval()
+    model, name, extra = _library_model(kind)
+    model.eval()
     _jitter(model, 0)
-    model.to(dtype)
-    example = (torch.randn(2, 3, 32, 32),)
-    other = _permuted(model.float(), example, seed=4).to(dtype)
-    model.to(dtype)
+    for m in model.modules():  # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    shape = (12,) if kind == "module" else (3, 32, 32)
+    other = _permuted(model, (torch.randn(2, *shape),), seed=4)
     files = []
-    for name, m in (("a", model), ("b", other)):
-        files.append(tmp_path / f"{name}.safetensors")
-        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(files[-1]))
+    for label, m in (("a", model), ("b", other)):
+        files.append(tmp_path / f"{label}.safetensors")
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+                 for k, v in m.state_dict().items()}  # fmt: skip
+        save_file(state, str(files[-1]))
     out = tmp_path / "merged.safetensors"
-    code, text = _run("merge", f"timm:test_resnet={files[0]}", f"timm:test_resnet={files[1]}",
-                      "-m", "weight", "-o", out)  # fmt: skip
+    code, text = _run("merge", f"{name}={files[0]}", f"{name}={files[1]}", "-m", "weight",
+                      "-o", out, *extra)  # fmt: skip
     assert code == 0, text
     state = load_file(str(out))
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {dtype}
-    fresh = timm.create_model("test_resnet", pretrained=False, num_classes=5).eval()
-    fresh.load_state_dict(state)  # timm's own loader, strict
-    for key, value in model.state_dict().items():
-        assert torch.equal(fresh.state_dict()[key].to(dtype), value), key
+    fresh, _, _ = _library_model(kind)
+    fresh.load_state_dict(state)  # the library's own strict loader
+    expected = load_file(str(files[0]))
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value.to(expected[key].dtype), expected[key]), key
 
 
 def test_bad_hugging_face_inputs_are_clean_errors_that_write_nothing(tmp_path: Path) -> None:
@@ -226,3 +256,20 @@ def test_bad_hugging_face_inputs_are_clean_errors_that_write_nothing(tmp_path: P
     assert code != 0 and "exists" in text and not any(out.iterdir()), text
     code, text = _run("merge", f"hf:{gpt}", f"hf:{gpt}", "-m", "weight", "-o", gpt / "sub")
     assert code != 0 and "overlaps the input" in text and not (gpt / "sub").exists(), text
+
+
+def test_directories_without_safetensors_are_merged_in_memory(tmp_path: Path) -> None:
+    """A pytorch_model.bin directory cannot be read tensor by tensor: a note, then the
+    models are loaded whole, and the merge is the same save_pretrained directory."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(HF_CONFIGS["gpt2"]()).eval()
+    folder = tmp_path / "bin"
+    model.save_pretrained(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    code, text = _run("merge", f"hf:{folder}", f"hf:{folder}", "-m", "weight", "-o", tmp_path / "o")
+    assert code == 0 and "not merging from disk" in text, text
+    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "o")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[key], value)

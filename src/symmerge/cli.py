@@ -1500,8 +1500,9 @@ def _merge_from_disk(
     output: Path,
     overwrite: bool,
     json_path: Path | None,
-) -> None:
-    from symmerge.lazy import merge_pretrained
+) -> bool:
+    """Merge from disk; False (after a note) when these directories must be loaded whole."""
+    from symmerge.lazy import NotFromDisk, merge_pretrained
     from symmerge.methods import method_info
 
     phases = _Phases()
@@ -1511,6 +1512,9 @@ def _merge_from_disk(
     try:
         res = merge_pretrained(dirs, output, method=method, lam=lam, seed=seed, card=card,
                                overwrite=overwrite, log=say, **kwargs)  # fmt: skip
+    except NotFromDisk as e:
+        say(f"note: not merging from disk ({e}); loading the models whole")
+        return False
     except (ValueError, FileExistsError) as e:
         raise click.UsageError(str(e)) from None
     phases.seconds.update(res.timings)
@@ -1520,6 +1524,7 @@ def _merge_from_disk(
         "output": str(output), "from_disk": True, "iterations": res.iterations,
         "objective": res.objective, **phases.summary(),
     })  # fmt: skip
+    return True
 
 
 def _save_merged(
@@ -1674,7 +1679,9 @@ def merge_cmd(
         raise click.UsageError(f"{output} is a directory; the merge is one checkpoint file")
     plain = not (data_spec or renorm or eval_datasets or block_sparse or heads != "shared")
     if dirs and plain and _from_disk(method, params):
-        return _merge_from_disk(dirs, method, lam, seed, params, output, overwrite, json_path)
+        done = _merge_from_disk(dirs, method, lam, seed, params, output, overwrite, json_path)
+        if done:
+            return
     models, metas, inputs = _load_models(
         checkpoints, trust_pickle=trust_pickle, input_shape=input_shape, seed=seed
     )

@@ -37,6 +37,7 @@ import torch
 
 __all__ = [
     "LAZY_METHODS",
+    "NotFromDisk",
     "LazyMergeResult",
     "SafetensorsState",
     "estimate_peak_bytes",
@@ -55,6 +56,11 @@ _DTYPES = {
 }  # fmt: skip
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _WEIGHT_INDEX = "model.safetensors.index.json"
+
+
+class NotFromDisk(ValueError):
+    """The inputs are fine but cannot be merged from disk (no safetensors files, or stored
+    names that differ from the model's): load the models whole instead."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +261,9 @@ def merge_pretrained(
         max_shard_bytes: shard size of the output.
         card: extra fields for the model card (what the command line knows).
         log: a callable taking one line of progress (``print``), or None.
+
+    Raises :class:`NotFromDisk` (before writing anything) when the directories are fine but
+    cannot be read tensor by tensor; ValueError for directories that do not merge at all.
     """
     from symmerge.export import check_output_dir, finish_hf_directory
     from symmerge.groupmap import GroupMap, iter_merged_tensors
@@ -271,7 +280,10 @@ def merge_pretrained(
     check_output_dir(output, dirs, overwrite)
     t0 = time.perf_counter()
     model, spec, names = _trace_on_meta(dirs)
-    states = [SafetensorsState(d, prefix="model.") for d in dirs]
+    try:
+        states = [SafetensorsState(d, prefix="model.") for d in dirs]
+    except ValueError as exc:
+        raise NotFromDisk(str(exc)) from None
     _check_keys(states, names, dirs)
     ref = states[0]
     say(f"traced on the meta device: {len(spec.groups)} groups; estimated peak memory "
@@ -370,7 +382,8 @@ def _check_keys(states: Sequence[SafetensorsState], names: _Names, dirs: Sequenc
             strip = len("model.")
             parts = [f"{label}: {', '.join(k[strip:] for k in ks[:5])}" for label, ks in
                      (("missing", missing), ("unexpected", unexpected)) if ks]  # fmt: skip
-            raise ValueError(f"the weights in hf:{d} do not fit its config ({'; '.join(parts)})")
+            detail = "; ".join(parts)
+            raise NotFromDisk(f"the names stored in hf:{d} are not the model's ({detail})")
 
 
 def _write_merged(
