@@ -1960,5 +1960,66 @@ def condense_cmd(
         )
 
 
+def _names(value: str | None) -> list[str] | None:
+    """``"a,b"`` -> ``["a", "b"]`` (``None`` stays ``None``: everything)."""
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+@main.command("report")
+@click.option("--scale", type=click.Choice(["smoke", "cpu", "paper"]), default="smoke",
+              show_default=True, help="smoke: tiny MLPs, minutes on a CPU; cpu and paper: "
+              "larger models (paper needs a CUDA GPU).")  # fmt: skip
+@click.option("--methods", default=None, help="Comma-separated methods (default: every "
+              "method `symmerge methods` lists).")  # fmt: skip
+@click.option("--settings", default=None, help="Comma-separated settings (default: all).")
+@click.option("--seeds", default=None, help="Comma-separated report seeds (default: the "
+              "scale's).")  # fmt: skip
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Report folder: results.json, report.md, plots, checkpoints/.")  # fmt: skip
+@click.option("--resume", is_flag=True, help="Continue the report in the folder (same options "
+              "and code), reusing its finished runs.")  # fmt: skip
+@click.option("--render-only", is_flag=True, help="Redraw report.md and the plots from the "
+              "folder's results.json.")  # fmt: skip
+@data_root_option
+@click.option("--progress/--no-progress", default=True)
+def report_cmd(
+    scale: str,
+    methods: str | None,
+    settings: str | None,
+    seeds: str | None,
+    output: Path,
+    resume: bool,
+    render_only: bool,
+    data_root: Path | None,
+    progress: bool,
+) -> None:
+    """Every registered method side by side on the same checkpoints, data and seeds.
+
+    Trains (or reuses) each setting's source checkpoints, runs every method that can run
+    there, evaluates, and writes OUTPUT/results.json, OUTPUT/report.md and plots.
+    """
+    from symmerge.report import ReportError, load_results, run_report, write_report
+
+    try:
+        if render_only:
+            doc = load_results(output)
+        else:
+            try:
+                seed_list = None if seeds is None else [int(s) for s in _names(seeds) or []]
+            except ValueError:
+                raise click.BadParameter(f"seeds must be integers, got {seeds!r}",
+                                         param_hint="--seeds") from None  # fmt: skip
+            doc = run_report(output, scale=scale, settings=_names(settings),
+                             methods=_names(methods), seeds=seed_list, data_root=data_root,
+                             resume=resume, progress=progress)  # fmt: skip
+    except ReportError as exc:
+        raise click.ClickException(str(exc)) from None
+    files = write_report(doc, output)
+    failed = sum(r["status"] != "ok" for r in doc["runs"])
+    written = files if render_only else [output / "results.json", *files]
+    click.echo(f"{len(doc['runs'])} runs ({failed} failed); wrote "
+               + ", ".join(str(f) for f in written))  # fmt: skip
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

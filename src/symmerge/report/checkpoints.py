@@ -1,0 +1,123 @@
+"""Source checkpoints trained once and reused, keyed by what they are made of.
+
+The key hashes the recipe (the ``train_model`` arguments), the training data (the dataset's
+arrays, not its name) and the code version of the training code
+(:func:`symmerge.report.provenance.training_code_version`). A file whose recorded key differs
+is stale: it is retrained, never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Checkpoint",
+    "checkpoint_key",
+    "dataset_fingerprint",
+    "train_or_reuse",
+    "weights_sha256",
+]
+
+_FINGERPRINTS: dict[tuple[str, str | None], str] = {}
+
+
+@dataclass
+class Checkpoint:
+    """A source model and what identifies it.
+
+    Attributes:
+        model: the model, loaded from ``path`` (the same file whether trained now or reused).
+        metadata: the checkpoint's metadata (the training info).
+        path: the file.
+        key: the cache key it was made for.
+        sha256: of the file.
+        weights_sha256: of the tensors alone (the file also records dates and timings).
+        reused: whether the file was already there.
+    """
+
+    model: nn.Module
+    metadata: dict[str, Any]
+    path: Path
+    key: str
+    sha256: str
+    weights_sha256: str
+    reused: bool
+
+
+def dataset_fingerprint(name: str, root: str | None) -> str:
+    """sha256 of a dataset's train and test arrays (memoised per process)."""
+    from symmerge.data import load_arrays
+
+    if (name, root) not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        for split in ("train", "test"):
+            images, labels = load_arrays(name, split, root)
+            digest.update(images.tobytes())
+            digest.update(labels.tobytes())
+        _FINGERPRINTS[(name, root)] = digest.hexdigest()
+    return _FINGERPRINTS[(name, root)]
+
+
+def checkpoint_key(recipe: dict[str, Any], data: str, code: str) -> str:
+    """The cache key of a checkpoint: sha256 of its recipe, data fingerprint and code version."""
+    text = json.dumps({"recipe": recipe, "data": data, "code": code}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of the state dict's names, dtypes, shapes and values, in name order."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_name(recipe: dict[str, Any], key: str) -> str:
+    parts = [recipe["dataset"], recipe["model"]]
+    if recipe.get("classes"):
+        parts.append("c" + "-".join(map(str, recipe["classes"])))
+    if recipe.get("split"):
+        parts.append(f"{recipe['split']}{recipe['part']}of{recipe['n_parts']}")
+    parts.append(f"s{recipe['seed']}")
+    return "_".join(parts) + f"_{key[:12]}.safetensors"
+
+
+def train_or_reuse(
+    recipe: dict[str, Any], folder: Path, *, code: str, data_root: str | None
+) -> Checkpoint:
+    """The checkpoint of ``recipe`` in ``folder``: reused when its key matches, else trained
+    on CPU (deterministic) and saved. ``code`` is the training code version."""
+    from symmerge.io import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+    from symmerge.train import train_model
+
+    key = checkpoint_key(recipe, dataset_fingerprint(recipe["dataset"], data_root), code)
+    path = Path(folder) / _file_name(recipe, key)
+    reused = path.exists() and read_checkpoint_metadata(path).get("report_key") == key
+    if not reused:
+        kwargs = {k: v for k, v in recipe.items() if k not in ("model", "dataset")}
+        if recipe.get("split") is None:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("part", "n_parts", "split_seed")}
+        model, info = train_model(recipe["model"], recipe["dataset"], data_root=data_root,
+                                  device="cpu", progress=False, **kwargs)  # fmt: skip
+        info = {**info, "report_key": key, "recipe": recipe}
+        save_checkpoint(path, model, info["config"], info, overwrite=True)
+    model, meta = load_checkpoint(path)
+    return Checkpoint(model=model, metadata=meta, path=path, key=key, sha256=_file_sha256(path),
+                      weights_sha256=weights_sha256(model), reused=reused)  # fmt: skip

@@ -1,0 +1,146 @@
+"""Where a report's numbers come from: the code version of what they depend on, the commit,
+package versions, hardware, threads and the command.
+
+A cached result is valid only for the code that made it, so cache keys hash the *contents*
+of the source files a result depends on (not the arguments alone, nor only a commit, which
+misses uncommitted changes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MERGE_CODE_EXCLUDED",
+    "TRAINING_CODE",
+    "code_version",
+    "command_line",
+    "git_commit",
+    "hardware",
+    "merge_code_version",
+    "now",
+    "package_versions",
+    "training_code_version",
+]
+
+PACKAGE = Path(__file__).resolve().parent.parent
+
+#: What a trained checkpoint depends on: the recipe, data loading, the models, the file format.
+TRAINING_CODE = ("train.py", "data.py", "io.py", "models")
+
+#: Files that never change a number (drawing and the command line): left out of the code
+#: version of the runs, so a change to them does not invalidate a resumable report.
+MERGE_CODE_EXCLUDED = ("cli.py", "report/render.py")
+
+#: Environment variables whose values are machine paths: recorded commands name them instead.
+PATH_VARIABLES = ("SYMMERGE_DATA", "SYMMERGE_CHECKPOINTS")
+
+
+def _files(parts: Iterable[str]) -> list[Path]:
+    out: list[Path] = []
+    for part in parts:
+        path = PACKAGE / part
+        out += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return out
+
+
+def code_version(files: Sequence[Path]) -> str:
+    """sha256 over the package-relative names and contents of ``files``."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(str(path.relative_to(PACKAGE)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def training_code_version() -> str:
+    """Code version of what trains a checkpoint (:data:`TRAINING_CODE`)."""
+    return code_version(_files(TRAINING_CODE))
+
+
+def merge_code_version() -> str:
+    """Code version of everything a run's numbers depend on: the package's Python files
+    less :data:`MERGE_CODE_EXCLUDED`."""
+    excluded = {PACKAGE / p for p in MERGE_CODE_EXCLUDED}
+    return code_version([p for p in _files(["."]) if p not in excluded])
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, with ``+dirty`` when the package has uncommitted changes
+    (``None`` outside a git checkout)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=PACKAGE, timeout=10).stdout  # fmt: skip
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--", str(PACKAGE)).strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of Python and of the packages the numbers depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from symmerge import __version__
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "symmerge": __version__}
+    for name in ("torch", "numpy", "scipy", "numba", "matplotlib"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    """CPU model, logical CPUs, GPU (or ``None``) and torch's intra-op threads."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "gpu": gpu,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command as typed (``sys.argv`` by default), machine paths named by variable."""
+    args = list(sys.argv if argv is None else argv)
+    if args:
+        args[0] = Path(args[0]).name
+    text = " ".join(shlex.quote(a) for a in args)
+    for name in PATH_VARIABLES:
+        value = os.environ.get(name)
+        if value:
+            text = text.replace(os.path.abspath(value), f"${name}").replace(value, f"${name}")
+    return text
+
+
+def now() -> str:
+    """The current UTC time, to the second (ISO 8601)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,371 @@
+"""Draw a report from its results document: ``report.md`` and the plots.
+
+Everything drawn comes from the document alone (no clock, no machine lookups), so
+``symmerge report --render-only`` reproduces ``report.md`` byte for byte.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUDGET_PLOT", "REPORT_FILE", "TIME_PLOT", "render_markdown", "write_plots",
+           "write_report"]  # fmt: skip
+
+REPORT_FILE = "report.md"
+BUDGET_PLOT = "accuracy_vs_budget.png"
+TIME_PLOT = "time_per_method.png"
+
+
+def write_report(doc: dict[str, Any], folder: str | Path) -> list[Path]:
+    """Write ``report.md`` and the plots of ``doc`` into ``folder``; returns the files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    md = folder / REPORT_FILE
+    md.write_text(render_markdown(doc))
+    return [md, *write_plots(doc, folder)]
+
+
+# --------------------------------------------------------------------------------------
+# formatting
+# --------------------------------------------------------------------------------------
+
+
+def _mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def _pct(values: Sequence[float]) -> str:
+    return _mean_std(values, 100.0)
+
+
+def _count(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    return f"{round(mean):,}" if len(set(values)) == 1 else f"{mean:,.0f} (mean)"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], text: int = 1) -> list[str]:
+    """A markdown table; the first ``text`` columns left-aligned, the others right-aligned."""
+    rule = ["---" if i < text else "---:" for i in range(len(header))]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _classes(classes: Sequence[int] | None) -> str:
+    if not classes:
+        return "all"
+    c = sorted(classes)
+    if c == list(range(c[0], c[-1] + 1)) and len(c) > 2:
+        return f"{c[0]}-{c[-1]}"
+    return ",".join(map(str, c))
+
+
+def _value(value: Any, metric: str) -> str:
+    if isinstance(value, list):
+        return f"+{value[0]:g} to +{value[1]:g} points"
+    if metric == "accuracy":
+        return f"{100 * value:.2f} %"
+    return f"{value:+g} points"
+
+
+# --------------------------------------------------------------------------------------
+# the markdown
+# --------------------------------------------------------------------------------------
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """``report.md`` of a (validated) results document."""
+    meta = doc["meta"]
+    lines = [f"# symmerge report: {meta['scale']} scale", ""]
+    lines += _provenance(doc)
+    lines += [
+        "",
+        "Accuracy is the mean over the setting's test sets, or, for sources trained on "
+        "disjoint classes, the joint accuracy (no task id) over their classes; percentages, "
+        "mean ± std over seeds. Every run of a setting and seed merges the same checkpoints "
+        "(same sha256); every data-using method and every REPAIR gets the same data. MACs: "
+        "multiply-accumulates per example of the merged model relative to one source "
+        "(`symmerge.flops`). `method s`: the method's own time (`MergeResult.seconds`); "
+        "`merge s`: the whole `merge()` call (tracing, building and renormalisation too); "
+        "a method's first call in a process also compiles its solvers (numba), so the first "
+        "setting's times run high. "
+        "Published numbers carry a tag: paper, code, or secondary (a third party quoting "
+        "the paper); their settings differ from ours as noted.",
+    ]
+    published = doc["published"]
+    for name in meta["config"]["settings"]:
+        lines += ["", *_setting_section(doc, name, published)]
+    lines += ["", *_coverage(doc)]
+    lines += ["", *_plots_section(doc)]
+    lines += ["", *_published_section(published)]
+    lines += ["", "## Peers", ""]
+    peers = doc["peers"]
+    if peers["runs"]:
+        lines += [f"- {p}" for p in peers["runs"]]
+    else:
+        lines.append(f"No peer runs: {peers['reason']}.")
+    return "\n".join(lines) + "\n"
+
+
+def _provenance(doc: dict[str, Any]) -> list[str]:
+    meta = doc["meta"]
+    hw = meta["hardware"]
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+    runs = doc["runs"]
+    ok = sum(r["status"] == "ok" for r in runs)
+    state = "" if meta.get("complete", True) else " **(incomplete: the run was interrupted)**"
+    return [
+        f"- Command: `{meta['command']}`{state}",
+        f"- Date: {meta['date']}",
+        f"- Code: commit {meta['git_commit'] or 'unknown'}; code version "
+        f"{meta['code_version'][:12]} (training code {meta['training_code_version'][:12]})",
+        f"- Hardware: {hw['cpu']}, {hw['logical_cpus']} logical CPUs, GPU {hw['gpu'] or 'none'};"
+        f" device {meta['device']}; torch threads {meta['threads']}"
+        + (f" (OMP_NUM_THREADS={hw['omp_num_threads']})" if hw.get("omp_num_threads") else ""),
+        f"- Versions: {versions}",
+        f"- Seeds: {', '.join(map(str, meta['seeds']))}",
+        f"- Runs: {len(runs)} ({ok} ok, {len(runs) - ok} failed; "
+        f"{meta.get('reused_runs', 0)} reused from an earlier call)",
+    ]
+
+
+def _labels(runs: Sequence[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for r in runs:
+        if r["label"] not in out:
+            out.append(r["label"])
+    return out
+
+
+def _parts(setting: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Column titles and keys of the per-dataset or per-task accuracies."""
+    if setting["metric"] == "joint":
+        return [(f"task {_classes(s['classes'])} %", k) for k, s in enumerate(setting["sources"])]
+    return [(f"{t['dataset']} %", t["dataset"]) for t in setting["tests"]]
+
+
+def _part(metrics: dict[str, Any], key: Any) -> float:
+    if isinstance(key, int):
+        return metrics["per_task"][key]["accuracy"]
+    return metrics["per_dataset"][key]["accuracy"]
+
+
+def _setting_section(doc: dict[str, Any], name: str, published: list[dict]) -> list[str]:
+    setting = doc["meta"]["settings"][name]
+    runs = [r for r in doc["runs"] if r["setting"] == name]
+    lines = [f"## {name}: {setting['title']}", ""]
+    if setting["stand_in"]:
+        lines += [f"Stands in for: {setting['stand_in']}.", ""]
+    lines += _endpoints(doc, name, setting)
+    parts = _parts(setting)
+    first = "joint %" if setting["metric"] == "joint" else "accuracy %"
+    header = ["method", first, *[p[0] for p in parts], "loss", "params", "MACs",
+              "method s", "merge s", "published"]  # fmt: skip
+    marks = {}
+    mine = [e for e in published if e["setting"] == name]
+    for k, e in enumerate(mine, 1):
+        marks.setdefault(e["method"], []).append((k, e))
+    rows, failures = [], []
+    for label in _labels(runs):
+        group = [r for r in runs if r["label"] == label]
+        ok = [r["metrics"] for r in group if r["status"] == "ok"]
+        bad = [r for r in group if r["status"] != "ok"]
+        failures += [f"- {label} (seed {r['seed']}): {r['error']}" for r in bad]
+        acc = _pct([m["accuracy"] for m in ok])
+        if bad:
+            acc = "failed" if not ok else f"{acc} ({len(bad)} failed)"
+        times = [r["timings"] for r in group if r["status"] == "ok"]
+        pub = "; ".join(f"{_value(e['value'], e['metric'])} ({e['tag']}) [p{k}]"
+                        for k, e in marks.get(label, []) if e["metric"] == "accuracy")  # fmt: skip
+        rows.append([
+            label, acc, *[_pct([_part(m, key) for m in ok]) for _, key in parts],
+            _mean_std([m["loss"] for m in ok], digits=4), _count([m["params"] for m in ok]),
+            _mean_std([m["macs_ratio"] for m in ok]) + ("x" if ok else ""),
+            _mean_std([t["method_s"] for t in times], digits=3),
+            _mean_std([t["merge_wall_s"] for t in times], digits=3), pub or "",
+        ])  # fmt: skip
+    lines += _table(header, rows)
+    if failures:
+        lines += ["", "Failed runs (recorded, never dropped):", "", *failures]
+    if mine:
+        lines += ["", "Published:", ""]
+        for k, e in enumerate(mine, 1):
+            lines.append(f"- [p{k}] {e['method']}" + _claim(e, runs) + f" ({e['tag']}): "
+                         f"{e['source']}. Differs: {e['differs']}.")  # fmt: skip
+    return lines
+
+
+def _claim(entry: dict[str, Any], runs: Sequence[dict[str, Any]]) -> str:
+    """A published entry's value, and for a gain over a baseline, ours beside it."""
+    if entry["metric"] == "accuracy":
+        return f": {_value(entry['value'], 'accuracy')}"
+    base = entry.get("baseline")
+    text = f" over {base}: {_value(entry['value'], entry['metric'])}" if base else ""
+    if entry["metric"] != "gain_points" or not base:
+        return text
+
+    def acc(label: str) -> float | None:
+        vals = [r["metrics"]["accuracy"] for r in runs
+                if r["label"] == label and r["status"] == "ok"]  # fmt: skip
+        return statistics.fmean(vals) if vals else None
+
+    ours, theirs = acc(entry["method"]), acc(base)
+    if ours is None or theirs is None:
+        return text + "; ours: not run"
+    gain = 100 * (ours - theirs)
+    low = entry["value"][0] if isinstance(entry["value"], list) else entry["value"]
+    agrees = "agrees" if (gain > 0) == (low > 0) else "disagrees"
+    return text + f"; ours: {gain:+.2f} points (direction {agrees})"
+
+
+def _endpoints(doc: dict[str, Any], name: str, setting: dict[str, Any]) -> list[str]:
+    entries = [e for e in doc["endpoints"] if e["setting"] == name]
+    if not entries:
+        return ["No sources: the setting could not be prepared (see the failed runs).", ""]
+    lines = ["Sources (accuracy as the setting measures it, then its parts):", ""]
+    parts = _parts(setting)
+    for k, source in enumerate(setting["sources"]):
+        metrics = [e["sources"][k]["metrics"] for e in entries]
+        accs = [m["accuracy"] for m in metrics]
+        shown = ", ".join(f"{title.removesuffix(' %')} {_pct([_part(m, key) for m in metrics])} %"
+                          for title, key in parts)  # fmt: skip
+        shas = ", ".join(e["sources"][k]["sha256"][:12] for e in entries)
+        what = f"{source['dataset']} classes {_classes(source['classes'])}, {source['model']}"
+        if source["split"]:
+            what += f", {source['split']} part {source['part']}/{source['n_parts']}"
+        what += f", {source['epochs']} epochs on {source['limit_train'] or 'all'} images"
+        lines.append(f"- source {k + 1}: {what}: {_pct(accs)} % ({shown}; sha256 {shas})")
+    data = entries[0]["data"]
+    shas = ", ".join(e["data"]["sha256"][:12] for e in entries)
+    lines += ["", f"Merge data: `{data['spec']}`, {data['samples_per_source']} images of each "
+              f"dataset ({data['n']} in all, batches of {data['batch_size']}; sha256 {shas}).",
+              ""]  # fmt: skip
+    return lines
+
+
+def _coverage(doc: dict[str, Any]) -> list[str]:
+    meta = doc["meta"]
+    names = meta["config"]["settings"]
+    lines = ["## Coverage", "", "Runs per method and setting (ok / failed); `-`: the method "
+             "cannot run there (reasons below).", ""]  # fmt: skip
+    rows, reasons = [], []
+    for method in meta["config"]["methods"]:
+        row = [method]
+        for name in names:
+            group = [r for r in doc["runs"] if r["setting"] == name and r["method"] == method]
+            ok = sum(r["status"] == "ok" for r in group)
+            row.append(f"{ok} / {len(group) - ok}" if group else "-")
+        rows.append(row)
+        why = sorted({meta["not_run"][n][method] for n in names if method in meta["not_run"][n]})
+        if why:
+            reasons.append(f"- {method}: {'; '.join(why)}")
+    lines += _table(["method", *names], rows)
+    if reasons:
+        lines += ["", *reasons]
+    return lines
+
+
+def _plots_section(doc: dict[str, Any]) -> list[str]:
+    lines = ["## Plots", ""]
+    if _budget_points(doc):
+        lines += [f"![accuracy against measured compute]({BUDGET_PLOT})", ""]
+    if _time_points(doc):
+        lines.append(f"![time per method]({TIME_PLOT})")
+    return lines
+
+
+def _published_section(published: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Published numbers", ""]
+    if not published:
+        return lines + ["None for the settings in this report."]
+    rows = [[e["setting"], e["method"] + (f" vs {e['baseline']}" if e.get("baseline") else ""),
+             _value(e["value"], e["metric"]), e["tag"], e["source"], e["differs"]]
+            for e in published]  # fmt: skip
+    return lines + _table(["setting", "method", "value", "tag", "source", "differs"], rows, 6)
+
+
+# --------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------
+
+
+def _budget_points(doc: dict[str, Any]) -> dict[str, list[tuple[float, float, float]]]:
+    """Per method of the budgets setting: (budget, mean MACs ratio, mean accuracy)."""
+    out: dict[str, list[tuple[float, float, float]]] = {}
+    runs = [r for r in doc["runs"] if r["budget"] is not None and r["status"] == "ok"]
+    for method in sorted({r["method"] for r in runs}):
+        for budget in sorted({r["budget"] for r in runs if r["method"] == method}):
+            group = [r["metrics"] for r in runs if r["method"] == method and r["budget"] == budget]
+            out.setdefault(method, []).append(
+                (
+                    budget,
+                    statistics.fmean(m["macs_ratio"] for m in group),
+                    statistics.fmean(m["accuracy"] for m in group),
+                )
+            )
+    return out  # fmt: skip
+
+
+def _time_points(doc: dict[str, Any]) -> dict[str, list[float]]:
+    """Per method: the merge() seconds of its plain runs (no REPAIR, no budget)."""
+    times: dict[str, list[float]] = {}
+    for r in doc["runs"]:
+        if r["status"] == "ok" and r["renorm"] is None and r["budget"] is None:
+            times.setdefault(r["method"], []).append(r["timings"]["merge_wall_s"])
+    return times
+
+
+def write_plots(doc: dict[str, Any], folder: Path) -> list[Path]:
+    """The PNG plots (matplotlib, Agg); none, with a note on stderr, without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install symmerge[plot]): no plots drawn",
+              file=sys.stderr)  # fmt: skip
+        return []
+    written = []
+    points = _budget_points(doc)
+    if points:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, pts in points.items():
+            ax.plot([p[1] for p in pts], [100 * p[2] for p in pts], "o-", label=method)
+        ax.set_xlabel("MACs of the merged model / one source (measured)")
+        ax.set_ylabel("accuracy %")
+        ax.set_title("accuracy against compute (budgets setting)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        written.append(_save(fig, folder / BUDGET_PLOT))
+    times = _time_points(doc)
+    if times:
+        names = sorted(times, key=lambda m: statistics.median(times[m]))
+        fig, ax = plt.subplots(figsize=(6, 0.35 * len(names) + 1.2))
+        ax.barh(names, [statistics.median(times[m]) for m in names])
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per merge() call (median over settings and seeds)")
+        ax.set_title("time per method")
+        ax.grid(alpha=0.3, axis="x")
+        written.append(_save(fig, folder / TIME_PLOT))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+    return path

@@ -1,0 +1,425 @@
+"""Run a report: train (or reuse) every setting's checkpoints, run every applicable method on
+the same checkpoints and data, evaluate, and write ``results.json`` as it goes.
+
+Only the public API is used (:func:`symmerge.merging.merge`, :func:`symmerge.methods.method_info`,
+:func:`symmerge.train.train_model`, :mod:`symmerge.evaluate`, :mod:`symmerge.sources`), so a
+method enters the report by being registered. A run that fails is recorded with its reason.
+Runs are keyed by their setting, method, keywords, seed, checkpoints, data and the code version
+(:func:`symmerge.report.provenance.merge_code_version`): ``resume`` reuses a finished run only
+under the same key, in a folder made by the same configuration and code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import random
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from symmerge.report import provenance
+from symmerge.report.checkpoints import Checkpoint, train_or_reuse
+from symmerge.report.schema import (
+    RESULTS_FILE,
+    ReportError,
+    load_published,
+    load_results,
+    new_document,
+    save_results,
+)
+from symmerge.report.settings import (
+    DEFAULT_SEEDS,
+    SCALES,
+    SETTING_NAMES,
+    Job,
+    Setting,
+    applicability,
+    jobs,
+    settings_for,
+)
+
+__all__ = ["PEERS_REASON", "check_scale", "run_report", "select"]
+
+#: Why ``peers`` is empty in this version.
+PEERS_REASON = (
+    "peer runs (the PyPI rebasin package, the official C2M3, ZipIt!, PLeaS and neuron-"
+    "interpolation code on these checkpoints) are not part of the harness yet"
+)
+
+#: Batch size of the merge data.
+DATA_BATCH = 500
+CHECKPOINT_DIR = "checkpoints"
+
+
+def check_scale(scale: str) -> None:
+    """Raise :class:`ReportError` unless this version can run ``scale`` on this machine."""
+    if scale not in SCALES:
+        raise ReportError(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
+    if scale == "paper" and not torch.cuda.is_available():
+        raise ReportError(
+            "--scale paper needs a CUDA GPU and none is available; it never runs on the CPU "
+            "at another scale instead (use --scale smoke)"
+        )
+    try:
+        settings_for(scale)
+    except NotImplementedError as exc:
+        raise ReportError(f"{exc} (use --scale smoke)") from None
+
+
+def select(names: Sequence[str] | None, valid: Sequence[str], kind: str) -> list[str]:
+    """``names`` checked against ``valid`` (all of ``valid`` when ``None``), in ``valid``'s
+    order; an unknown name is a :class:`ReportError` listing the valid ones."""
+    if names is None:
+        return list(valid)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ReportError(f"unknown {kind} {', '.join(map(repr, unknown))}; valid {kind}s: "
+                          f"{', '.join(valid)}")  # fmt: skip
+    if not names:
+        raise ReportError(f"no {kind}s selected; valid {kind}s: {', '.join(valid)}")
+    return [n for n in valid if n in names]
+
+
+@dataclass
+class _Context:
+    """What every run of a setting and seed shares."""
+
+    checkpoints: list[Checkpoint]
+    data: list[tuple[Tensor, Tensor]]
+    data_record: dict[str, Any]
+    tests: list[tuple[str, Tensor, Tensor]]
+    example: Tensor
+    macs: float
+
+
+def run_report(
+    output: str | Path,
+    *,
+    scale: str = "smoke",
+    settings: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    data_root: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run the report into ``output`` and return its results document.
+
+    Args:
+        output: the report folder: ``results.json`` (written after every setting and seed),
+            ``checkpoints/`` (the sources, reused across calls while their key matches).
+        scale: ``"smoke"`` (``"cpu"`` and ``"paper"`` are not built yet).
+        settings, methods: names to run (default: all; methods from
+            :func:`symmerge.methods.list_methods`).
+        seeds: report seeds (default: the scale's).
+        data_root: the datasets' folder.
+        resume: continue a report in ``output`` of the same configuration and code version,
+            reusing its finished runs; without it a folder holding results is refused.
+        progress: report progress on stderr.
+        command: the command line to record (default: ``sys.argv``).
+    """
+    from symmerge.methods import list_methods, method_info
+    from symmerge.progress import progress_bar
+
+    check_scale(scale)
+    chosen = select(settings, SETTING_NAMES, "setting")
+    methods = select(methods, list_methods(), "method")
+    seeds = list(DEFAULT_SEEDS[scale] if seeds is None else seeds)
+    if not seeds:
+        raise ReportError("no seeds selected")
+    defs = settings_for(scale)
+    config = {"scale": scale, "settings": chosen, "methods": methods, "seeds": seeds}
+    code = provenance.merge_code_version()
+    out = Path(output)
+    previous = _previous_runs(out, config, code, resume)
+    root = None if data_root is None else str(data_root)
+
+    plan = [(name, seed, job) for name in chosen for seed in seeds
+            for job in jobs(defs[name], methods)]  # fmt: skip
+    not_run = {name: {m: why for m in methods
+                      if (why := applicability(defs[name], method_info(m))) is not None}
+               for name in chosen}  # fmt: skip
+    meta = {
+        "command": command if command is not None else provenance.command_line(),
+        "git_commit": provenance.git_commit(),
+        "code_version": code,
+        "training_code_version": provenance.training_code_version(),
+        "versions": provenance.package_versions(),
+        "hardware": provenance.hardware(),
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "date": provenance.now(),
+        "scale": scale,
+        "seeds": seeds,
+        "config": config,
+        "settings": {name: defs[name].to_dict() for name in chosen},
+        "methods": {m: method_info(m).to_dict() for m in methods},
+        "not_run": not_run,
+        "complete": False,
+        "reused_runs": 0,
+    }
+    published = [e for e in load_published() if e["setting"] in chosen]
+    doc = new_document(meta, published, {"runs": [], "reason": PEERS_REASON})
+    results = out / RESULTS_FILE
+    bar = progress_bar(total=len(plan), desc=f"report ({scale})", unit="run", enabled=progress)
+    try:
+        for name in chosen:
+            setting = defs[name]
+            for seed in seeds:
+                todo = [job for s, sd, job in plan if s == name and sd == seed]
+                if not todo:
+                    continue
+                try:
+                    ctx = _prepare(setting, seed, out, root, doc)
+                except Exception as exc:  # every run of the setting and seed fails with it
+                    reason = " ".join(f"preparing {name}: {type(exc).__name__}: {exc}".split())
+                    doc["runs"] += [_failed(setting, seed, job, reason) for job in todo]
+                    bar.update(len(todo))
+                    continue
+                for job in todo:
+                    bar.set_postfix(run=f"{name} {job.label}")
+                    record = _run_or_reuse(setting, seed, job, ctx, code, previous)
+                    meta["reused_runs"] += bool(record.pop("_reused", False))
+                    doc["runs"].append(record)
+                    bar.update(1)
+                save_results(doc, results)
+    finally:
+        bar.close()
+    meta["complete"] = True
+    save_results(doc, results)
+    return load_results(results)
+
+
+def _previous_runs(
+    out: Path, config: dict[str, Any], code: str, resume: bool
+) -> dict[str, dict[str, Any]]:
+    """The finished runs ``resume`` may reuse, by key (after checking the folder's
+    configuration and code version); a folder with results and no ``resume`` is refused."""
+    path = out / RESULTS_FILE
+    if not path.exists():
+        return {}
+    if not resume:
+        raise ReportError(
+            f"{path} exists; pass --resume to continue that report (same configuration and "
+            "code), --render-only to redraw it, or choose another -o"
+        )
+    doc = load_results(path)
+    before = doc["meta"]["config"]
+    if before != config:
+        diff = "; ".join(f"{k}: {before.get(k)} there, {config[k]} now"
+                         for k in config if before.get(k) != config[k])  # fmt: skip
+        raise ReportError(
+            f"cannot resume {out}: it was made with another configuration ({diff}); rerun "
+            "with its options or write to another -o"
+        )
+    if doc["meta"]["code_version"] != code:
+        raise ReportError(
+            f"cannot resume {out}: its runs were made by other code (code version "
+            f"{doc['meta']['code_version'][:12]}, commit {doc['meta']['git_commit']}); this "
+            f"is {code[:12]} (commit {provenance.git_commit()}). Write to another -o, or "
+            f"delete {path} to start over"
+        )
+    return {r["key"]: r for r in doc["runs"] if r["status"] == "ok"}
+
+
+def _batches_sha256(batches: Sequence[tuple[Tensor, Tensor]]) -> str:
+    digest = hashlib.sha256()
+    for x, y in batches:
+        digest.update(x.contiguous().numpy().tobytes())
+        digest.update(y.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _prepare(setting: Setting, seed: int, out: Path, root: str | None, doc: dict) -> _Context:
+    """Train or reuse the setting's checkpoints, draw its data, load its test sets and
+    evaluate the sources; the endpoints entry is added to ``doc``."""
+    from symmerge.data import get_dataset
+    from symmerge.flops import count_compute
+    from symmerge.sources import data_source_batches
+
+    code = doc["meta"]["training_code_version"]
+    folder = out / CHECKPOINT_DIR
+    checkpoints = [train_or_reuse(s.recipe(seed), folder, code=code, data_root=root)
+                   for s in setting.sources]  # fmt: skip
+    models = [c.model for c in checkpoints]
+    datasets = [c.metadata.get("dataset") for c in checkpoints]
+    data = data_source_batches(setting.data, DATA_BATCH, root=root, samples=setting.samples,
+                               seed=seed, datasets=datasets, model=models[0])  # fmt: skip
+    record = {"spec": setting.data, "samples_per_source": setting.samples, "seed": seed,
+              "batch_size": DATA_BATCH, "n": sum(len(x) for x, _ in data),
+              "sha256": _batches_sha256(data)}  # fmt: skip
+    tests = []
+    for t in setting.tests:
+        classes = None if t.classes is None else list(t.classes)
+        if setting.metric == "joint":
+            classes = sorted({c for s in setting.sources for c in (s.classes or ())}) or None
+        x, y = get_dataset(t.dataset, "test", root=root, classes=classes).tensors
+        tests.append((t.dataset, x, y))
+    example = torch.zeros(1, *models[0].input_shape)
+    ctx = _Context(checkpoints, data, record, tests, example,
+                   count_compute(models[0], example).macs)  # fmt: skip
+    sources = []
+    for c in checkpoints:
+        sources.append({
+            "sha256": c.sha256, "weights_sha256": c.weights_sha256,
+            "file": str(c.path.relative_to(out)), "recipe": c.metadata.get("recipe"),
+            "reused": c.reused, "metrics": _evaluate(c.model, setting, ctx, merged=False),
+        })  # fmt: skip
+    doc["endpoints"].append({"setting": setting.name, "seed": seed, "data": record,
+                             "sources": sources})  # fmt: skip
+    return ctx
+
+
+def _evaluate(model: nn.Module, setting: Setting, ctx: _Context, *, merged: bool) -> dict:
+    """The setting's metrics: accuracy (mean over test sets, or joint), loss and the parts."""
+    from symmerge.evaluate import evaluate, task_accuracy
+
+    if setting.metric == "mean":
+        per = {name: evaluate(model, (x, y)) for name, x, y in ctx.tests}
+        return {
+            "accuracy": sum(r["accuracy"] for r in per.values()) / len(per),
+            "loss": sum(r["loss"] for r in per.values()) / len(per),
+            "per_dataset": {
+                k: {"accuracy": r["accuracy"], "loss": r["loss"], "n": r["n"]}
+                for k, r in per.items()
+            },  # fmt: skip
+        }
+    _, x, y = ctx.tests[0]
+    with torch.no_grad():
+        n_out = int(ctx.checkpoints[0].model(ctx.example).shape[-1])
+    per_task = merged and setting.heads == "per-task"
+    tasks = [{"classes": list(s.classes or range(n_out)),
+              "logits": [k * n_out, (k + 1) * n_out] if per_task else [0, n_out]}
+             for k, s in enumerate(setting.sources)]  # fmt: skip
+    res = task_accuracy(model, (x, y), tasks)
+    return {
+        "accuracy": res["joint"]["accuracy"],
+        "loss": sum(t["loss"] for t in res["tasks"]) / len(res["tasks"]),
+        "mean_task_accuracy": res["mean_task_accuracy"],
+        "per_task": [
+            {"classes": t["classes"], "accuracy": t["accuracy"], "loss": t["loss"], "n": t["n"]}
+            for t in res["tasks"]
+        ],  # fmt: skip
+        "n": res["joint"]["n"],
+    }
+
+
+def _failed(setting: Setting, seed: int, job: Job, reason: str) -> dict[str, Any]:
+    """The record of a run that could not start (its setting could not be prepared)."""
+    return {"key": None, "setting": setting.name, "method": job.method, "label": job.label,
+            "seed": seed, "params": dict(job.params), "renorm": job.renorm,
+            "heads": setting.heads, "budget": job.budget, "checkpoints": [], "data": None,
+            "status": "failed", "error": reason[:1000], "metrics": None, "timings": None,
+            "memory": None, "warnings": []}  # fmt: skip
+
+
+def _run_key(setting: Setting, seed: int, job: Job, ctx: _Context, code: str) -> str:
+    text = json.dumps({"setting": setting.to_dict(), "seed": seed, "job": asdict(job),
+                       "checkpoints": [c.sha256 for c in ctx.checkpoints],
+                       "data": ctx.data_record["sha256"], "code": code},
+                      sort_keys=True, default=str)  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed the global generators, so a run's numbers do not depend on the runs before it
+    (a resumed report reruns only some)."""
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _run_or_reuse(
+    setting: Setting, seed: int, job: Job, ctx: _Context, code: str,
+    previous: dict[str, dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    from symmerge.flops import count_compute
+    from symmerge.merging import merge
+    from symmerge.methods import method_info
+
+    key = _run_key(setting, seed, job, ctx, code)
+    if key in previous:
+        return {**previous[key], "_reused": True}
+    info = method_info(job.method)
+    kwargs = dict(job.params)
+    if "class_counts" in inspect.signature(info.fn).parameters:  # fusion weights the heads
+        kwargs["class_counts"] = [c.metadata.get("class_counts") for c in ctx.checkpoints]
+    uses_data = info.needs_data or job.renorm is not None
+    record: dict[str, Any] = {
+        "key": key, "setting": setting.name, "method": job.method, "label": job.label,
+        "seed": seed, "params": kwargs, "renorm": job.renorm, "heads": setting.heads,
+        "budget": job.budget, "checkpoints": [c.sha256 for c in ctx.checkpoints],
+        "data": ctx.data_record if uses_data else None, "status": "ok", "error": None,
+        "metrics": None, "timings": None, "memory": None, "warnings": [],
+    }  # fmt: skip
+    if job.error is not None:
+        return {**record, "status": "failed", "error": job.error}
+    models = [c.model for c in ctx.checkpoints]
+    try:
+        with _peak_memory() as memory, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _seed_everything(seed)
+            t0 = time.perf_counter()
+            merged, result = merge(
+                models, job.method, data=ctx.data if uses_data else None, renorm=job.renorm,
+                seed=seed, heads=setting.heads, block_sparse=setting.block_sparse, **kwargs,
+            )  # fmt: skip
+            wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        metrics = _evaluate(merged, setting, ctx, merged=True)
+        compute = count_compute(merged, ctx.example)
+        evaluate_s = time.perf_counter() - t1
+    except Exception as exc:  # recorded, never dropped
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return {**record, "status": "failed", "error": message[:1000]}
+    metrics.update(params=compute.params, macs=compute.macs, macs_ratio=compute.macs / ctx.macs)
+    record.update(
+        metrics=metrics,
+        timings={"method": {k: round(v, 6) for k, v in result.timings.items()},
+                 "method_s": round(result.seconds, 6), "lap_s": round(result.lap_seconds, 6),
+                 "merge_wall_s": round(wall, 6), "evaluate_s": round(evaluate_s, 6)},
+        memory=memory,
+        warnings=sorted({f"{w.category.__name__}: {w.message}" for w in caught}),
+    )  # fmt: skip
+    return record
+
+
+@contextlib.contextmanager
+def _peak_memory() -> Iterator[dict[str, Any]]:
+    """Peak resident memory while the block runs: the process's high-water mark is reset
+    first where Linux allows it (``scope: "run"``), else it is the process's peak so far
+    (``scope: "process"``)."""
+    from symmerge.progress import peak_rss_mb
+
+    box: dict[str, Any] = {}
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        scope = "run"
+    except OSError:
+        scope = "process"
+    yield box
+    peak = _vm_hwm_mb() if scope == "run" else None
+    box.update(peak_rss_mb=round(peak if peak is not None else peak_rss_mb(), 1),
+               scope=scope if peak is not None else "process")  # fmt: skip
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

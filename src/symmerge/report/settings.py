@@ -1,0 +1,305 @@
+"""The report's settings: one set of names at every scale, each a recipe of source
+checkpoints, merge data and test sets.
+
+Which methods a setting runs is read from their registered capabilities
+(:func:`symmerge.methods.method_info`), never from a list of names, so a newly registered
+method enters every setting it can run in. A setting adds rows of its own: ``+ REPAIR`` for
+every data-free method where ``repair`` is set (on the same data as the data-using methods),
+and one row per budget for methods with a target width where ``budgets`` is set.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from symmerge.methods import MethodInfo, method_info
+
+__all__ = [
+    "DEFAULT_SEEDS",
+    "SCALES",
+    "SETTING_NAMES",
+    "Job",
+    "Setting",
+    "Source",
+    "TestSet",
+    "applicability",
+    "jobs",
+    "settings_for",
+]
+
+SCALES = ("smoke", "cpu", "paper")
+
+#: Every scale defines these settings (with models and data of its size).
+SETTING_NAMES = (
+    "same-task",
+    "n-models",
+    "cross-dataset",
+    "disjoint-classes",
+    "budgets",
+    "non-iid",
+    "sharded",
+    "widths",
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source checkpoint: the arguments of ``symmerge train``.
+
+    ``seed`` is an offset: the checkpoint of report seed ``s`` is trained with seed
+    ``1000 * s + seed``, so the sources of one setting differ and seeds do not collide.
+    ``split``/``part``/``n_parts`` train on one part of a split of the training set, cut with
+    the report seed (:func:`symmerge.data.split_indices`).
+    """
+
+    dataset: str
+    model: str
+    seed: int
+    classes: tuple[int, ...] | None = None
+    split: str | None = None
+    part: int | None = None
+    n_parts: int | None = None
+    epochs: int = 2
+    limit_train: int | None = None
+
+    def recipe(self, report_seed: int) -> dict[str, Any]:
+        """The ``train_model`` arguments of this source at ``report_seed`` (JSON-ready)."""
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "classes": None if self.classes is None else list(self.classes),
+            "seed": 1000 * report_seed + self.seed,
+            "epochs": self.epochs,
+            "limit_train": self.limit_train,
+            "split": self.split,
+            "part": self.part,
+            "n_parts": self.n_parts,
+            "split_seed": report_seed if self.split else None,
+        }
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """A test split, optionally restricted to some classes."""
+
+    dataset: str
+    classes: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A comparison: sources merged by every applicable method on the same data.
+
+    Attributes:
+        name, title: the setting's name (one of :data:`SETTING_NAMES`) and a line saying it.
+        sources: the checkpoints merged (their order is the models' order).
+        tests: the test sets; ``accuracy`` is their mean (``metric="mean"``) or, for sources
+            trained on disjoint classes (``metric="joint"``), the joint accuracy over the
+            sources' classes on the one test set.
+        data: the data source spec (:mod:`symmerge.sources`) every data-using method and
+            every renormalisation gets; ``samples`` images of each dataset in it.
+        heads: ``merge``'s ``heads``.
+        repair: add a ``+ REPAIR`` row for every data-free method.
+        budgets: run only methods with a target width, once per budget (compute relative to
+            one source): ``budget=B`` where the method takes it, else ``width=round(B * n)``.
+        block_sparse: export merges block-sparse (same outputs), so that the compute counted
+            is the compute spent (a side-by-side block costs its block, not a dense layer).
+        params: per-method keywords for this setting.
+        stand_in: the papers' setting this one stands in for, and how it differs.
+    """
+
+    name: str
+    title: str
+    sources: tuple[Source, ...]
+    tests: tuple[TestSet, ...]
+    data: str
+    samples: int
+    metric: str = "mean"
+    heads: str = "shared"
+    repair: bool = False
+    budgets: tuple[float, ...] = ()
+    block_sparse: bool = True
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    stand_in: str = ""
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("mean", "joint"):
+            raise ValueError(f"setting {self.name!r}: metric must be 'mean' or 'joint'")
+        if self.heads == "per-task" and self.metric != "joint":
+            raise ValueError(f"setting {self.name!r}: per-task heads are measured by 'joint'")
+        if self.metric == "joint" and len(self.tests) != 1:
+            raise ValueError(f"setting {self.name!r}: 'joint' needs exactly one test set")
+
+    @property
+    def unequal_widths(self) -> bool:
+        return len({s.model for s in self.sources}) > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (what ``meta.settings`` records)."""
+        out = asdict(self)
+        out["params"] = {k: dict(v) for k, v in self.params.items()}
+        return _jsonable(out)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of a setting's table: a method with its keywords and renormalisation.
+
+    ``error`` marks a row that cannot run (recorded as failed with that reason).
+    """
+
+    method: str
+    label: str
+    params: dict[str, Any] = field(default_factory=dict)
+    renorm: str | None = None
+    budget: float | None = None
+    error: str | None = None
+
+
+def applicability(setting: Setting, info: MethodInfo) -> str | None:
+    """Why ``info``'s method does not run in ``setting`` (``None`` when it does)."""
+    n = len(setting.sources)
+    if not info.accepts(n):
+        return f"merges at most {info.max_models} models, the setting has {n}"
+    if setting.unequal_widths and not info.unequal_widths:
+        return "needs equal widths"
+    if setting.budgets and not info.target_width:
+        return "has no target width"
+    return None
+
+
+def jobs(setting: Setting, methods: Sequence[str]) -> list[Job]:
+    """The rows ``setting`` runs for ``methods`` (registered names), in their order."""
+    out: list[Job] = []
+    width = _hidden_width(setting.sources[0].model)
+    for name in methods:
+        info = method_info(name)
+        if applicability(setting, info) is not None:
+            continue
+        params = dict(setting.params.get(name, {}))
+        if setting.budgets:
+            for b in setting.budgets:
+                extra, error = _budget_params(info, b, width)
+                out.append(Job(name, f"{name} @{b:g}x", {**params, **extra}, budget=b,
+                               error=error))  # fmt: skip
+            continue
+        out.append(Job(name, name, params))
+        if setting.repair and not info.needs_data:
+            out.append(Job(name, f"{name} + REPAIR", params, renorm="repair"))
+    return out
+
+
+def _budget_params(
+    info: MethodInfo, budget: float, width: int
+) -> tuple[dict[str, Any], str | None]:
+    taken = inspect.signature(info.fn).parameters
+    if "budget" in taken:
+        return {"budget": budget}, None
+    if "width" in taken:
+        return {"width": round(budget * width)}, None
+    return {}, f"'{info.name}' has a target width but takes neither budget= nor width="
+
+
+def _hidden_width(model: str) -> int:
+    from symmerge.models import parse_model_name
+
+    arch, kwargs = parse_model_name(model)
+    if "width" in kwargs:
+        return int(kwargs["width"])
+    return 512 if arch == "mlp" else 1
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# the settings at each scale
+# --------------------------------------------------------------------------------------
+
+#: Smoke scale: tiny MLPs (2 hidden layers of 128), 2 epochs on 5000 training images.
+SMOKE_MLP = "mlp-w128-d2"
+SMOKE_NARROW = "mlp-w64-d2"
+SMOKE_TRAIN = {"epochs": 2, "limit_train": 5000}
+SMOKE_SAMPLES = 1000
+#: Method keywords of every smoke setting: STE for 100 steps at the authors' rate for small
+#: merge sets (their default length, one epoch, is 2-4 steps of these 1000-2000 images).
+SMOKE_PARAMS = {"ste": {"steps": 100, "lr": 0.5}}
+
+
+def _smoke() -> dict[str, Setting]:
+    def src(dataset: str, seed: int, **kw: Any) -> Source:
+        return Source(dataset, kw.pop("model", SMOKE_MLP), seed, **SMOKE_TRAIN, **kw)
+
+    mnist = (TestSet("mnist"),)
+    both = (TestSet("mnist"), TestSet("fashion-mnist"))
+    cross = (src("mnist", 0), src("fashion-mnist", 1))
+    split = {"split": "dirichlet", "n_parts": 2}
+    shards = {"split": "shards", "n_parts": 2}
+    common: dict[str, Any] = {"samples": SMOKE_SAMPLES, "params": SMOKE_PARAMS}
+    settings = [
+        Setting("same-task", "two MNIST MLPs (different seeds)",
+                (src("mnist", 0), src("mnist", 1)), mnist, "mnist", repair=True,
+                stand_in="Git Re-Basin's MNIST MLP (784-512-512-512-10, trained to "
+                "convergence); here 784-128-128-10 after 2 epochs on 5000 images", **common),
+        Setting("n-models", "three MNIST MLPs merged at once",
+                (src("mnist", 0), src("mnist", 1), src("mnist", 2)), mnist, "mnist",
+                repair=True, stand_in="C2M3's MLP on EMNIST letters, 3 models (EMNIST is "
+                "not available offline: MNIST stands in)", **common),
+        Setting("cross-dataset", "an MNIST and a Fashion-MNIST MLP, one shared 10-way head",
+                cross, both, "mnist,fashion-mnist", repair=True,
+                stand_in="Yamada et al.'s MNIST/Fashion-MNIST pair (784-512x3, 100 epochs); "
+                "STE here for 100 steps at lr 0.5 on 1000 images of each dataset", **common),
+        Setting("disjoint-classes", "MNIST classes 0-4 vs 5-9, a head per task",
+                (src("mnist", 0, classes=tuple(range(5))),
+                 src("mnist", 1, classes=tuple(range(5, 10)))),
+                mnist, "mnist", metric="joint", heads="per-task", repair=True,
+                stand_in="ZipIt!/MuDSC's CIFAR-10 5+5 with ResNet-20x4 and CLIP text heads; "
+                "here MNIST MLPs with each model's own head on the merged features",
+                **common),
+        Setting("budgets", "the cross-dataset pair merged at compute budgets 1x-2x",
+                cross, both, "mnist,fashion-mnist", budgets=(1.0, 1.5, 2.0),
+                stand_in="PLeaS's DomainNet ResNet-50 pairs (unavailable offline): the "
+                "MNIST/Fashion-MNIST pair with one shared head stands in; MuDSC in its zip "
+                "variant (the one with a target width)",
+                **{**common, "params": {**SMOKE_PARAMS, "mudsc": {"variant": "zip"}}}),
+        Setting("non-iid", "MNIST MLPs trained on the two parts of a Dirichlet split",
+                (src("mnist", 0, part=1, **split), src("mnist", 1, part=2, **split)),
+                mnist, "mnist", repair=True,
+                stand_in="neuron-interpolation fusion's non-IID VGG11 / CIFAR-10 parents; "
+                "here MNIST MLPs on Dirichlet parts (concentrations 1-5 per class)", **common),
+        Setting("sharded", "MNIST MLPs trained on disjoint shards of whole classes",
+                (src("mnist", 0, part=1, **shards), src("mnist", 1, part=2, **shards)),
+                mnist, "mnist", repair=True,
+                stand_in="neuron-interpolation fusion's sharded ViT / CIFAR-100 parents; "
+                "here MNIST MLPs on 5 classes each, tested on all 10", **common),
+        Setting("widths", "MNIST MLPs of different widths (128 and 64)",
+                (src("mnist", 0), src("mnist", 1, model=SMOKE_NARROW)), mnist, "mnist",
+                repair=True, stand_in="fusion of parents of different widths (OT fusion, "
+                "neuron interpolation); merged at the wider width or the method's own",
+                **common),
+    ]  # fmt: skip
+    return {s.name: s for s in settings}
+
+
+#: Seeds a scale runs when ``--seeds`` is not given.
+DEFAULT_SEEDS = {"smoke": (0,), "cpu": (0, 1, 2), "paper": (0, 1, 2)}
+
+
+def settings_for(scale: str) -> dict[str, Setting]:
+    """The settings of ``scale`` by name (:data:`SETTING_NAMES`, in that order).
+
+    Raises ``NotImplementedError`` for a scale this version does not define yet.
+    """
+    if scale == "smoke":
+        found = _smoke()
+        assert tuple(found) == SETTING_NAMES, "every scale defines the same names"
+        return found
+    raise NotImplementedError(f"the {scale!r} scale is not implemented yet in this version")

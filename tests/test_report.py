@@ -1,0 +1,237 @@
+"""``symmerge report``: one smoke run on two settings (every registered method, plus two
+registered here: one that works and one that fails), shared by the tests. Runs of a setting
+share checkpoints and data, failures are recorded, ``--render-only`` redraws the markdown byte
+for byte, two runs agree, and bad input (names, schema versions, resume folders, scales) is
+refused with a clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from symmerge import methods as registry
+from symmerge.cli import main
+from symmerge.methods import get_method, list_methods, register_method
+from symmerge.report import (
+    SETTING_NAMES,
+    ReportError,
+    load_results,
+    provenance,
+    run_report,
+    settings_for,
+    validate,
+    write_report,
+)
+from symmerge.report.checkpoints import train_or_reuse
+from symmerge.report.settings import jobs
+
+needs_data = pytest.mark.skipif(
+    not os.environ.get("SYMMERGE_DATA"), reason="needs SYMMERGE_DATA (CI sets it)"
+)
+
+SETTINGS = ["same-task", "disjoint-classes"]
+ADDED = "report-test-average"
+BROKEN = "report-test-broken"
+
+
+@pytest.fixture(scope="module")
+def registered() -> Iterator[None]:
+    """Two methods registered the way a user would: a working one and a broken one."""
+
+    @register_method(ADDED, paper="test")
+    def average(spec: Any, models: Any, **kwargs: Any) -> Any:
+        """The plain average, under another name."""
+        return get_method("naive")(spec, models, **kwargs)
+
+    @register_method(BROKEN, paper="test")
+    def broken(spec: Any, models: Any, **kwargs: Any) -> Any:
+        """Always fails."""
+        raise RuntimeError("boom: this method always fails")
+
+    yield
+    for name in (ADDED, BROKEN):
+        registry._REGISTRY.pop(name, None)
+
+
+def _run(folder: Path, **kwargs: Any) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    return run_report(folder, settings=SETTINGS, data_root=os.environ["SYMMERGE_DATA"],
+                      progress=False, command="symmerge report (test)", **kwargs)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report(registered: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    if not os.environ.get("SYMMERGE_DATA"):
+        pytest.skip("needs SYMMERGE_DATA (CI sets it)")
+    folder = tmp_path_factory.mktemp("report")
+    doc = _run(folder)
+    write_report(doc, folder)
+    return folder, doc
+
+
+def _numbers(doc: dict[str, Any]) -> list[tuple]:
+    """Everything that must not change between two runs (not timings, memory or dates)."""
+    runs = [(r["setting"], r["label"], r["seed"], r["status"], r["error"],
+             json.dumps(r["metrics"], sort_keys=True), json.dumps(r["params"], sort_keys=True),
+             (r["data"] or {}).get("sha256")) for r in doc["runs"]]  # fmt: skip
+    ends = [(e["setting"], e["seed"], e["data"]["sha256"],
+             [(s["weights_sha256"], json.dumps(s["metrics"], sort_keys=True))
+              for s in e["sources"]]) for e in doc["endpoints"]]  # fmt: skip
+    return runs + ends
+
+
+@needs_data
+def test_schema_and_shared_inputs(report: tuple[Path, dict]) -> None:
+    folder, doc = report
+    assert validate(json.loads((folder / "results.json").read_text())) == doc
+    assert doc["schema_version"] == 1 and doc["meta"]["complete"]
+    for key in ("command", "git_commit", "versions", "hardware", "threads", "date", "seeds"):
+        assert key in doc["meta"]
+    assert doc["peers"] == {"runs": [], "reason": doc["peers"]["reason"]} and doc["peers"]["reason"]
+    for name in SETTINGS:
+        ends = [e for e in doc["endpoints"] if e["setting"] == name]
+        assert len(ends) == 1
+        shas = [s["sha256"] for s in ends[0]["sources"]]
+        assert len(shas) == 2 and len(set(shas)) == 2
+        runs = [r for r in doc["runs"] if r["setting"] == name]
+        assert {tuple(r["checkpoints"]) for r in runs} == {tuple(shas)}
+        used = {r["data"]["sha256"] for r in runs if r["data"] is not None}
+        assert used == {ends[0]["data"]["sha256"]}
+        for r in runs:
+            if r["status"] == "ok":
+                assert 0.0 <= r["metrics"]["accuracy"] <= 1.0
+                assert r["metrics"]["params"] > 0 and r["metrics"]["macs"] > 0
+                assert r["timings"]["merge_wall_s"] >= r["timings"]["method_s"] >= 0
+    # every registered method ran in at least one of the settings
+    assert {r["method"] for r in doc["runs"]} == set(list_methods())
+    joint = [r for r in doc["runs"] if r["setting"] == "disjoint-classes" and r["status"] == "ok"]
+    assert all(len(r["metrics"]["per_task"]) == 2 for r in joint)
+    # the harness refuses a document whose runs mix checkpoints
+    mixed = json.loads(json.dumps(doc))
+    mixed["runs"][0]["checkpoints"] = list(reversed(mixed["runs"][0]["checkpoints"]))
+    with pytest.raises(ReportError, match="does not merge the checkpoints"):
+        validate(mixed)
+
+
+@needs_data
+def test_failures_are_recorded(report: tuple[Path, dict]) -> None:
+    folder, doc = report
+    failed = [r for r in doc["runs"] if r["method"] == BROKEN]
+    assert {r["label"] for r in failed} == {BROKEN, f"{BROKEN} + REPAIR"}
+    assert len(failed) == 2 * len(SETTINGS)
+    assert all(r["status"] == "failed" and "boom" in r["error"] for r in failed)
+    assert all(r["status"] == "ok" for r in doc["runs"] if r["method"] != BROKEN)
+    md = (folder / "report.md").read_text()
+    assert "Failed runs (recorded, never dropped)" in md and "boom" in md
+
+
+@needs_data
+def test_registered_method_appears(report: tuple[Path, dict]) -> None:
+    folder, doc = report
+    mine = [r for r in doc["runs"] if r["method"] == ADDED and r["renorm"] is None]
+    naive = [r for r in doc["runs"] if r["method"] == "naive" and r["renorm"] is None]
+    assert len(mine) == len(SETTINGS) and all(r["status"] == "ok" for r in mine)
+    for a, b in zip(mine, naive, strict=True):  # the same merge under another name
+        assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
+    assert f"| {ADDED} |" in (folder / "report.md").read_text()
+
+
+@needs_data
+def test_render_only_reproduces_markdown(report: tuple[Path, dict]) -> None:
+    folder, _ = report
+    before = (folder / "report.md").read_bytes()
+    (folder / "report.md").unlink()
+    result = CliRunner().invoke(main, ["report", "--render-only", "-o", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert (folder / "report.md").read_bytes() == before
+    assert (folder / "time_per_method.png").stat().st_size > 0
+
+
+@needs_data
+def test_two_runs_give_identical_numbers(
+    report: tuple[Path, dict], tmp_path: Path
+) -> None:  # fmt: skip
+    _, doc = report
+    again = _run(tmp_path)
+    assert _numbers(again) == _numbers(doc)
+
+
+@needs_data
+def test_resume_reuses_runs_of_the_same_configuration(
+    report: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    folder, doc = report
+    same = doc["meta"]["code_version"]  # the code that made it (whatever edits came since)
+    monkeypatch.setattr(provenance, "merge_code_version", lambda: same)
+    with pytest.raises(ReportError, match="pass --resume"):
+        _run(folder)
+    with pytest.raises(ReportError, match="another configuration.*settings"):
+        run_report(folder, settings=["same-task"], resume=True, progress=False)
+    with pytest.raises(ReportError, match="another configuration.*methods"):
+        _run(folder, methods=["naive", "weight"], resume=True)
+    resumed = _run(folder, resume=True)
+    ok = sum(r["status"] == "ok" for r in doc["runs"])
+    assert resumed["meta"]["reused_runs"] == ok
+    assert _numbers(resumed) == _numbers(doc)
+    monkeypatch.setattr(provenance, "merge_code_version", lambda: "0" * 64)
+    with pytest.raises(ReportError, match="made by other code"):
+        _run(folder, resume=True)
+
+
+@needs_data
+def test_stale_checkpoints_are_retrained(tmp_path: Path) -> None:
+    recipe = {"model": "mlp-w16-d1", "dataset": "mnist", "classes": None, "seed": 0,
+              "epochs": 1, "limit_train": 256, "split": None, "part": None, "n_parts": None,
+              "split_seed": None}  # fmt: skip
+    root = os.environ["SYMMERGE_DATA"]
+    first = train_or_reuse(recipe, tmp_path, code="a", data_root=root)
+    again = train_or_reuse(recipe, tmp_path, code="a", data_root=root)
+    other = train_or_reuse(recipe, tmp_path, code="b", data_root=root)
+    assert not first.reused and again.reused and not other.reused
+    assert again.sha256 == first.sha256 and other.key != first.key
+    assert other.weights_sha256 == first.weights_sha256  # deterministic training
+
+
+def test_every_method_runs_in_some_smoke_setting(registered: None) -> None:
+    settings = settings_for("smoke")
+    assert tuple(settings) == SETTING_NAMES
+    for name in list_methods():
+        assert any(jobs(s, [name]) for s in settings.values()), name
+
+
+def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "r"
+    result = runner.invoke(main, ["report", "--methods", "weight,nope", "-o", str(out)])
+    assert result.exit_code != 0
+    assert "'nope'" in result.output and all(m in result.output for m in list_methods())
+    result = runner.invoke(main, ["report", "--settings", "bogus", "-o", str(out)])
+    assert result.exit_code != 0
+    assert "'bogus'" in result.output and all(s in result.output for s in SETTING_NAMES)
+    assert not out.exists()
+
+
+def test_results_of_another_schema_version_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text(json.dumps({"schema_version": 0, "runs": []}))
+    with pytest.raises(ReportError, match="schema_version 0"):
+        load_results(tmp_path)
+    result = CliRunner().invoke(main, ["report", "--render-only", "-o", str(tmp_path)])
+    assert result.exit_code != 0 and "schema_version 0" in result.output
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_scales_that_cannot_run_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runner = CliRunner()
+    result = runner.invoke(main, ["report", "--scale", "paper", "-o", str(tmp_path / "p")])
+    assert result.exit_code != 0 and "needs a CUDA GPU" in result.output
+    result = runner.invoke(main, ["report", "--scale", "cpu", "-o", str(tmp_path / "c")])
+    assert result.exit_code != 0 and "not implemented yet" in result.output
+    assert not (tmp_path / "p").exists() and not (tmp_path / "c").exists()
