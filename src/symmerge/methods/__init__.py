@@ -200,6 +200,7 @@ def get_method(name: str) -> Method:
 from symmerge.methods import c2m3 as c2m3  # noqa: E402
 from symmerge.methods import ensemble as ensemble  # noqa: E402
 from symmerge.methods import fusion as fusion  # noqa: E402
+from symmerge.methods import fusion_gradient as fusion_gradient  # noqa: E402
 from symmerge.methods import mudsc as mudsc  # noqa: E402
 from symmerge.methods import otfusion as otfusion  # noqa: E402
 from symmerge.methods import pleas as pleas  # noqa: E402

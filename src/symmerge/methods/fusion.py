@@ -1,5 +1,8 @@
 """Neuron-interpolation fusion, linear variants: group the parents' neurons, then refit every
-layer of the fused model, in order, to the groups' mean outputs on its *own* inputs.
+layer of the fused model, in order, to the groups' mean outputs on its *own* inputs. The
+grouping (:func:`group_neurons`) is shared with the gradient variant ``kf-gradient``
+(:mod:`symmerge.methods.fusion_gradient`), which instead trains the fused model with Adam level
+by level (:mod:`symmerge.refine.levels`: a layer with its norm, or a residual block; the head).
 
 For every group, the neurons of all N parents (their layer outputs before the nonlinearity,
 measured on the fusion data) are clustered into the fused width K: importance-weighted K-means
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +52,7 @@ from symmerge.methods import MergeResult, register_method
 from symmerge.methods.rebasin import Models, _default_collect, _state_dicts
 from symmerge.spec import ActivationSite, Group, SymmetrySpec
 
-__all__ = ["hf_linear", "kf_linear", "logit_kd"]
+__all__ = ["Grouping", "group_neurons", "hf_linear", "kf_linear", "logit_kd"]
 
 _PAPER = "Model Fusion via Neuron Interpolation (arXiv 2507.00037)"
 _URL = "https://arxiv.org/abs/2507.00037"
@@ -178,27 +182,52 @@ def producer_sites(group: Group) -> list[ActivationSite]:
     return [s for s in outs if s.op in _LAYER_OPS][:1] or outs[:1]
 
 
-def _fuse(
+@dataclass
+class Grouping:
+    """The parents' neurons clustered into fused units (what every fusion variant shares).
+
+    Attributes:
+        maps: the GroupMap of every group (``M_m`` weighted means, ``U_m`` the assignment).
+        objective: per group, the importance-weighted grouping error per unit of importance.
+        mass: per group, every fused unit's importance ``S_k`` (its members' scores summed).
+        specs: one spec per parent (the given ``specs``, else ``spec`` repeated).
+        weights: the model weights (what no group holds: image channels, logits).
+        timings: seconds of ``statistics``, ``importance`` and ``grouping``.
+    """
+
+    maps: dict[str, GroupMap]
+    objective: dict[str, float]
+    mass: dict[str, torch.Tensor]
+    specs: list[SymmetrySpec]
+    weights: tuple[float, ...]
+    timings: dict[str, float]
+
+
+def group_neurons(
     name: str,
     spec: SymmetrySpec,
-    models: Models,
+    models: Sequence[nn.Module],
     data: Iterable[Any] | None,
-    lam: float,
-    seed: int,
-    width: int | Mapping[str, int] | None,
-    importance: str,
-    restarts: int,
-    samples: int,
-    ridge: float,
-    weights: Sequence[float] | None,
-    specs: Sequence[SymmetrySpec] | None,
-    collect: Callable[..., Any] | None,
-    device: str | torch.device | None,
-    head: str,
-    class_counts: Sequence[Sequence[float]] | None,
-) -> MergeResult:
+    *,
+    lam: float = 0.5,
+    seed: int = 0,
+    width: int | Mapping[str, int] | None = None,
+    importance: str = "uniform",
+    restarts: int = 10,
+    samples: int = 4096,
+    weights: Sequence[float] | None = None,
+    specs: Sequence[SymmetrySpec] | None = None,
+    collect: Callable[..., Any] | None = None,
+    device: str | torch.device | None = None,
+    init: str = "farthest",
+    tol: float = 0.05,
+) -> Grouping:
+    """Validate the inputs of fusion method ``name`` and cluster every group's neurons: the
+    pre-activation outputs of its producing layer (:func:`producer_sites`) on ``data``, by
+    importance-weighted K-means into the fused width (``init``, ``restarts``, ``tol`` of
+    :func:`~symmerge.solvers.kmeans.weighted_kmeans`), or for ``hf-linear`` by the exact
+    pair cost."""
     from symmerge.methods.rebasin import _model_weights
-    from symmerge.refine.lstsq import fit_layers
     from symmerge.solvers.kmeans import (
         from_labels,
         hungarian_pairs,
@@ -255,6 +284,7 @@ def _fuse(
     t1 = time.perf_counter()
     maps: dict[str, GroupMap] = {}
     objective: dict[str, float] = {}
+    mass: dict[str, torch.Tensor] = {}
     for g in spec.groups:
         raw = stats.raw(g)
         if raw is None:
@@ -268,15 +298,49 @@ def _fuse(
             k = sizes[g][0]
             found = from_labels(z, s, pair_clusters(hungarian_pairs(z[:k], z[k:], s[:k], s[k:])))
         else:
-            found = weighted_kmeans(z, s, targets[g], restarts=restarts, seed=seed)
-        maps[g] = cluster_map(found.labels, s, sizes[g], targets[g], w)
+            found = weighted_kmeans(z, s, targets[g], init=init, restarts=restarts, tol=tol,
+                                    seed=seed)  # fmt: skip
+        labels = found.labels.cpu()
+        maps[g] = cluster_map(labels, s, sizes[g], targets[g], w)
+        mass[g] = torch.zeros(targets[g], dtype=torch.float64).index_add_(0, labels, s)
         objective[g] = found.cost / float(s.sum())  # grouping error per unit of importance
-    t_group = time.perf_counter() - t1
+    timings = {"statistics": t_stats, "importance": t_imp,
+               "grouping": time.perf_counter() - t1}  # fmt: skip
+    return Grouping(maps, objective, mass, all_specs, w, timings)
+
+
+def _fuse(
+    name: str,
+    spec: SymmetrySpec,
+    models: Models,
+    data: Iterable[Any] | None,
+    lam: float,
+    seed: int,
+    width: int | Mapping[str, int] | None,
+    importance: str,
+    restarts: int,
+    samples: int,
+    ridge: float,
+    weights: Sequence[float] | None,
+    specs: Sequence[SymmetrySpec] | None,
+    collect: Callable[..., Any] | None,
+    device: str | torch.device | None,
+    head: str,
+    class_counts: Sequence[Sequence[float]] | None,
+) -> MergeResult:
+    from symmerge.refine.lstsq import fit_layers
+
+    t0 = time.perf_counter()
+    grouped = group_neurons(name, spec, models, data, lam=lam, seed=seed, width=width,
+                            importance=importance, restarts=restarts, samples=samples,
+                            weights=weights, specs=specs, collect=collect,
+                            device=device)  # fmt: skip
+    models, maps = list(models), grouped.maps
     sds = _state_dicts(models)
     t2 = time.perf_counter()
-    start = build_state_dict(all_specs if specs is not None else spec, sds, maps)
-    goals, head_used = _head_targets(spec, models[0], head, class_counts, n, name)
-    fit = fit_layers(all_specs if specs is not None else spec, models, maps, start, data,
+    start = build_state_dict(grouped.specs if specs is not None else spec, sds, maps)
+    goals, head_used = _head_targets(spec, models[0], head, class_counts, len(models), name)
+    fit = fit_layers(grouped.specs if specs is not None else spec, models, maps, start, data,
                      inputs_from="merged", targets=goals, ridge=ridge, device=device)  # fmt: skip
     t_fit = time.perf_counter() - t2
     log = [
@@ -284,9 +348,8 @@ def _fuse(
         f"target {head_used}" + (f"; left as grouped: {fit.skipped}" if fit.skipped else "")
     ]
     total = time.perf_counter() - t0
-    return MergeResult(fit.state_dict, maps, objective, 0, 0.0, total, log, name,
-                       {"statistics": t_stats, "importance": t_imp, "grouping": t_group,
-                        "lstsq": t_fit})  # fmt: skip
+    return MergeResult(fit.state_dict, maps, grouped.objective, 0, 0.0, total, log, name,
+                       {**grouped.timings, "lstsq": t_fit})  # fmt: skip
 
 
 def _head_targets(

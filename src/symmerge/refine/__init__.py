@@ -1,7 +1,8 @@
 """Refiners: steps that improve an alignment (or merged weights) after the solver.
 
 STE, the straight-through estimator of Git Re-Basin (``ste.py``); layer-wise least squares
-(``lstsq.py``: PLeaS's refit, shared with neuron-interpolation fusion).
+(``lstsq.py``: PLeaS's refit, shared with neuron-interpolation fusion); the levels that
+gradient fusion fits one after another, cut from the traced spec (``levels.py``).
 
 ``_proxy_keys``, ``_PlainGroup``, ``_WarmAssignment`` and ``_WarmMatcher`` stay importable
 from here as before ``refine`` became a package; the warm matching machinery now lives in
