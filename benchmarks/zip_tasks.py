@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the sample draw")
     parser.add_argument("--limit-test", type=int, default=None, help="test images per task")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the runs")
+    parser.add_argument("--alphas", default="0.1,0.3,0.7,0.9",
+                        help="MuDSC weight-space shares swept beside the default 0.5 (both "
+                        "variants); empty for none")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setting = SETTINGS[args.setting]
@@ -113,6 +116,7 @@ def main() -> None:
     import symmerge
     from symmerge.data import get_dataset
     from symmerge.evaluate import task_accuracy, tasks_from_classes
+    from symmerge.flops import count_compute
     from symmerge.merging import has_bn_statistics, merge
     from symmerge.methods.zipit import group_order, legal_stops
     from symmerge.renorm import reset_bn
@@ -146,10 +150,14 @@ def main() -> None:
     stops = legal_stops(spec, order, list(models[0].state_dict()))
     runs: list[tuple[str, str, dict[str, Any]]] = [
         ("naive", "naive", {}), ("weight", "weight", {}), ("activation", "activation", {}),
-        ("mudsc", "mudsc", {}), ("zip", "zip", {}),
+        ("mudsc", "mudsc", {}), ("mudsc zip", "mudsc", {"variant": "zip"}),
+        ("zip", "zip", {}),
         *[(f"zip stop={k}", "zip", {"stop": k}) for k in stops[1:-1]],
         ("ensemble", "ensemble", {}),
     ]  # fmt: skip
+    for a in (float(v) for v in filter(None, args.alphas.split(","))):
+        runs += [(f"mudsc alpha={a:g}", "mudsc", {"alpha": a}),
+                 (f"mudsc zip alpha={a:g}", "mudsc", {"variant": "zip", "alpha": a})]  # fmt: skip
     if args.methods:
         wanted = set(args.methods.split(","))
         runs = [r for r in runs if r[0] in wanted or r[1] in wanted]
@@ -164,7 +172,9 @@ def main() -> None:
                               **kw)  # fmt: skip
             seconds = time.perf_counter() - t0
             res = task_accuracy(merged, dataset, tasks, data_root=args.data_root, limit=limit)
+            compute = count_compute(merged.eval(), x[:1])
             row[heads] = {
+                "macs": compute.macs,
                 "joint": res["joint"]["accuracy"],
                 "per_task": [t["accuracy"] for t in res["tasks"]],
                 "mean_task": res["mean_task_accuracy"],
@@ -202,9 +212,11 @@ def main() -> None:
         "Accuracy (%): joint = all ten classes, argmax over both tasks' classes; per task = "
         "each task's own classes and logits (A, B) and their mean. 'zip stop=k' zips the first "
         f"k groups (in input-to-output order; legal stops {stops}) and keeps the rest side by "
-        "side; zip uses the paper's alpha=0.5, beta=1 and each group's own width; MuDSC the "
-        "permute variant with its default alpha. Merge time in seconds (one merge, including "
-        "statistics and BatchNorm reset).",
+        "side; zip uses the paper's alpha=0.5, beta=1 and each group's own width; 'mudsc' is "
+        "MuDSC's permute variant and 'mudsc zip' its zip variant, at the default weight-space "
+        "share alpha=0.5 unless the row names another. MMACs: multiply-accumulates of the "
+        "Linear/Conv layers per image, counted on the saved model. Merge time in seconds (one "
+        "merge, including statistics and BatchNorm reset).",
         "",
     ]
     table = []
@@ -214,13 +226,44 @@ def main() -> None:
             a = r[h]
             cells += [f"{100 * a['joint']:.2f}", *(f"{100 * v:.2f}" for v in a["per_task"]),
                       f"{100 * a['mean_task']:.2f}", f"{a['params']:,}",
-                      f"{a['merge_s']:.1f}"]  # fmt: skip
+                      f"{a['macs'] / 1e6:.2f}", f"{a['merge_s']:.1f}"]  # fmt: skip
         table.append(cells)
     head = ["run"] + [f"{h} {c}" for h in ("shared", "per-task")
-                      for c in ("joint", "A", "B", "mean", "params", "s")]  # fmt: skip
+                      for c in ("joint", "A", "B", "mean", "params", "MMACs", "s")]  # fmt: skip
     lines += md_table(head, table)
+    lines += ["", f"![joint accuracy against compute]({name}.png)"]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / name}.json and .md")
+    plot(out / f"{name}.png", rows, f"{setting['arch']} on {dataset} 5+5")
+    print(f"wrote {out / name}.json, .md and .png")
+
+
+def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """Joint accuracy (per-task heads) against measured MMACs: the partial zips form a curve
+    from the zip toward the ensemble; the other methods are points at one model's compute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    zips = [r for r in rows if r["method"] == "zip"]
+    zips.sort(key=lambda r: r["per-task"]["macs"])
+    xs = [r["per-task"]["macs"] / 1e6 for r in zips]
+    ax.plot(xs, [100 * r["per-task"]["joint"] for r in zips], "o-", label="zip (full, partial)")
+    for r in rows:
+        if r["method"] == "zip":
+            continue
+        a = r["per-task"]
+        ax.scatter(a["macs"] / 1e6, 100 * a["joint"], s=14)
+        ax.annotate(r["run"], (a["macs"] / 1e6, 100 * a["joint"]), fontsize=6,
+                    xytext=(3, 2), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("MMACs per image (merged model)")
+    ax.set_ylabel("joint accuracy, per-task heads (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
