@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,14 @@ def main() -> None:
     parser.add_argument("--alphas", default="0.1,0.3,0.7,0.9",
                         help="MuDSC weight-space shares swept beside the default 0.5 (both "
                         "variants); empty for none")  # fmt: skip
+    parser.add_argument("--render", default=None, help="redraw the plot from this results JSON")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        chosen = SETTINGS[saved["meta"]["setting"]]
+        title = f"{chosen['arch']} on {chosen['dataset']} 5+5"
+        plot(Path(args.render).with_suffix(".png"), saved["rows"], title)
+        return
     torch.set_num_threads(args.threads)
     setting = SETTINGS[args.setting]
     epochs = args.epochs or setting["epochs"]
@@ -238,29 +246,49 @@ def main() -> None:
 
 
 def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """Joint accuracy (per-task heads) against measured MMACs: the partial zips form a curve
-    from the zip toward the ensemble; the other methods are points at one model's compute."""
+    """Left: joint accuracy (per-task heads) against measured MMACs, the partial zips a curve
+    from the zip toward the ensemble, the other methods points. Right: MuDSC's joint accuracy
+    against its weight-space share alpha, both variants, beside activation matching and zip."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    zips = [r for r in rows if r["method"] == "zip"]
-    zips.sort(key=lambda r: r["per-task"]["macs"])
-    xs = [r["per-task"]["macs"] / 1e6 for r in zips]
-    ax.plot(xs, [100 * r["per-task"]["joint"] for r in zips], "o-", label="zip (full, partial)")
+    def joint(r: dict[str, Any]) -> float:
+        return 100 * r["per-task"]["joint"]
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    zips = sorted((r for r in rows if r["method"] == "zip"), key=lambda r: r["per-task"]["macs"])
+    left.plot([r["per-task"]["macs"] / 1e6 for r in zips], [joint(r) for r in zips], "o-",
+              label="zip (full, partial)")  # fmt: skip
     for r in rows:
-        if r["method"] == "zip":
+        if r["method"] == "zip" or "alpha" in r["params"]:
             continue
-        a = r["per-task"]
-        ax.scatter(a["macs"] / 1e6, 100 * a["joint"], s=14)
-        ax.annotate(r["run"], (a["macs"] / 1e6, 100 * a["joint"]), fontsize=6,
-                    xytext=(3, 2), textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("MMACs per image (merged model)")
-    ax.set_ylabel("joint accuracy, per-task heads (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+        x = r["per-task"]["macs"] / 1e6
+        left.scatter(x, joint(r), s=14)
+        left.annotate(r["run"], (x, joint(r)), fontsize=7, xytext=(3, 2),
+                      textcoords="offset points")  # fmt: skip
+    left.set_xlabel("MMACs per image (merged model)")
+    left.set_ylabel("joint accuracy, per-task heads (%)")
+    left.set_title(title)
+    left.legend(fontsize=7)
+    for variant, marker in (("permute", "s-"), ("zip", "o-")):
+        mudsc = [r for r in rows if r["method"] == "mudsc"]
+        sweep = sorted((r["params"].get("alpha", 0.5), joint(r)) for r in mudsc
+                       if r["params"].get("variant", "permute") == variant)  # fmt: skip
+        if sweep:
+            right.plot(*zip(*sweep, strict=True), marker, label=f"MuDSC {variant}")
+    for label, style in (("activation", ":"), ("zip", "--")):
+        ref = [joint(r) for r in rows if r["run"] == label]
+        if ref:
+            right.axhline(ref[0], ls=style, color="grey", lw=1)
+            right.annotate(label, (0.0, ref[0]), fontsize=7, xytext=(2, 2),
+                           textcoords="offset points")  # fmt: skip
+    right.set_xlabel("alpha (weight-space share)")
+    right.set_ylabel("joint accuracy, per-task heads (%)")
+    right.set_xlim(0, 1)
+    right.set_title("MuDSC alpha sweep")
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
