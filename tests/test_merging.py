@@ -66,3 +66,5 @@ def test_merge_warns_when_batchnorm_statistics_are_left_interpolated() -> None:
         merge(list(_pair()[:2]), "weight", example_inputs=_pair()[2])  # no BatchNorm
         list(interpolation([a, b], "weight", [0.5], data=data, renorm="reset-bn",
                            example_inputs=x))  # fmt: skip
+        for method in ("kf-linear", "kf-gradient"):  # they fit the statistics themselves
+            merge([a, b], method, data=data, example_inputs=x)

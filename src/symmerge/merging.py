@@ -179,7 +179,8 @@ def merge(
         from symmerge.renorm import repair
 
         repair(merged, sources, renorm_data, maps=result.maps, spec=spec)
-    elif _averages_units(result.maps) and has_bn_statistics(merged):
+    elif (_averages_units(result.maps) and has_bn_statistics(merged)
+          and result.details.get("bn_statistics") != "fitted"):  # fmt: skip
         _warn_bn_statistics("the merged model's BatchNorm running statistics are")
     if block_sparse:
         from symmerge.blocksparse import export_merged

@@ -49,7 +49,9 @@ class MergeResult:
         log: human-readable progress lines.
         method: the registered name.
         timings: finer split of the time, by stage.
-        details: method-specific facts worth recording (e.g. PLeaS's ratios and compute).
+        details: method-specific facts worth recording (e.g. PLeaS's ratios and compute);
+            ``details["bn_statistics"] == "fitted"`` says the method set the BatchNorm
+            statistics the merged weights were fitted with (a reset would undo that fit).
     """
 
     state_dict: dict[str, torch.Tensor]

@@ -349,7 +349,8 @@ def _fuse(
     ]
     total = time.perf_counter() - t0
     return MergeResult(fit.state_dict, maps, grouped.objective, 0, 0.0, total, log, name,
-                       {**grouped.timings, "lstsq": t_fit})  # fmt: skip
+                       {**grouped.timings, "lstsq": t_fit},
+                       {"bn_statistics": "fitted"})  # fmt: skip
 
 
 def _head_targets(

@@ -183,7 +183,7 @@ def kf_gradient(
             f"{f.val_loss[0]:.4g} -> {min(f.val_loss):.4g}" for f in fits]  # fmt: skip
     state = {k: v.detach().to(home).clone() for k, v in fused.state_dict().items()}
     details = {"levels": [{**f.to_dict(), "modules": list(found[f.level].modules)} for f in fits],
-               "head": head_used}  # fmt: skip
+               "head": head_used, "bn_statistics": "fitted"}  # fmt: skip
     return MergeResult(state, grouped.maps, grouped.objective, sum(f.epochs for f in fits), 0.0,
                        time.perf_counter() - t0, log, _NAME,
                        {**grouped.timings, "gradient": t_fit}, details)  # fmt: skip
