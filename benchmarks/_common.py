@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from symmerge.report.provenance import cpu_name, portable
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CACHE = HERE / ".cache"  # git-ignored: checkpoints trained by the benchmarks
@@ -42,34 +44,10 @@ def add_common_args(parser: Any) -> None:
     )
 
 
-#: Environment variables whose values are machine paths: results name the variable instead.
-PATH_VARIABLES = ("SYMMERGE_CHECKPOINTS", "SYMMERGE_DATA")
-
-
-def portable(text: str) -> str:
-    """``text`` with the value of every path variable replaced by ``$NAME``."""
-    for name in PATH_VARIABLES:
-        value = os.environ.get(name)
-        if value:
-            text = text.replace(os.path.abspath(value), f"${name}").replace(value, f"${name}")
-    return text
-
-
 def command_line() -> str:
     script = os.path.relpath(sys.argv[0], HERE.parent)
     line = " ".join(shlex.quote(a) for a in [".venv/bin/python", script, *sys.argv[1:]])
     return portable(line)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def code_version() -> str:

@@ -279,7 +279,7 @@ def merge_pretrained(
     output = Path(output)
     check_output_dir(output, dirs, overwrite)
     t0 = time.perf_counter()
-    model, spec, names = _trace_on_meta(dirs)
+    spec, names = _trace_on_meta(dirs)
     try:
         states = [SafetensorsState(d, prefix="model.") for d in dirs]
     except ValueError as exc:
@@ -320,7 +320,6 @@ def merge_pretrained(
         shutil.rmtree(tmp, ignore_errors=True)
     timings["write"] = time.perf_counter() - t0
     result.timings = timings
-    del model
     return result
 
 
@@ -330,8 +329,8 @@ class _Names:
     tied: dict[str, list[str]]  # a name -> every name sharing its parameter
 
 
-def _trace_on_meta(dirs: Sequence[Path]) -> tuple[torch.nn.Module, Any, _Names]:
-    """The first directory's architecture on the meta device, its spec, and its names;
+def _trace_on_meta(dirs: Sequence[Path]) -> tuple[Any, _Names]:
+    """The spec and names of the first directory's architecture (built on the meta device);
     the other directories must have the same model type and sizes."""
     from symmerge.export import hf_config_dict
     from symmerge.resolve import _IdsOnly, _token_ids, _transformers
@@ -364,7 +363,7 @@ def _trace_on_meta(dirs: Sequence[Path]) -> tuple[torch.nn.Module, Any, _Names]:
     for name, t in wrapped.state_dict(keep_vars=True).items():
         by_param.setdefault(id(t), []).append(name)
     tied = [names for names in by_param.values() if len(names) > 1]
-    return wrapped, spec, _Names(keys, {n: names for names in tied for n in names})
+    return spec, _Names(keys, {n: names for names in tied for n in names})
 
 
 def _check_keys(states: Sequence[SafetensorsState], names: _Names, dirs: Sequence[Path]) -> None:

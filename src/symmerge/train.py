@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import platform
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -148,16 +147,9 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    from symmerge.report.provenance import cpu_name
+
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -24,11 +24,13 @@ __all__ = [
     "TRAINING_CODE",
     "code_version",
     "command_line",
+    "cpu_name",
     "git_commit",
     "hardware",
     "merge_code_version",
     "now",
     "package_versions",
+    "portable",
     "training_code_version",
 ]
 
@@ -105,19 +107,23 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def hardware() -> dict[str, Any]:
-    """CPU model, logical CPUs, GPU (or ``None``) and torch's intra-op threads."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> dict[str, Any]:
+    """CPU model, logical CPUs, GPU (or ``None``) and torch's intra-op threads."""
+    import torch
+
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {
         "cpu": cpu,
@@ -133,7 +139,11 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     args = list(sys.argv if argv is None else argv)
     if args:
         args[0] = Path(args[0]).name
-    text = " ".join(shlex.quote(a) for a in args)
+    return portable(" ".join(shlex.quote(a) for a in args))
+
+
+def portable(text: str) -> str:
+    """``text`` with the value of every path variable replaced by ``$NAME``."""
     for name in PATH_VARIABLES:
         value = os.environ.get(name)
         if value:
