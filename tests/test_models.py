@@ -75,6 +75,9 @@ def test_list_models_has_every_arch() -> None:
         ("resnet20x4-bn", ("resnet20", {"width": 4, "norm": "bn"})),
         ("ResNet20x4-LN", ("resnet20", {"width": 4, "norm": "ln"})),
         ("vgg16x2", ("vgg16", {"width": 2})),
+        ("vgg11x0.5", ("vgg11", {"width": 0.5})),
+        ("resnet20x0.25-ln", ("resnet20", {"width": 0.25, "norm": "ln"})),
+        ("vgg11x2.0", ("vgg11", {"width": 2})),
     ],
 )
 def test_parse_model_name(name: str, expected: tuple[str, dict]) -> None:
@@ -101,6 +104,17 @@ def test_bad_names_rejected_with_grammar(bad: str) -> None:
         parse_model_name(bad)
     with pytest.raises(ValueError):
         create_model(bad)
+
+
+def test_fractional_widths_build_and_round_trip() -> None:
+    model, config = create_model("vgg11x0.5")
+    convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [32, 64, 128, 128, 256, 256, 256, 256]
+    assert config["kwargs"]["width"] == 0.5
+    assert format_model_name(config["arch"], config["kwargs"]) == "vgg11x0.5"
+    assert create_model("resnet20x0.25")[0].conv1.out_channels == 4
+    with pytest.raises(ValueError, match="fractional or zero channel counts"):
+        create_model("resnet20x0.3")
 
 
 def test_create_model_overrides_and_resolved_kwargs() -> None:

@@ -70,11 +70,11 @@ ZOO_NAMES: tuple[str, ...] = (
 
 _GRAMMAR = (
     "mlp | vit-tiny | (vgg11|vgg16|resnet18|resnet20)[x<K>][-bn|-ln|-gn], e.g. 'resnet20x4-ln' "
-    "(x<K>: integer width multiplier >= 1, default 1; norm default bn); an MLP may add "
+    "(x<K>: width multiplier, default 1, e.g. x4 or x0.5; norm default bn); an MLP may add "
     "[-w<W>][-d<D>], e.g. 'mlp-w256-d4' (W: hidden units >= 1, default 512; D: hidden layers "
     ">= 1, default 3)"
 )
-_CONV_RE = re.compile(r"^(vgg11|vgg16|resnet18|resnet20)(?:x(\d+))?(?:-(bn|ln|gn))?$")
+_CONV_RE = re.compile(r"^(vgg11|vgg16|resnet18|resnet20)(?:x(\d+(?:\.\d+)?))?(?:-(bn|ln|gn))?$")
 _MLP_RE = re.compile(r"^mlp(?:-w(\d+))?(?:-d(\d+))?$")
 #: What a bare ``mlp`` name builds (``format_model_name`` omits these).
 _MLP_DEFAULTS = {"width": 512, "depth": 3}
@@ -127,9 +127,10 @@ def parse_model_name(name: str) -> tuple[str, dict[str, Any]]:
         arch, width, norm = m.groups()
         kwargs: dict[str, Any] = {}
         if width is not None:
-            if int(width) < 1:
-                raise ValueError(f"width multiplier must be >= 1 in {name!r}; valid: {_GRAMMAR}")
-            kwargs["width"] = int(width)
+            value = float(width)
+            if value <= 0:
+                raise ValueError(f"width multiplier must be > 0 in {name!r}; valid: {_GRAMMAR}")
+            kwargs["width"] = int(value) if value.is_integer() else value
         if norm is not None:
             kwargs["norm"] = norm
         return arch, kwargs
@@ -156,9 +157,9 @@ def format_model_name(arch: str, kwargs: dict[str, Any] | None = None) -> str:
     if arch not in ("vgg11", "vgg16", "resnet18", "resnet20"):
         return arch
     name = arch
-    width = int(kwargs.get("width", 1))
+    width = float(kwargs.get("width", 1))
     if width != 1:
-        name += f"x{width}"
+        name += f"x{int(width) if width.is_integer() else width}"
     norm = kwargs.get("norm", "bn")
     if norm != "bn":
         name += f"-{norm}"

@@ -183,29 +183,41 @@ def _resolve_shape(
     return shape  # type: ignore[return-value]
 
 
-def _check_width(width: int) -> int:
-    if isinstance(width, bool) or int(width) != width or width < 1:
-        raise ValueError(f"width must be a positive integer, got {width!r}")
-    return int(width)
+def _check_width(width: float) -> float:
+    """A positive width multiplier; whole numbers come back as ``int`` (``2.0`` -> ``2``)."""
+    if isinstance(width, bool) or not isinstance(width, int | float) or not width > 0:
+        raise ValueError(f"width must be a positive number, got {width!r}")
+    return int(width) if float(width).is_integer() else float(width)
+
+
+def _scaled(channels: Sequence[int], width: float) -> tuple[int, ...]:
+    """``channels`` times ``width``; a fraction must give whole, non-zero channel counts."""
+    out = tuple(c * width for c in channels)
+    if any(not float(c).is_integer() or c < 1 for c in out):
+        raise ValueError(
+            f"width {width} gives fractional or zero channel counts {out} for {tuple(channels)}; "
+            "use a multiplier that divides every count (e.g. 0.5 or 0.25)"
+        )
+    return tuple(int(c) for c in out)
 
 
 def resnet20(
     num_classes: int = 10,
     in_channels: int | None = None,
-    width: int = 1,
+    width: float = 1,
     norm: str = "bn",
     input_shape: Sequence[int] | None = None,
 ) -> ResNet:
     """CIFAR ResNet-20: 3 stages x 3 BasicBlocks with 16/32/64 channels times ``width``."""
-    w = _check_width(width)
+    chans = _scaled((16, 32, 64), _check_width(width))
     shape = _resolve_shape(in_channels, input_shape, 32)
-    return ResNet((3, 3, 3), (16 * w, 32 * w, 64 * w), num_classes, shape[0], norm, "cifar", shape)
+    return ResNet((3, 3, 3), chans, num_classes, shape[0], norm, "cifar", shape)
 
 
 def resnet18(
     num_classes: int = 10,
     in_channels: int | None = None,
-    width: int = 1,
+    width: float = 1,
     norm: str = "bn",
     stem: str = "cifar",
     input_shape: Sequence[int] | None = None,
@@ -215,7 +227,6 @@ def resnet18(
     Defaults to the CIFAR stem (3x3 conv, no max-pool) and 32x32 inputs; ``stem="imagenet"``
     gives the standard 7x7/max-pool stem and a default input of 224x224.
     """
-    w = _check_width(width)
+    chans = _scaled((64, 128, 256, 512), _check_width(width))
     shape = _resolve_shape(in_channels, input_shape, 32 if stem == "cifar" else 224)
-    chans = (64 * w, 128 * w, 256 * w, 512 * w)
     return ResNet((2, 2, 2, 2), chans, num_classes, shape[0], norm, stem, shape)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from symmerge.models.resnet import NORMS, _check_width, _resolve_shape, make_norm
+from symmerge.models.resnet import NORMS, _check_width, _resolve_shape, _scaled, make_norm
 
 __all__ = ["VGG", "VGG_CONFIGS", "vgg11", "vgg16"]
 
@@ -38,7 +38,7 @@ class VGG(nn.Module):
         self,
         config: Sequence[int | str],
         num_classes: int = 10,
-        width: int = 1,
+        width: float = 1,
         norm: str = "bn",
         input_shape: tuple[int, int, int] = (3, 32, 32),
     ) -> None:
@@ -53,6 +53,7 @@ class VGG(nn.Module):
         self.norm = norm
         self.num_classes = num_classes
 
+        widths = iter(_scaled([int(v) for v in config if v != "M"], _check_width(width)))
         layers: list[nn.Module] = []
         c_in = c
         for v in config:
@@ -60,7 +61,7 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2
                 continue
-            c_out = int(v) * width
+            c_out = next(widths)
             layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm == "none"))
             if norm != "none":
                 layers.append(make_norm(norm, c_out))
@@ -78,18 +79,18 @@ def _build(
     cfg: str,
     num_classes: int,
     in_channels: int | None,
-    width: int,
+    width: float,
     norm: str,
     input_shape: Sequence[int] | None,
 ) -> VGG:
     shape = _resolve_shape(in_channels, input_shape, 32)
-    return VGG(VGG_CONFIGS[cfg], num_classes, _check_width(width), norm, shape)
+    return VGG(VGG_CONFIGS[cfg], num_classes, width, norm, shape)
 
 
 def vgg11(
     num_classes: int = 10,
     in_channels: int | None = None,
-    width: int = 1,
+    width: float = 1,
     norm: str = "bn",
     input_shape: Sequence[int] | None = None,
 ) -> VGG:
@@ -100,7 +101,7 @@ def vgg11(
 def vgg16(
     num_classes: int = 10,
     in_channels: int | None = None,
-    width: int = 1,
+    width: float = 1,
     norm: str = "bn",
     input_shape: Sequence[int] | None = None,
 ) -> VGG:
