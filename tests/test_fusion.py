@@ -128,3 +128,16 @@ def test_logit_kd_refits_only_the_head() -> None:
         k for k, v in fused.state_dict().items() if not torch.equal(v, model.state_dict()[k])
     }
     assert changed == {"layers.5.weight", "layers.5.bias"}, changed
+
+
+def test_cached_parent_targets_give_the_same_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parents' layer targets, kept between layers, fit what recomputing them fits."""
+    import symmerge.refine.lstsq as lstsq
+
+    models = [_mlp(0), _mlp(1), _mlp(2)]
+    data = _data(models[0], n=512)
+    cached, _ = merge(models, "kf-linear", data=data, restarts=2)
+    monkeypatch.setattr(lstsq, "TARGET_CACHE_BYTES", 0)  # too small: every layer reruns parents
+    rerun, _ = merge(models, "kf-linear", data=data, restarts=2)
+    for (k, v), w in zip(cached.state_dict().items(), rerun.state_dict().values(), strict=True):
+        torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)

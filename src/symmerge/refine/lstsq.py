@@ -220,27 +220,34 @@ def _sequential(
     dtype: torch.dtype,
     device: str | torch.device | None,
 ) -> dict[str, Tensor]:
-    """Each layer in turn fitted on the merged model's own inputs (its earlier layers done)."""
+    """Each layer in turn fitted on the merged model's own inputs (its earlier layers done).
+
+    The parents' targets do not change from layer to layer, so they are computed in one pass
+    and kept when they fit in :data:`TARGET_CACHE_BYTES` (then each layer runs only the merged
+    model); otherwise every layer runs the parents again. ``data`` is read into a list once,
+    so every pass sees the same batches in the same order.
+    """
     from symmerge.merging import build_model, has_bn_statistics
     from symmerge.renorm import reset_bn
     from symmerge.stats import collect_layer_products
 
     spec0 = spec if isinstance(spec, SymmetrySpec) else spec[0]
     merged = build_model(models[0], spec0, maps, state)
+    batches = list(data)
     n = len(models)
+    cache = _cached_targets(models, batches, layers, targets, device)
 
     def own(xs: list[Tensor]) -> Tensor:
-        return xs[n]
+        return xs[-1]
 
     for name in layers:
         if has_bn_statistics(merged):
-            reset_bn(merged, data)
-        goal = targets[name]
-
-        def target(ys: list[Tensor], goal: Any = goal) -> Tensor:
-            return goal(ys[:n])
-
-        products = collect_layer_products([*models, merged], data, [name], inputs={name: own},
+            reset_bn(merged, batches)
+        if cache is not None:
+            run, target = [merged], _replay(cache[name], name)
+        else:
+            run, target = [*models, merged], _on_parents(targets[name], n)
+        products = collect_layer_products(run, batches, [name], inputs={name: own},
                                           targets={name: target}, device=device,
                                           dtype=dtype)  # fmt: skip
         weight, bias = _solve(products, name, masks[f"{name}.weight"], ridge)
@@ -250,8 +257,62 @@ def _sequential(
             if bias is not None and layer.bias is not None:
                 layer.bias.copy_(bias)
     if has_bn_statistics(merged):
-        reset_bn(merged, data)
+        reset_bn(merged, batches)
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+#: Most bytes of parents' layer targets :func:`fit_layers` keeps between layers.
+TARGET_CACHE_BYTES = 1 << 30
+
+
+def _on_parents(goal: Any, n: int) -> Callable[[list[Tensor]], Tensor]:
+    def target(ys: list[Tensor]) -> Tensor:
+        return goal(ys[:n])
+
+    return target
+
+
+def _cached_targets(
+    models: list[nn.Module],
+    batches: list[Any],
+    layers: list[str],
+    targets: Mapping[str, Any],
+    device: str | torch.device | None,
+) -> dict[str, list[Tensor]] | None:
+    """Every layer's target on every batch from one pass of the parents, or ``None`` once
+    they pass :data:`TARGET_CACHE_BYTES`."""
+    from symmerge.stats import layer_io
+
+    cache: dict[str, list[Tensor]] = {name: [] for name in layers}
+    size = 0
+    stream = layer_io(models, batches, layers, inputs={name: _first for name in layers},
+                      targets=targets, device=device)  # fmt: skip
+    for name, _, y in stream:
+        cache[name].append(y)
+        size += y.numel() * y.element_size()
+        if size > TARGET_CACHE_BYTES:
+            stream.close()
+            return None
+    return cache
+
+
+def _first(xs: list[Tensor]) -> Tensor:
+    return xs[0]
+
+
+def _replay(saved: list[Tensor], name: str) -> Callable[[list[Tensor]], Tensor]:
+    """The cached targets of ``name``, batch after batch (the merged model's outputs only
+    check the shape)."""
+    it = iter(saved)
+
+    def target(ys: list[Tensor]) -> Tensor:
+        y = next(it)
+        if y.shape != ys[0].shape:
+            raise RuntimeError(f"layer '{name}': cached target {tuple(y.shape)} does not match "
+                               f"the output {tuple(ys[0].shape)}")  # fmt: skip
+        return y
+
+    return target
 
 
 def _store(out: dict[str, Tensor], name: str, weight: Tensor, bias: Tensor | None) -> None:

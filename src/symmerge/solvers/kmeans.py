@@ -20,8 +20,9 @@ The grouping error is the weighted K-means cost, hence two solvers:
   the best pairing is a linear assignment; :func:`pair_clusters` turns it into KF labels.
 
 The Lloyd iterations run on the Gram matrix ``G = x x^T`` of the clustered vectors ``x``
-(``z``, or its normalised copy): after one ``units x units x samples`` product, every step
-costs O(units^2) whatever the number of samples, in float64 on ``z``'s device. Memory is
+(``z``, or its normalised copy): after one ``units x units x samples`` product (float64),
+every step costs O(units^2) whatever the number of samples (float32 on ``z``'s device; the
+returned targets and cost are float64). Memory is
 O(units^2 + units * samples).
 
 .. warning::
@@ -165,6 +166,9 @@ def weighted_kmeans(
         _check_sizes(sizes, units)
     gram = x @ x.T
     sq = gram.diagonal().clone()
+    # Lloyd steps read the Gram matrix in float32 (half the memory traffic of the O(units^2)
+    # steps; only the ranking of distances depends on it); results are recomputed in float64.
+    gram32, sq32, s32 = gram.float(), sq.float(), s.float()
     gen = torch.Generator().manual_seed(int(seed))
     best: tuple[float, torch.Tensor, int] | None = None
     for _ in range(1 if init == "first" else restarts):
@@ -172,8 +176,8 @@ def weighted_kmeans(
             idx = torch.arange(k, device=x.device)
         else:
             idx = _farthest_point(gram, sq, k, gen)
-        d2 = (sq[:, None] + sq[idx][None, :] - 2.0 * gram[:, idx]).clamp_min(0.0)
-        labels, iters, cost = _lloyd(gram, sq, s, d2, k, max_iter, tol)
+        d2 = (sq32[:, None] + sq32[idx][None, :] - 2.0 * gram32[idx].T).clamp_min(0.0)
+        labels, iters, cost = _lloyd(gram32, sq32, s32, d2, k, max_iter, tol)
         if best is None or cost < best[0]:
             best = (cost, labels, iters)
     assert best is not None
@@ -318,17 +322,37 @@ def pair_clusters(perm: torch.Tensor | np.ndarray) -> torch.Tensor:
 def _farthest_point(
     gram: torch.Tensor, sq: torch.Tensor, k: int, gen: torch.Generator
 ) -> torch.Tensor:
-    """``k`` distinct units: a random first one, then the farthest from all chosen so far."""
+    """``k`` distinct units: a random first one, then the farthest from all chosen so far.
+
+    A loop of ``k`` steps over (units,) vectors: NumPy on the CPU (its per-call overhead is
+    a fraction of torch's, which dominates at these sizes), torch elsewhere.
+    """
     n = sq.numel()
-    idx = torch.empty(k, dtype=torch.long, device=sq.device)
-    nxt = torch.randint(n, (1,), generator=gen).to(sq.device)[0]
+    first = int(torch.randint(n, (1,), generator=gen)[0])
+    if sq.device.type == "cpu":
+        g, d = gram.numpy(), sq.numpy()
+        idx = np.empty(k, dtype=np.int64)
+        mind, row = np.full(n, np.inf), np.empty(n)
+        nxt = first
+        for c in range(k):
+            idx[c] = nxt
+            np.multiply(g[nxt], -2.0, out=row)
+            row += d
+            row += d[nxt]
+            np.maximum(row, 0.0, out=row)
+            np.minimum(mind, row, out=mind)
+            mind[nxt] = -1.0  # a chosen unit is never taken twice (its duplicates may be)
+            nxt = int(mind.argmax())
+        return torch.from_numpy(idx)
+    out = torch.empty(k, dtype=torch.long, device=sq.device)
     mind = torch.full_like(sq, torch.inf)
+    cur = torch.tensor(first, device=sq.device)
     for c in range(k):
-        idx[c] = nxt
-        mind = torch.minimum(mind, (sq + sq[nxt] - 2.0 * gram[nxt]).clamp_min(0.0))
-        mind[nxt] = -1.0  # a chosen unit is never taken twice (its duplicates may be)
-        nxt = torch.argmax(mind)
-    return idx
+        out[c] = cur
+        mind = torch.minimum(mind, (sq + sq[cur] - 2.0 * gram[cur]).clamp_min(0.0))
+        mind[cur] = -1.0
+        cur = torch.argmax(mind)
+    return out
 
 
 def _lloyd(
