@@ -1417,6 +1417,7 @@ def _params(items: Sequence[str], method: str) -> dict[str, Any]:
 
     fixed = {"spec", "models", "data", "lam", "seed"}  # set by merge itself
     accepted = [k for k in inspect.signature(get_method(method)).parameters if k not in fixed]
+    accepted.append("finetune")  # merge's own: epochs of training on --data after the merge
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -1601,7 +1602,8 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     multiple=True,
     metavar="KEY=VALUE",
     help="A keyword of the method, e.g. -p steps=600 -p lr=0.5 (ste), -p max_iter=400 "
-    "-p init=sinkhorn (c2m3); numbers and true/false are converted.",
+    "-p init=sinkhorn (c2m3); numbers and true/false are converted. Any method also takes "
+    "-p finetune=EPOCHS: epochs of Adam on --data after the merge (default 0, zero-shot).",
 )
 @click.option(
     "--eval-dataset",

@@ -100,6 +100,7 @@ def merge(
     example_inputs: Any = None,
     heads: str = "shared",
     block_sparse: bool = False,
+    finetune: int = 0,
     **method_kwargs: Any,
 ) -> tuple[nn.Module, MergeResult]:
     """Merge ``models`` with a registered method.
@@ -124,6 +125,9 @@ def merge(
             have structurally empty blocks (partial merges, partial zips, the ensemble)
             compute only the non-zero blocks (:func:`symmerge.blocksparse.export_merged`);
             checkpoints record the blocks.
+        finetune: epochs of Adam on ``data`` (labelled batches) after the merge and its
+            renormalisation (:func:`symmerge.refine.finetune.finetune`); 0, the default, is
+            zero-shot. The losses go to ``result.details["finetune_loss"]``.
 
     Returns:
         ``(merged model, MergeResult)``; the inputs are not modified. When a group's merged
@@ -143,6 +147,12 @@ def merge(
         raise ValueError(
             f"The 'heads' parameter of merge must be one of {HEADS}. Got {heads!r} instead."
         )
+    if isinstance(finetune, bool) or not isinstance(finetune, int) or finetune < 0:
+        raise ValueError(
+            f"The 'finetune' parameter of merge must be an int >= 0. Got {finetune!r}."
+        )
+    if finetune and data is None:
+        raise ValueError("finetune= trains on data=: pass labelled batches")
     models = sources = list(models)  # sources keep their own heads (for per-task heads)
     if len(models) > 1:
         spec = spec if spec is not None else _trace(models[0], example_inputs)
@@ -182,6 +192,11 @@ def merge(
     elif (_averages_units(result.maps) and has_bn_statistics(merged)
           and result.details.get("bn_statistics") != "fitted"):  # fmt: skip
         _warn_bn_statistics("the merged model's BatchNorm running statistics are")
+    if finetune:
+        from symmerge.refine.finetune import finetune as train_epochs
+
+        losses = train_epochs(merged, data, finetune, seed=seed)
+        result.details = {**result.details, "finetune_loss": losses}
     if block_sparse:
         from symmerge.blocksparse import export_merged
 
