@@ -12,15 +12,26 @@ official code samples parent 0's data instead), by every applicable method:
   logits by the parents' shares of that class's training data (the official code does this
   for its gradient variant only; for the linear ones it is ours), and with plain averaged
   logits ("mean head", the official linear variants' target); ``hf-linear`` (two parents);
+* ``kf-gradient``: the same grouping, then every level trained with Adam on the fused model's
+  own inputs (class-share head); ``kf-linear`` with conductance / DeepLIFT / ablation
+  importance (two parents, ``--importance``);
 * ``otfusion`` (activation ground metric, uniform marginals) when registered;
 * logit-KD: parent 1 with only its head refitted to the class-share-weighted logits;
-* Git Re-Basin weight matching (two parents) and MergeMany (N parents), naive averaging;
+* Git Re-Basin weight matching (two parents), MergeMany and C2M3 (N parents), naive
+  averaging; on BatchNorm models each of these also with its statistics reset on the fusion
+  set ("+ BN reset");
+* with ``--finetune E``: kf-linear, OT fusion and the data-free merges trained E epochs on the
+  fusion set afterwards;
 * the parents themselves and their ensemble (logits averaged, N times the compute).
 
-Reported: test accuracy (full test set unless ``--limit-test``) and fusion time. Writes
-``<out>/fusion_regimes_<dataset>.{json,md,png}``.
+Reported: test accuracy (full test set unless ``--limit-test``) and fusion time, and, for
+two parents, kf-linear's and OT fusion's times measured ``--time-repeats`` times alternately
+in the same process (medians and their ratio). Writes
+``<out>/fusion_regimes_<dataset>[_<arch>].{json,md,png}`` (the arch only when not ``mlp``).
 
     .venv/bin/python benchmarks/fusion_regimes.py --dataset mnist
+    .venv/bin/python benchmarks/fusion_regimes.py --dataset cifar10 --arch vgg11x0.5 \
+        --epochs 30 --regimes dirichlet --parents 2 --widths "" --samples 400 --finetune 5
 """
 
 from __future__ import annotations
@@ -90,6 +101,18 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--limit-test", type=int, default=None)
     parser.add_argument("--render", default=None, help="redraw .md and .png from this JSON")
+    parser.add_argument(
+        "--importance",
+        default="conductance,deeplift,ablation",
+        help="kf-linear importance scores tried with two parents (captum)",
+    )
+    parser.add_argument("--finetune", type=int, default=0, help="epochs after fusion (0: none)")
+    parser.add_argument(
+        "--time-repeats",
+        type=int,
+        default=3,
+        help="alternate kf-linear / otfusion runs timed with two parents",
+    )
     parser.add_argument("--widths", default="512,256",
                         help="two parents of these widths (non-IID halves), fused to several "
                         "widths; empty to skip")  # fmt: skip
@@ -99,7 +122,8 @@ def main() -> None:
 
         saved = json.loads(Path(args.render).read_text())
         base = Path(args.render).with_suffix("")
-        write_markdown(base.with_suffix(".md"), saved["meta"], saved["rows"])
+        write_markdown(base.with_suffix(".md"), saved["meta"], saved["rows"],
+                       saved.get("timings", []))  # fmt: skip
         plot(base.with_suffix(".png"), saved["rows"], saved["meta"]["dataset"])
         return
     torch.set_num_threads(args.threads)
@@ -114,6 +138,7 @@ def main() -> None:
     x_te, y_te = x_te[: args.limit_test], y_te[: args.limit_test]
     data = batches(*subset(x_tr, y_tr, args.samples, args.data_seed), args.batch_size)
     rows: list[dict[str, Any]] = []
+    timings: list[dict[str, Any]] = []
     for kind in filter(None, args.regimes.split(",")):
         for n in (int(v) for v in args.parents.split(",")):
             found = [parent(args.dataset, kind, k, n, args) for k in range(1, n + 1)]
@@ -127,36 +152,81 @@ def main() -> None:
             share = {"class_counts": counts, "head": "class-share"}
             runs = [("kf-linear", "kf-linear", share),
                     ("kf-linear (mean head)", "kf-linear", {"head": "mean"}),
+                    ("kf-gradient", "kf-gradient", share),
                     ("otfusion", "otfusion", {}), ("logit-kd", "logit-kd", share),
                     ("naive", "naive", {}),
                     ("ensemble", "ensemble", {})]  # fmt: skip
-            runs += ([("hf-linear", "hf-linear", share), ("weight", "weight", {})] if n == 2
-                     else [("mergemany", "mergemany", {})])  # fmt: skip
+            if n == 2:
+                runs += [("hf-linear", "hf-linear", share), ("weight", "weight", {})]
+                runs += [(f"kf-linear ({imp})", "kf-linear", {**share, "importance": imp})
+                         for imp in filter(None, args.importance.split(","))]  # fmt: skip
+            else:
+                runs += [("mergemany", "mergemany", {}), ("c2m3", "c2m3", {})]
+            bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
+            if bn:  # data-free merges keep interpolated statistics unless reset
+                runs += [
+                    (f"{label} + BN reset", method, {**kw, "renorm": "reset-bn"})
+                    for label, method, kw in runs
+                    if method in ("naive", "weight", "mergemany", "c2m3", "otfusion")
+                ]
+            if args.finetune:
+                runs += [(f"{label} + finetune {args.finetune}", method,
+                          {**kw, "finetune": args.finetune})
+                         for label, method, kw in runs
+                         if label in ("kf-linear", "otfusion", "weight", "mergemany", "naive",
+                                      "weight + BN reset", "mergemany + BN reset")]  # fmt: skip
             for label, method, kw in runs:
                 if method not in list_methods():
                     continue
                 t0 = time.perf_counter()
                 try:
-                    fused, _ = merge(models, method, data=data, **kw)
+                    fused, _ = merge(models, method, data=data, seed=0, **kw)
                     acc, status = accuracy(fused, x_te, y_te), "ok"
-                except (ValueError, RuntimeError) as exc:  # recorded, never dropped
+                except (ValueError, RuntimeError, ImportError) as exc:  # recorded, not dropped
                     acc, status = None, f"failed: {exc}"
                 seconds = time.perf_counter() - t0
                 rows.append({**base, "method": label, "accuracy": acc, "seconds": seconds,
                              "status": status})  # fmt: skip
                 shown = "—" if acc is None else f"{100 * acc:.2f}"
                 print(f"{kind} N={n} {label}: {shown} ({seconds:.1f} s) {status}", flush=True)
+            if n == 2 and args.time_repeats:
+                timings.append(time_pair(kind, models, data, share, args.time_repeats))
     if args.widths:
         rows += different_widths(args, data, x_te, y_te)
     out = Path(args.out)
-    name = f"fusion_regimes_{args.dataset}"
+    name = f"fusion_regimes_{args.dataset}" + ("" if args.arch == "mlp" else f"_{args.arch}")
     meta0.update({"dataset": args.dataset, "arch": args.arch, "epochs": args.epochs,
-                  "lr": args.lr or "the recipe's",
+                  "lr": args.lr or "the recipe's", "finetune": args.finetune,
                   "samples": args.samples, "limit_test": args.limit_test})  # fmt: skip
-    write_json(out / f"{name}.json", {"meta": meta0, "rows": rows, "paper": PAPER})
-    write_markdown(out / f"{name}.md", meta0, rows)
+    write_json(out / f"{name}.json", {"meta": meta0, "rows": rows, "timings": timings,
+                                      "paper": PAPER})  # fmt: skip
+    write_markdown(out / f"{name}.md", meta0, rows, timings)
     plot(out / f"{name}.png", rows, args.dataset)
     print(f"wrote {out / name}.json, .md and .png")
+
+
+def time_pair(
+    kind: str, models: list[nn.Module], data: list, share: dict[str, Any], repeats: int
+) -> dict[str, Any]:
+    """kf-linear and OT fusion on the same two parents, alternately ``repeats`` times in this
+    process (after one untimed run of each, which pays one-off costs): medians and ratio."""
+    import statistics
+
+    from symmerge.merging import merge
+
+    runs = {"kf-linear": share, "otfusion": {}}
+    times: dict[str, list[float]] = {m: [] for m in runs}
+    for k in range(repeats + 1):
+        for method, kw in runs.items():
+            t0 = time.perf_counter()
+            merge(models, method, data=data, seed=0, **kw)
+            if k:
+                times[method].append(time.perf_counter() - t0)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"{kind} timing: kf-linear {med['kf-linear']:.2f} s, otfusion {med['otfusion']:.2f} s, "
+          f"ratio {med['kf-linear'] / med['otfusion']:.2f}", flush=True)  # fmt: skip
+    return {"regime": kind, "parents": 2, "seconds": times, "median": med,
+            "ratio": med["kf-linear"] / med["otfusion"]}  # fmt: skip
 
 
 def different_widths(
@@ -179,6 +249,11 @@ def different_widths(
              {"width": k, "class_counts": counts, "head": "class-share"})
             for k in (narrow, (wide + narrow) // 2, wide)]  # fmt: skip
     runs += [
+        (
+            f"kf-gradient to {narrow}",
+            "kf-gradient",
+            {"width": narrow, "class_counts": counts, "head": "class-share"},
+        ),
         ("otfusion (into the wide)", "otfusion", {}),
         ("weight matching (into the wide)", "weight", {}),
     ]
@@ -204,7 +279,9 @@ def different_widths(
     return rows
 
 
-def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+def write_markdown(
+    path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], timings: list[dict[str, Any]]
+) -> None:
     lines = [f"# Zero-shot fusion of N {meta['arch']} parents on {meta['dataset']} parts", ""]
     lines += provenance_md(meta)
     test = "full test set" if meta["limit_test"] is None else f"first {meta['limit_test']}"
@@ -237,6 +314,16 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]])
                     vals.append(f"{100 * r['accuracy']:.2f} ({r['seconds']:.1f} s)")
             table.append([m, *vals])
         lines += [f"## {kind}", ""] + md_table(["method", *(f"N = {n}" for n in ns)], table)
+        lines.append("")
+    if timings:
+        reps = len(timings[0]["seconds"]["kf-linear"])
+        lines += ["## kf-linear against OT fusion, time", "",
+                  f"Two parents, the same fusion set; each method run {reps} times alternately "
+                  "in one process after an untimed run of each; medians.", ""]  # fmt: skip
+        lines += md_table(["regime", "kf-linear (s)", "otfusion (s)", "ratio"],
+                          [[t["regime"], f"{t['median']['kf-linear']:.2f}",
+                            f"{t['median']['otfusion']:.2f}", f"{t['ratio']:.2f}x"]
+                           for t in timings])  # fmt: skip
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 

@@ -24,7 +24,7 @@ def finetune(
     data: Iterable[Any],
     epochs: int,
     *,
-    lr: float = 1e-3,
+    lr: float = 1e-4,
     seed: int = 0,
 ) -> list[float]:
     """Train ``model`` in place for ``epochs`` passes over labelled ``data`` with Adam and
@@ -58,7 +58,7 @@ def finetune(
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(labels)
+                total += float(loss.detach()) * len(labels)
                 seen += len(labels)
             losses.append(total / seen)
     model.eval()
