@@ -76,3 +76,11 @@ def test_the_command_line_takes_finetune_as_a_parameter() -> None:
     from symmerge.cli import _params
 
     assert _params(["finetune=3", "restarts=2"], "kf-linear") == {"finetune": 3, "restarts": 2}
+
+
+def test_renormalisation_and_finetuning_are_timed_apart_from_the_method() -> None:
+    models, data = _models(), _data()
+    _, plain = merge(models, "weight")
+    assert "renorm" not in plain.timings and "finetune" not in plain.timings
+    _, res = merge(models, "weight", data=data, renorm="repair", finetune=1)
+    assert res.timings["renorm"] > 0 and res.timings["finetune"] > 0

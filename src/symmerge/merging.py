@@ -8,6 +8,7 @@ the first model and renormalizes (BN reset or REPAIR) on request.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -51,6 +52,27 @@ def _warn_bn_statistics(subject: str) -> None:
     )
 
 
+def check_architecture(models: Sequence[nn.Module]) -> None:
+    """Raise ValueError unless every model has model 0's parameters and layer types (their
+    sizes may differ): parents of other depths or layer types are not one architecture."""
+    ref = models[0].state_dict()
+    kinds = {n: type(m).__name__ for n, m in models[0].named_modules()}
+    for k, m in enumerate(models[1:], 1):
+        sd = m.state_dict()
+        if set(sd) != set(ref):
+            missing, extra = sorted(set(ref) - set(sd))[:3], sorted(set(sd) - set(ref))[:3]
+            raise ValueError(
+                f"model {k} has a different architecture from model 0 (another depth or other "
+                f"layers: missing {missing}, unexpected {extra}); merging needs one architecture"
+            )
+        for name, mod in m.named_modules():
+            if kinds.get(name, type(mod).__name__) != type(mod).__name__:
+                raise ValueError(
+                    f"model {k} has other layer types from model 0: '{name}' is "
+                    f"{type(mod).__name__}, not {kinds[name]}"
+                )
+
+
 def check_compatible(models: Sequence[nn.Module], method: str | None = None) -> bool:
     """Raise ValueError unless all models share one architecture and have finite weights.
 
@@ -62,16 +84,10 @@ def check_compatible(models: Sequence[nn.Module], method: str | None = None) -> 
         raise ValueError(f"merging needs at least 2 models, got {len(models)}")
     can = method is not None and method_info(method).unequal_widths
     unequal = False
+    check_architecture(models)
     ref = models[0].state_dict()
     for k, m in enumerate(models):
-        sd = m.state_dict()
-        if set(sd) != set(ref):
-            missing, extra = sorted(set(ref) - set(sd))[:3], sorted(set(sd) - set(ref))[:3]
-            raise ValueError(
-                f"model {k} has a different architecture from model 0 "
-                f"(missing {missing}, unexpected {extra})"
-            )
-        for name, t in sd.items():
+        for name, t in m.state_dict().items():
             if t.shape != ref[name].shape:
                 if t.dim() != ref[name].dim() or not can:
                     who = f"the '{method}' method" if method else "this method"
@@ -155,6 +171,7 @@ def merge(
         raise ValueError("finetune= trains on data=: pass labelled batches")
     models = sources = list(models)  # sources keep their own heads (for per-task heads)
     if len(models) > 1:
+        check_architecture(models)
         spec = spec if spec is not None else _trace(models[0], example_inputs)
         models = _method_heads(spec, models, heads, example_inputs)
     unequal = check_compatible(models, method)
@@ -181,6 +198,7 @@ def merge(
         num_outputs = None
     merged = build_model(models[0], spec, result.maps, result.state_dict,
                          num_outputs=num_outputs, example_inputs=example_inputs)  # fmt: skip
+    t0 = time.perf_counter()
     if renorm == "reset-bn":
         from symmerge.renorm import reset_bn
 
@@ -192,11 +210,15 @@ def merge(
     elif (_averages_units(result.maps) and has_bn_statistics(merged)
           and result.details.get("bn_statistics") != "fitted"):  # fmt: skip
         _warn_bn_statistics("the merged model's BatchNorm running statistics are")
+    if renorm:  # the method's own time stays in result.seconds
+        result.timings = {**result.timings, "renorm": time.perf_counter() - t0}
     if finetune:
         from symmerge.refine.finetune import finetune as train_epochs
 
+        t0 = time.perf_counter()
         losses = train_epochs(merged, data, finetune, seed=seed)
         result.details = {**result.details, "finetune_loss": losses}
+        result.timings = {**result.timings, "finetune": time.perf_counter() - t0}
     if block_sparse:
         from symmerge.blocksparse import export_merged
 

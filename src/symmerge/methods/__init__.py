@@ -48,7 +48,9 @@ class MergeResult:
         other_seconds: every other second of the method (similarities, statistics, building).
         log: human-readable progress lines.
         method: the registered name.
-        timings: finer split of the time, by stage.
+        timings: finer split of the time, by stage; :func:`~symmerge.merging.merge` adds
+            ``renorm`` (BN reset or REPAIR) and ``finetune`` when it runs them (not part of
+            ``seconds``, the method's own time).
         details: method-specific facts worth recording (e.g. PLeaS's ratios and compute);
             ``details["bn_statistics"] == "fitted"`` says the method set the BatchNorm
             statistics the merged weights were fitted with (a reset would undo that fit).
