@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,6 +170,15 @@ def test_demo_tiny_budget(tmp_path: Path) -> None:
     }  # fmt: skip
     assert many["C2M3"]["objective"] > many["naive average"]["objective"]
     assert many["C2M3 + REPAIR"]["accuracy"] > 0.5
+    # the baseline beside STE: naive averaging + REPAIR on the same data, in table and headline
+    assert "merged: naive average + REPAIR " in text
+    assert "merged: naive average + REPAIR on the 200-image coreset" in text
+    cross = json.loads((out / "results.json").read_text())["cross_dataset"]
+    assert {"weight_no_data", "ste_coreset", "gain_points"} <= set(cross)  # the old keys
+    assert (
+        f"naive averaging + REPAIR on the same images {100 * cross['naive_repair_coreset']:.2f}%"
+        in text
+    )
 
     # same settings again: checkpoints are reused, not retrained or clobbered
     stamp = (out / "mnist.safetensors").stat().st_mtime_ns
@@ -180,3 +191,40 @@ def test_demo_tiny_budget(tmp_path: Path) -> None:
     assert other.exit_code == 0, other.output
     assert "demo-2" in other.output and (tmp_path / "demo-2" / "mnist.safetensors").exists()
     assert (out / "mnist.safetensors").stat().st_mtime_ns == stamp
+
+
+@needs_data
+def test_run_demo_is_callable_without_click(tmp_path: Path) -> None:
+    """``symmerge.demo.run_demo`` is the demo: it runs with click unimportable, prints
+    through ``echo``, and returns what it writes to results.json."""
+    out = tmp_path / "demo"
+    code = (
+        "import json, sys\n"
+        "sys.modules['click'] = None  # any import of click now fails\n"
+        "from symmerge.demo import run_demo\n"
+        "lines = []\n"
+        f"payload = run_demo(epochs=1, width=16, out_dir={str(out)!r}, limit_train=500,\n"
+        "                   progress=False, echo=lines.append)\n"
+        "print(json.dumps({'payload': payload, 'lines': lines}))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    got = json.loads(run.stdout.splitlines()[-1])
+    payload, text = got["payload"], "\n".join(got["lines"])
+    assert payload == json.loads((out / "results.json").read_text())
+    accs = payload["test_accuracy"]
+    for label in ("naive average + REPAIR", "naive average + REPAIR on the 200-image coreset"):
+        assert f"merged: {label}" in text and set(accs[f"merged: {label}"]) == {
+            "mnist", "fashion-mnist"
+        }  # fmt: skip
+    cross = payload["cross_dataset"]
+    coreset = accs["merged: naive average + REPAIR on the 200-image coreset"]
+    assert cross["naive_repair_coreset"] == pytest.approx(sum(coreset.values()) / 2)
+    assert cross["naive_repair_sample"] == pytest.approx(
+        sum(accs["merged: naive average + REPAIR"].values()) / 2
+    )
+    assert set(payload) == {
+        "test_accuracy", "cross_dataset", "three_mnist_models", "settings", "merge_data",
+        "checkpoints",
+    }  # fmt: skip

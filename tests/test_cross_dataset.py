@@ -12,9 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from symmerge.cli import _data_batches, _demo_headline, main
+from symmerge.cli import _data_batches, main
 from symmerge.condense import CondensedSet, condense, save_condensed
 from symmerge.data import dataset_info
+from symmerge.demo import headline
 from symmerge.io import save_checkpoint
 from symmerge.models import create_model
 from symmerge.sources import (
@@ -246,9 +247,19 @@ def test_demo_headline_reports_the_gain() -> None:
     results = {
         "merged: weight matching (no data)": {"mnist": 0.6, "fashion-mnist": 0.4},
         "merged: STE on a 200-image coreset": {"mnist": 0.9, "fashion-mnist": 0.7},
+        "merged: naive average + REPAIR": {"mnist": 0.7, "fashion-mnist": 0.5},
+        "merged: naive average + REPAIR on the 200-image coreset": {
+            "mnist": 0.6,
+            "fashion-mnist": 0.5,
+        },
     }
-    text, summary = _demo_headline(results)
+    text, summary = headline(results)
     assert summary["weight_no_data"] == pytest.approx(0.5)
     assert summary["ste_coreset"] == pytest.approx(0.8)
     assert summary["gain_points"] == pytest.approx(30.0)
+    assert summary["naive_repair_sample"] == pytest.approx(0.6)
+    assert summary["naive_repair_coreset"] == pytest.approx(0.55)
+    assert summary["naive_repair_coreset_gain_points"] == pytest.approx(5.0)
     assert "50.00%" in text and "80.00%" in text and "+30.0 points" in text
+    # the baseline on the same coreset stands beside STE in the sentence
+    assert "naive averaging + REPAIR on the same images 55.00%, +5.0 points" in text

@@ -214,3 +214,33 @@ def test_cli_merge_with_kf_gradient(tmp_path: Path) -> None:
     bad = CliRunner().invoke(main, ["merge", *map(str, paths), "-m", "kf-gradient", "--data",
                                     "mnist", "-p", "lr=0", "-o", str(tmp_path / "no")])  # fmt: skip
     assert bad.exit_code != 0 and "'lr' parameter of kf-gradient" in bad.output
+
+
+def test_cli_refuses_parents_of_other_classes_without_class_counts(tmp_path: Path) -> None:
+    """Parents of different class sets without class metadata, or of different depths: a
+    clear error and nothing written."""
+    from click.testing import CliRunner
+
+    from symmerge.cli import main
+    from symmerge.io import save_checkpoint
+
+    paths = []
+    for seed, classes, depth in (
+        (0, [0, 1, 2, 3, 4], 2),
+        (1, [5, 6, 7, 8, 9], 2),
+        (2, [0, 1, 2, 3, 4], 3),
+    ):
+        torch.manual_seed(seed)
+        model, config = create_model("mlp", depth=depth, width=16)
+        paths.append(tmp_path / f"m{seed}.safetensors")
+        save_checkpoint(paths[-1], model, config, {"dataset": "mnist", "classes": classes})
+    out = tmp_path / "fused.safetensors"
+    for method in ("kf-linear", "kf-gradient", "logit-kd"):
+        result = CliRunner().invoke(main, ["merge", *map(str, paths[:2]), "-m", method,
+                                           "--data", "mnist", "-o", str(out)])  # fmt: skip
+        assert result.exit_code != 0 and "class_counts" in result.output, result.output
+        assert "-p head=mean" in result.output or method == "logit-kd"
+    deeper = CliRunner().invoke(main, ["merge", str(paths[0]), str(paths[2]), "-m",
+                                       "kf-linear", "--data", "mnist", "-o", str(out)])  # fmt: skip
+    assert deeper.exit_code != 0 and "another depth" in deeper.output, deeper.output
+    assert not out.exists()

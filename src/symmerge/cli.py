@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,6 +19,9 @@ from typing import Any
 import click
 
 from symmerge import __version__
+from symmerge.demo import DEMO_EPOCHS, DEMO_WIDTH
+from symmerge.tables import format_table
+from symmerge.tables import pct as _pct
 
 __all__ = [
     "ALL_CLASSES",
@@ -36,12 +38,6 @@ __all__ = [
 
 #: What ``--classes all`` converts to, distinct from "option not given" (``None``).
 ALL_CLASSES = "all"
-
-#: The demo's default MLP: 784-512-512-512-10 (Git Re-Basin's MNIST MLP) for 2 epochs.
-DEMO_WIDTH = 512
-DEMO_DEPTH = 3
-DEMO_EPOCHS = 2
-DEMO_DATASETS = ("mnist", "fashion-mnist")
 
 
 # --------------------------------------------------------------------------------------
@@ -307,33 +303,6 @@ def preprocessing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     ]):  # fmt: skip
         command = option(command)
     return command
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Plain-text table: first column left-aligned, the others right-aligned."""
-    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(row: list[str]) -> str:
-        parts = [
-            row[i].ljust(widths[i]) if i == 0 else row[i].rjust(widths[i]) for i in range(len(row))
-        ]
-        return "  ".join(parts).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
 
 
 # --------------------------------------------------------------------------------------
@@ -800,43 +769,6 @@ def _task_table(results: Sequence[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _demo_settings(config: dict, epochs: int, seed: int, limit: int | None) -> dict[str, Any]:
-    return {"config": config, "epochs": epochs, "seed": seed, "limit_train": limit}
-
-
-def _demo_dir(base: Path, wanted: dict[str, dict[str, Any]]) -> tuple[Path, str]:
-    """Pick an output folder without clobbering: reuse one whose checkpoints match, else a
-    fresh ``<base>-N``. Returns the folder and a sentence saying what was chosen."""
-    from symmerge.io import CheckpointError, read_checkpoint_metadata
-
-    def state(folder: Path) -> str:
-        present = [folder / f"{ds}.safetensors" for ds in wanted]
-        present = [p for p in present if p.exists()]
-        if not present:
-            return "empty"
-        for p in present:
-            try:
-                meta = read_checkpoint_metadata(p)
-            except (CheckpointError, OSError):
-                return "different"
-            settings = wanted[p.name.removesuffix(".safetensors")]
-            if any(meta.get(k) != v for k, v in settings.items()):
-                return "different"
-        return "match"
-
-    n = 1
-    folder = base
-    while True:
-        s = state(folder)
-        if s == "empty":
-            note = "" if folder == base else f" ({base} holds a different demo run)"
-            return folder, f"writing checkpoints to {folder}{note}"
-        if s == "match":
-            return folder, f"reusing matching checkpoints in {folder} (delete them to retrain)"
-        n += 1
-        folder = base.with_name(f"{base.name}-{n}")
-
-
 @main.command()
 @data_root_option
 @click.option("--epochs", type=click.IntRange(min=0), default=DEMO_EPOCHS, show_default=True)
@@ -870,240 +802,31 @@ def demo(
     """Train an MLP on MNIST and one on Fashion-MNIST, merge them, evaluate everything.
 
     The merges share one 10-way head and are tested on both test sets without a task id:
-    naive averaging, weight matching (no data), activation matching and REPAIR (2000 train
-    images of each dataset), and STE on a coreset of 10 random train images per class of
-    each dataset (Yamada et al.: merging models of different datasets needs data, and a
-    small stand-in set is enough). Takes about two minutes on two CPU cores with the
-    defaults. Checkpoints are reused when the out-dir already holds a matching run, and
-    never overwritten.
+    naive averaging, weight matching (no data), naive averaging + REPAIR, activation
+    matching and REPAIR (2000 train images of each dataset), and STE on a coreset of 10
+    random train images per class of each dataset beside naive averaging + REPAIR on the
+    same coreset (Yamada et al.: merging models of different datasets needs data, and a
+    small stand-in set is enough). Then three MNIST MLPs are merged at once (MergeMany,
+    C2M3). Takes about two minutes on two CPU cores with the defaults. Checkpoints are
+    reused when the out-dir already holds a matching run, and never overwritten. The logic
+    is symmerge.demo.run_demo.
     """
-    from symmerge.io import load_checkpoint, save_checkpoint
-    from symmerge.models import format_model_name
-    from symmerge.train import evaluate, resolve_config, resolve_device, train_model
+    from symmerge.demo import run_demo
 
-    root = None if data_root is None else str(data_root)
-    dev = resolve_device(device)
-    # run name -> dataset; different seeds: independently initialised models, as in the
-    # merging literature. The extra MNIST runs are for the N-model merge (C2M3).
-    runs = {**{ds: ds for ds in DEMO_DATASETS}, **{f"mnist-{k}": "mnist" for k in (2, 3)}}
-    configs = {
-        r: resolve_config("mlp", ds, width=width, depth=DEMO_DEPTH) for r, ds in runs.items()
-    }
-    seeds = {r: seed + k for k, r in enumerate(runs)}
-    wanted = {r: _demo_settings(configs[r], epochs, seeds[r], limit_train) for r in runs}
-    folder, note = _demo_dir(out_dir, wanted)
-    click.echo(note)
-
-    models = {}
-    for run, ds in runs.items():
-        path = folder / f"{run}.safetensors"
-        if path.exists():
-            models[run], _ = load_checkpoint(path, device=dev)
-            click.echo(f"  {run}: reused {path}")
-            continue
-        try:
-            net, info = train_model(
-                configs[run],
-                ds,
-                epochs=epochs,
-                seed=seeds[run],
-                device=dev,
-                data_root=root,
-                progress=progress,
-                limit_train=limit_train,
-            )
-        except (ValueError, FileNotFoundError) as exc:
-            raise click.ClickException(f"training on {ds}: {exc}") from None
-        info["model_name"] = format_model_name("mlp", configs[run]["kwargs"])
-        save_checkpoint(path, net, configs[run], info)
-        models[run] = net
-        click.echo(
-            f"  {run}: test accuracy {_pct(info['test_accuracy'])} after {epochs} epochs "
-            f"({info['train_time_s']:.1f} s) -> {path}"
+    try:
+        run_demo(
+            data_root=data_root,
+            epochs=epochs,
+            width=width,
+            out_dir=out_dir,
+            seed=seed,
+            device=device,
+            limit_train=limit_train,
+            progress=progress,
+            echo=click.echo,
         )
-
-    names = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
-    results: dict[str, dict[str, float]] = {}
-    for ds_model in DEMO_DATASETS:
-        net = models[ds_model]
-        results[ds_model] = {
-            ds: evaluate(net, ds, "test", data_root=root, device=dev)["accuracy"]
-            for ds in DEMO_DATASETS
-        }
-    headers = ["model", *(f"{names[ds]} test" for ds in DEMO_DATASETS), "mean"]
-    rows = []
-    for ds_model, accs in results.items():
-        mean = sum(accs.values()) / len(accs)
-        rows.append(
-            [
-                f"MLP trained on {names[ds_model]}",
-                *(_pct(accs[ds]) for ds in DEMO_DATASETS),
-                _pct(mean),
-            ]
-        )
-    merged_rows, merged_results = _demo_merges(
-        [models[ds] for ds in DEMO_DATASETS], data_root, seed, limit_train, dev
-    )
-    for label, accs in merged_results.items():
-        results[label] = accs
-    rows += merged_rows
-    kw = configs[DEMO_DATASETS[0]]["kwargs"]
-    layout = [math.prod(kw["input_shape"]), *[width] * DEMO_DEPTH, kw["num_classes"]]
-    click.echo("")
-    click.echo(
-        f"MLP {'-'.join(map(str, layout))}, {epochs} epochs, seeds {seed} and {seed + 1}; "
-        "test accuracy of "
-        "each model, and of their merges (shared 10-way head, no task id):"
-    )
-    click.echo(format_table(headers, rows))
-    headline, summary = _demo_headline(merged_results)
-    click.echo("")
-    click.echo(headline)
-    many_rows, many = _demo_many([models[r] for r in runs if runs[r] == "mnist"], data_root,
-                                 seed, limit_train, dev)  # fmt: skip
-    click.echo("")
-    click.echo(
-        f"Three MNIST MLPs (seeds {seed}, {seed + 2}, {seed + 3}) merged at once: MNIST test "
-        "accuracy, and the matching objective (summed pairwise weight overlap, higher = more "
-        "aligned):"
-    )
-    click.echo(format_table(["model", "MNIST test", "objective", "match s"], many_rows))
-    payload = {
-        "test_accuracy": results,
-        "cross_dataset": summary,
-        "three_mnist_models": many,
-        "settings": wanted,
-        "merge_data": {"per_dataset": DEMO_SAMPLES, "coreset": DEMO_CORESET, "ste": DEMO_STE},
-        "checkpoints": str(folder),
-    }
-    (folder / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
-    click.echo(f"results written to {folder / 'results.json'}")
-
-
-#: Data of the demo's data-based merges: ``sample`` = DEMO_SAMPLES train images of each
-#: dataset; ``coreset`` = DEMO_CORESET, 10 random train images per class of each dataset
-#: (200 images), the small stand-in set Yamada et al. merge models of different datasets with.
-DEMO_SAMPLES = 2000
-DEMO_CORESET = "coreset:random:10"
-#: STE on the coreset: steps and learning rate of the proxy (SGD, momentum 0.9).
-DEMO_STE = {"steps": 300, "lr": 0.5}
-
-#: (label, method, renorm, data) merges the demo shows
-DEMO_MERGES = (
-    ("naive average", "naive", None, None),
-    ("weight matching (no data)", "weight", None, None),
-    ("activation matching", "activation", None, "sample"),
-    ("weight matching + REPAIR", "weight", "repair", "sample"),
-    ("activation matching + REPAIR", "activation", "repair", "sample"),
-    ("STE on a 200-image coreset", "ste", None, "coreset"),
-    ("STE on a 200-image coreset + REPAIR", "ste", "repair", "coreset"),
-)
-
-
-def _demo_merges(
-    models: list[Any], data_root: Path | None, seed: int, limit: int | None, dev: Any
-) -> tuple[list[list[Any]], dict[str, dict[str, float]]]:
-    """Merge the MNIST and Fashion-MNIST models without data, with DEMO_SAMPLES train images
-    of each dataset, and with STE on a 10-per-class coreset of each (the same data for
-    REPAIR); every merge is evaluated on both test sets."""
-    import copy
-
-    import torch
-
-    from symmerge.merging import merge
-    from symmerge.renorm import repair
-    from symmerge.spec import trace
-    from symmerge.train import evaluate
-
-    root = None if data_root is None else str(data_root)
-    cpu = [m.to("cpu") for m in models]
-    n = min(DEMO_SAMPLES, limit or DEMO_SAMPLES)
-    data = {
-        "sample": _data_batches(",".join(DEMO_DATASETS), data_root, n, 500, seed),
-        "coreset": _data_batches(DEMO_CORESET, data_root, n, 500, seed, datasets=DEMO_DATASETS),
-    }
-    spec = trace(cpu[0], (torch.randn(2, *cpu[0].input_shape),))
-    rows, results = [], {}
-    done: dict[tuple[str, str | None], tuple[Any, Any]] = {}
-    for label, method, renorm, source in DEMO_MERGES:
-        batches = data[source] if source else None
-        kwargs = dict(DEMO_STE) if method == "ste" else {}
-        if renorm == "repair" and (method, source) in done:  # REPAIR the merge just made
-            merged, result = done[(method, source)]
-            merged = copy.deepcopy(merged)
-            aligned = [spec.permuted(m, result.perms(k)) for k, m in enumerate(cpu)]
-            repair(merged, aligned, batches, spec=spec)
-        else:
-            merged, result = merge(
-                cpu, method, data=batches, renorm=renorm, seed=seed, spec=spec, **kwargs
-            )
-            done[(method, source)] = (merged, result)
-        accs = {ds: evaluate(merged, ds, "test", data_root=root, device=dev)["accuracy"]
-                for ds in DEMO_DATASETS}  # fmt: skip
-        mean = sum(accs.values()) / len(accs)
-        rows.append([f"merged: {label}", *(_pct(accs[ds]) for ds in DEMO_DATASETS), _pct(mean)])
-        results[f"merged: {label}"] = accs
-    return rows, results
-
-
-def _demo_headline(results: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
-    """The sentence the demo ends with: the data-free merge vs STE on the coreset."""
-
-    def mean(label: str) -> float:
-        accs = results[f"merged: {label}"]
-        return sum(accs.values()) / len(accs)
-
-    label = {(m[1], m[2], m[3]): m[0] for m in DEMO_MERGES}
-    without, with_ = mean(label["weight", None, None]), mean(label["ste", None, "coreset"])
-    gain = 100 * (with_ - without)
-    text = (
-        "Cross-dataset merge, mean of the two test accuracies: without data (weight matching) "
-        f"{_pct(without)}; with 200 images (STE on 10 random train images per class of each "
-        f"dataset) {_pct(with_)}, {gain:+.1f} points. Yamada et al. (arXiv 2306.05641) report "
-        "+25 points with a condensed set and +28 with the full datasets (100-epoch models)."
-    )
-    return text, {"weight_no_data": without, "ste_coreset": with_, "gain_points": gain}
-
-
-#: (label, method, renorm) of the N-model part of the demo
-DEMO_MANY = (
-    ("naive average", "naive", None),
-    ("MergeMany", "mergemany", None),
-    ("MergeMany + REPAIR", "mergemany", "repair"),
-    ("C2M3", "c2m3", None),
-    ("C2M3 + REPAIR", "c2m3", "repair"),
-)
-
-
-def _demo_many(
-    models: list[Any], data_root: Path | None, seed: int, limit: int | None, dev: Any
-) -> tuple[list[list[Any]], dict[str, dict[str, float]]]:
-    """Merge three MNIST models at once with MergeMany and C2M3 (REPAIR on DEMO_SAMPLES
-    MNIST train images), evaluated on the MNIST test set."""
-    import torch
-
-    from symmerge.merging import merge
-    from symmerge.solvers import universe_objective
-    from symmerge.spec import trace
-    from symmerge.train import evaluate
-
-    root = None if data_root is None else str(data_root)
-    cpu = [m.to("cpu") for m in models]
-    data = _data_batches("mnist", data_root, min(DEMO_SAMPLES, limit or DEMO_SAMPLES), 500, seed)
-    spec = trace(cpu[0], (torch.randn(2, *cpu[0].input_shape),))
-    sds = [m.state_dict() for m in cpu]
-    rows, out = [], {}
-    for k, m in enumerate(cpu):
-        acc = evaluate(m, "mnist", "test", data_root=root, device=dev)["accuracy"]
-        rows.append([f"MNIST MLP {k + 1}", _pct(acc), "", ""])
-    for label, method, renorm in DEMO_MANY:
-        merged, res = merge(cpu, method, data=data if renorm else None, renorm=renorm,
-                            seed=seed, spec=spec)  # fmt: skip
-        acc = evaluate(merged, "mnist", "test", data_root=root, device=dev)["accuracy"]
-        objective = universe_objective(spec, sds, [res.perms(k) for k in range(len(cpu))])
-        rows.append([f"merged: {label}", _pct(acc), f"{objective:.1f}", f"{res.seconds:.1f}"])
-        out[label] = {"accuracy": acc, "objective": objective, "match_seconds": res.seconds}
-    return rows, out
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _parse_shape(value: str | None) -> tuple[int, ...] | None:
@@ -1403,7 +1126,18 @@ def _class_counts(method: str, metas: Sequence[dict], given: dict[str, Any]) -> 
 
     takes = "class_counts" in inspect.signature(get_method(method)).parameters
     counts = [m.get("class_counts") for m in metas]
-    if not takes or "class_counts" in given or any(c is None for c in counts):
+    if not takes or "class_counts" in given:
+        return {}
+    if any(c is None for c in counts):
+        classes = [m.get("classes") for m in metas]
+        if len({str(c) for c in classes}) > 1 and "head" not in given:
+            raise click.UsageError(
+                f"the parents were trained on different classes ({classes}) and not every "
+                f"checkpoint records its per-class training counts (class_counts), which "
+                f"{method} needs to weight each class's logits by the parents that saw it; "
+                "retrain with `symmerge train` (it records them) or pass -p head=mean to "
+                "average the logits"
+            )
         return {}
     return {"class_counts": counts}
 
