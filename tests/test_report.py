@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from symmerge.report import (
     SETTING_NAMES,
     ReportError,
     load_results,
+    peers,
     provenance,
+    render_markdown,
     run_report,
     settings_for,
     validate,
@@ -84,7 +87,9 @@ def _numbers(doc: dict[str, Any]) -> list[tuple]:
     ends = [(e["setting"], e["seed"], e["data"]["sha256"],
              [(s["weights_sha256"], json.dumps(s["metrics"], sort_keys=True))
               for s in e["sources"]]) for e in doc["endpoints"]]  # fmt: skip
-    return runs + ends
+    peers = [(e["peer"], e["seed"], e["status"], json.dumps(e["metrics"], sort_keys=True))
+             for e in doc["peers"]["runs"]]  # fmt: skip
+    return runs + ends + peers
 
 
 @needs_data
@@ -94,7 +99,11 @@ def test_schema_and_shared_inputs(report: tuple[Path, dict]) -> None:
     assert doc["schema_version"] == 1 and doc["meta"]["complete"]
     for key in ("command", "git_commit", "versions", "hardware", "threads", "date", "seeds"):
         assert key in doc["meta"]
-    assert doc["peers"] == {"runs": [], "reason": doc["peers"]["reason"]} and doc["peers"]["reason"]
+    assert doc["peers"]["reason"] and doc["peers"]["enabled"]
+    assert [(e["peer"], e["setting"], e["seed"]) for e in doc["peers"]["runs"]] == [
+        ("rebasin", "same-task", 0)
+    ]  # ran, or recorded why not
+    assert doc["peers"]["runs"][0]["status"] in ("ok", "not run")
     for name in SETTINGS:
         ends = [e for e in doc["endpoints"] if e["setting"] == name]
         assert len(ends) == 1
@@ -183,6 +192,81 @@ def test_resume_reuses_runs_of_the_same_configuration(
     monkeypatch.setattr(provenance, "merge_code_version", lambda: "0" * 64)
     with pytest.raises(ReportError, match="made by other code"):
         _run(folder, resume=True)
+
+
+def _same_task_again(report: tuple[Path, dict], folder: Path, **kwargs: Any) -> dict[str, Any]:
+    """``same-task`` again in ``folder``, reusing the report's checkpoint files (same sha256)."""
+    shutil.copytree(report[0] / "checkpoints", folder / "checkpoints")
+    torch.set_num_threads(1)
+    return run_report(folder, settings=["same-task"], data_root=os.environ["SYMMERGE_DATA"],
+                      progress=False, command="symmerge report (test)", **kwargs)  # fmt: skip
+
+
+@needs_data
+def test_missing_peer_is_recorded_with_the_reason(
+    report: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    empty = tmp_path / "no-peers"
+    empty.mkdir()
+    monkeypatch.setenv(peers.PEERS_ENV, str(empty))
+    doc = _same_task_again(report, tmp_path / "r", methods=["weight"])
+    (entry,) = doc["peers"]["runs"]
+    assert entry["status"] == "not run" and entry["metrics"] is None
+    assert "cannot import rebasin" in entry["reason"] and str(empty / "rebasin") in entry["reason"]
+    assert f"--no-deps --target {empty / 'rebasin'} rebasin torchview graphviz" in entry["install"]
+    ends = [s["sha256"] for s in doc["endpoints"][0]["sources"]]
+    assert entry["checkpoints"] == ends == doc["runs"][0]["checkpoints"]
+    assert entry["ours"]["accuracy"] == doc["runs"][0]["metrics"]["accuracy"]
+    md = render_markdown(doc)
+    assert "not run: cannot import rebasin" in md and "Install: `" in md
+    # switched off, the reason says so
+    off = _same_task_again(report, tmp_path / "off", methods=["naive"], peers=False)
+    assert off["peers"]["runs"] == [] and "switched off" in off["peers"]["reason"]
+    assert "No peer runs: peer runs were switched off" in render_markdown(off)
+
+
+def test_peer_root_default_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(peers.PEERS_ENV, raising=False)
+    assert peers.default_peer_root() == Path.home() / ".cache" / "symmerge" / "peers"
+    monkeypatch.setenv(peers.PEERS_ENV, "/somewhere/else")
+    assert peers.default_peer_root() == Path("/somewhere/else")
+
+
+@needs_data
+def test_peer_entries_are_validated(report: tuple[Path, dict]) -> None:
+    _, doc = report
+    bad = json.loads(json.dumps(doc))
+    entry = bad["peers"]["runs"][0]
+    entry.update(status="not run", reason="")
+    with pytest.raises(ReportError, match="without a reason"):
+        validate(bad)
+    entry.update(status="ok", version="1", metrics={"accuracy": 0.5}, seconds=1.0,
+                 checkpoints=list(reversed(entry["checkpoints"])))  # fmt: skip
+    with pytest.raises(ReportError, match="does not run on the checkpoints"):
+        validate(bad)
+    entry["status"] = "maybe"
+    with pytest.raises(ReportError, match="has status 'maybe'"):
+        validate(bad)
+
+
+@needs_data
+def test_rebasin_peer_runs_beside_weight_matching(report: tuple[Path, dict]) -> None:
+    folder, doc = report
+    (entry,) = doc["peers"]["runs"]
+    if entry["status"] == "not run":
+        pytest.skip(f"the rebasin peer is not installed: {entry['reason']}")
+    assert entry["status"] == "ok", entry["reason"]
+    weight = [r for r in doc["runs"] if r["setting"] == "same-task" and r["label"] == "weight"]
+    ends = [s["sha256"] for s in doc["endpoints"][0]["sources"]]
+    assert entry["checkpoints"] == weight[0]["checkpoints"] == ends
+    ours = weight[0]["metrics"]["accuracy"]
+    assert entry["ours"]["accuracy"] == ours
+    assert abs(entry["metrics"]["accuracy"] - ours) < 0.03  # same algorithm, same files
+    sources = [s["metrics"]["accuracy"] for s in doc["endpoints"][0]["sources"]]
+    assert entry["metrics"]["accuracy"] > min(sources) - 0.1
+    assert entry["seconds"] > 0 and entry["ratio"] > 0 and entry["version"]
+    assert entry["permutations"] == 2  # the two hidden layers of mlp-w128-d2
+    assert "| rebasin | same-task | 0 |" in (folder / "report.md").read_text()
 
 
 @needs_data

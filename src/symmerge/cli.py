@@ -1716,6 +1716,15 @@ def _names(value: str | None) -> list[str] | None:
               "and code), reusing its finished runs.")  # fmt: skip
 @click.option("--render-only", is_flag=True, help="Redraw report.md and the plots from the "
               "folder's results.json.")  # fmt: skip
+@click.option(
+    "--peers/--no-peers",
+    default=True,
+    show_default=True,
+    help="Run the peers' own code (PyPI rebasin) beside ours where installed; else record why not.",
+)
+@click.option("--peer-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="SYMMERGE_PEERS", help="Folder of the peers' packages (default "
+              "~/.cache/symmerge/peers; rebasin in its rebasin/ subfolder).")  # fmt: skip
 @data_root_option
 @click.option("--progress/--no-progress", default=True)
 def report_cmd(
@@ -1726,6 +1735,8 @@ def report_cmd(
     output: Path,
     resume: bool,
     render_only: bool,
+    peers: bool,
+    peer_root: Path | None,
     data_root: Path | None,
     progress: bool,
 ) -> None:
@@ -1747,7 +1758,8 @@ def report_cmd(
                                          param_hint="--seeds") from None  # fmt: skip
             doc = run_report(output, scale=scale, settings=_names(settings),
                              methods=_names(methods), seeds=seed_list, data_root=data_root,
-                             resume=resume, progress=progress)  # fmt: skip
+                             resume=resume, progress=progress, peers=peers,
+                             peer_root=peer_root)  # fmt: skip
     except ReportError as exc:
         raise click.ClickException(str(exc)) from None
     files = write_report(doc, output)

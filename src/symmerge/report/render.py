@@ -109,12 +109,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines += ["", *_coverage(doc)]
     lines += ["", *_plots_section(doc)]
     lines += ["", *_published_section(published)]
-    lines += ["", "## Peers", ""]
-    peers = doc["peers"]
-    if peers["runs"]:
-        lines += [f"- {p}" for p in peers["runs"]]
-    else:
-        lines.append(f"No peer runs: {peers['reason']}.")
+    lines += ["", *_peers_section(doc["peers"])]
     return "\n".join(lines) + "\n"
 
 
@@ -282,6 +277,50 @@ def _plots_section(doc: dict[str, Any]) -> list[str]:
         lines += [f"![accuracy against measured compute]({BUDGET_PLOT})", ""]
     if _time_points(doc):
         lines.append(f"![time per method]({TIME_PLOT})")
+    return lines
+
+
+def _peers_section(peers: dict[str, Any]) -> list[str]:
+    """The peers' own code beside ours: a table, each entry's call and inputs, and exactly
+    why a peer did not run."""
+    lines = ["## Peers", ""]
+    entries = peers["runs"]
+    if not entries:
+        return lines + [f"No peer runs: {peers['reason']}."]
+    lines += [
+        "The peers' own code on the same checkpoint files as our runs (same sha256), in a "
+        "subprocess with its own packages; the merged model is evaluated here with the same "
+        "function and test data as ours (`ours`: our `weight` run on those files). `seconds`: "
+        "the peer's call (graph building and matching; a second call, after an untimed "
+        "first one in its process); `ours s`: our whole `merge()` call (tracing, matching, "
+        "building; a method's first call in the report also compiles solvers); ratio = "
+        "peer / ours (above 1: ours is faster).",
+        "",
+    ]
+    rows, notes = [], []
+    for e in entries:
+        ok = e["status"] == "ok"
+        ours = e["ours"] or {}
+        rows.append([
+            e["peer"], e["setting"], str(e["seed"]), e["version"] or "-", e["status"],
+            _pct([e["metrics"]["accuracy"]]) if ok else "-",
+            f"{e['seconds']:.3f}" if ok else "-",
+            _pct([ours["accuracy"]]) if ours else "-",
+            f"{ours['merge_wall_s']:.3f}" if ours else "-",
+            f"{e['ratio']:.2f}" if e["ratio"] is not None else "-",
+        ])  # fmt: skip
+        what = f"- {e['peer']} ({e['setting']} seed {e['seed']}): "
+        if ok:
+            shas = ", ".join(s[:12] for s in e["checkpoints"])
+            notes.append(what + f"`{e.get('call', '')}` on checkpoints {shas}; "
+                         f"{e.get('permutations', '?')} permutations found; package from "
+                         f"{e.get('imported_from') or e.get('folder', '?')}.")  # fmt: skip
+        else:
+            install = f" Install: `{e['install']}`." if e.get("install") else ""
+            notes.append(what + f"{e['status']}: {e['reason']}.{install}")
+    lines += _table(["peer", "setting", "seed", "version", "status", "accuracy %", "seconds",
+                     "ours accuracy %", "ours s", "ratio"], rows, 5)  # fmt: skip
+    lines += ["", *notes, "", f"Other peers: {peers['reason']}."]
     return lines
 
 

@@ -49,11 +49,14 @@ from symmerge.report.settings import (
 
 __all__ = ["PEERS_REASON", "check_scale", "run_report", "select"]
 
-#: Why ``peers`` is empty in this version.
+#: The peers not run yet (the top-level ``peers.reason``).
 PEERS_REASON = (
-    "peer runs (the PyPI rebasin package, the official C2M3, ZipIt!, PLeaS and neuron-"
-    "interpolation code on these checkpoints) are not part of the harness yet"
+    "the official C2M3, ZipIt!, PLeaS and neuron-interpolation code are not run on these "
+    "checkpoints yet; only the PyPI rebasin package is, on the same-task setting"
 )
+#: The setting the rebasin peer runs on, and our run it is compared with.
+PEER_SETTING = "same-task"
+PEER_OURS = "weight"
 
 #: Batch size of the merge data.
 DATA_BATCH = 500
@@ -112,6 +115,8 @@ def run_report(
     resume: bool = False,
     progress: bool = True,
     command: str | None = None,
+    peers: bool = True,
+    peer_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the report into ``output`` and return its results document.
 
@@ -127,6 +132,12 @@ def run_report(
             reusing its finished runs; without it a folder holding results is refused.
         progress: report progress on stderr.
         command: the command line to record (default: ``sys.argv``).
+        peers: run the peers' own code beside ours (:mod:`symmerge.report.peers`): the PyPI
+            rebasin package on each seed of the same-task setting, in a subprocess. A peer
+            that is not installed is recorded as ``"not run"`` with the reason and the
+            install command; nothing is installed and the report never fails for it.
+        peer_root: the folder of peer packages (default ``$SYMMERGE_PEERS``, else
+            ``~/.cache/symmerge/peers``); rebasin is looked for in its ``rebasin/``.
     """
     from symmerge.methods import list_methods, method_info
     from symmerge.progress import progress_bar
@@ -169,7 +180,7 @@ def run_report(
         "reused_runs": 0,
     }
     published = [e for e in load_published() if e["setting"] in chosen]
-    doc = new_document(meta, published, {"runs": [], "reason": PEERS_REASON})
+    doc = new_document(meta, published, _peers_header(peers, chosen))
     results = out / RESULTS_FILE
     bar = progress_bar(total=len(plan), desc=f"report ({scale})", unit="run", enabled=progress)
     try:
@@ -177,13 +188,15 @@ def run_report(
             setting = defs[name]
             for seed in seeds:
                 todo = [job for s, sd, job in plan if s == name and sd == seed]
-                if not todo:
+                if not todo and not (peers and name == PEER_SETTING):
                     continue
                 try:
                     ctx = _prepare(setting, seed, out, root, doc)
                 except Exception as exc:  # every run of the setting and seed fails with it
                     reason = " ".join(f"preparing {name}: {type(exc).__name__}: {exc}".split())
                     doc["runs"] += [_failed(setting, seed, job, reason) for job in todo]
+                    if peers and name == PEER_SETTING:
+                        doc["peers"]["runs"].append(_peer_not_prepared(seed, reason))
                     bar.update(len(todo))
                     continue
                 for job in todo:
@@ -192,12 +205,66 @@ def run_report(
                     meta["reused_runs"] += bool(record.pop("_reused", False))
                     doc["runs"].append(record)
                     bar.update(1)
+                if peers and name == PEER_SETTING:
+                    bar.set_postfix(run=f"{name} peer rebasin")
+                    doc["peers"]["runs"].append(_peer_run(setting, seed, ctx, doc, peer_root))
                 save_results(doc, results)
     finally:
         bar.close()
     meta["complete"] = True
     save_results(doc, results)
     return load_results(results)
+
+
+def _peers_header(peers: bool, chosen: Sequence[str]) -> dict[str, Any]:
+    """The ``peers`` section before any peer runs: why the missing ones are missing."""
+    if not peers:
+        reason = "peer runs were switched off (peers=False)"
+    elif PEER_SETTING not in chosen:
+        reason = f"the rebasin peer runs on the {PEER_SETTING} setting, not in this report; "
+        reason += PEERS_REASON.split(";")[0]
+    else:
+        reason = PEERS_REASON
+    return {"runs": [], "reason": reason, "enabled": peers}
+
+
+def _ours(doc: dict[str, Any], seed: int) -> dict[str, Any] | None:
+    """Our run the peer is compared with: plain ``weight`` on the same checkpoints."""
+    for r in doc["runs"]:
+        if (r["setting"], r["seed"], r["method"], r["renorm"], r["budget"]) == (
+            PEER_SETTING, seed, PEER_OURS, None, None,
+        ) and r["status"] == "ok":  # fmt: skip
+            return {"method": PEER_OURS, "label": r["label"], "key": r["key"],
+                    "accuracy": r["metrics"]["accuracy"],
+                    "merge_wall_s": r["timings"]["merge_wall_s"],
+                    "method_s": r["timings"]["method_s"]}  # fmt: skip
+    return None
+
+
+def _peer_run(
+    setting: Setting, seed: int, ctx: _Context, doc: dict[str, Any], root: str | Path | None
+) -> dict[str, Any]:
+    """The rebasin peer on this setting and seed's checkpoints, scored by our evaluation."""
+    from symmerge.report import peers
+
+    folder = None if root is None else Path(root) / "rebasin"
+    entry = peers.run_rebasin(
+        [c.path for c in ctx.checkpoints], ctx.data[0][0],
+        lambda model: _evaluate(model, setting, ctx, merged=True), seed=seed, folder=folder,
+    )  # fmt: skip
+    ours = _ours(doc, seed)
+    ratio = None
+    if ours is not None and entry["seconds"] is not None and ours["merge_wall_s"] > 0:
+        ratio = entry["seconds"] / ours["merge_wall_s"]
+    return {**entry, "setting": setting.name, "seed": seed, "ours": ours, "ratio": ratio}
+
+
+def _peer_not_prepared(seed: int, reason: str) -> dict[str, Any]:
+    """The rebasin entry of a seed whose checkpoints could not be made."""
+    return {"peer": "rebasin", "package": "rebasin (PyPI)", "version": None,
+            "status": "not run", "reason": f"no checkpoints to run on ({reason})"[:1000],
+            "setting": PEER_SETTING, "seed": seed, "checkpoints": [], "metrics": None,
+            "seconds": None, "ours": None, "ratio": None}  # fmt: skip
 
 
 def _previous_runs(

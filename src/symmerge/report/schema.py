@@ -15,11 +15,19 @@ Schema (``schema_version`` 1)::
                "params", "macs", "macs_ratio"}, "timings": {...}, "memory": {...},
                "warnings": [...]}],
      "published": [{"setting", "method", "metric", "value", "tag", "source", "differs", ...}],
-     "peers": {"runs": [], "reason": str}}
+     "peers": {"runs": [{"peer", "version", "status", "reason", "setting", "seed",
+                         "checkpoints": [sha256, ...], "metrics": {"accuracy", ...} | null,
+                         "seconds", "ours": {"accuracy", "merge_wall_s", ...} | null,
+                         "ratio", "call", "install", ...}],
+               "reason": str (why the peers not in "runs" are missing), "enabled": bool}}
 
 Every run of a setting and seed merges the same checkpoints on the same data: validation
 refuses a document that mixes them. A failed run keeps its row, with ``status: "failed"`` and
-the ``error``; it is never dropped.
+the ``error``; it is never dropped. A peer entry (the peer's own code on the same
+checkpoints, :mod:`symmerge.report.peers`) has ``status`` ``"ok"``, ``"not run"`` or
+``"failed"``, the latter two with the exact ``reason``; an ``"ok"`` one must name the same
+checkpoints as its setting and seed's endpoints. (Version 1 documents written before peers
+ran have an empty ``runs`` list; they stay valid.)
 """
 
 from __future__ import annotations
@@ -53,6 +61,9 @@ META_KEYS = ("command", "git_commit", "code_version", "training_code_version", "
 RUN_KEYS = ("key", "setting", "method", "label", "seed", "params", "renorm", "heads", "budget",
             "checkpoints", "data", "status", "error", "metrics", "timings", "memory")  # fmt: skip
 PUBLISHED_KEYS = ("setting", "method", "metric", "value", "tag", "source", "differs")
+PEER_KEYS = ("peer", "version", "status", "reason", "setting", "seed", "checkpoints", "metrics",
+             "seconds", "ours", "ratio")  # fmt: skip
+PEER_STATUSES = ("ok", "not run", "failed")
 
 
 class ReportError(ValueError):
@@ -118,7 +129,43 @@ def validate(doc: Any) -> dict[str, Any]:
           "must be an object with a 'runs' list")  # fmt: skip
     _need(bool(peers["runs"]) or isinstance(peers.get("reason"), str), "peers",
           "without runs needs a 'reason'")  # fmt: skip
+    for i, entry in enumerate(peers["runs"]):
+        _validate_peer(entry, f"peers.runs[{i}]", shared)
     return doc
+
+
+def _validate_peer(
+    entry: Any, where: str, shared: Mapping[tuple[str, int], tuple[Any, Any]]
+) -> None:
+    """A peer entry: a reason unless it ran; when it ran, our checkpoints, an accuracy and a
+    time (and ours, when present, with both)."""
+    _need(isinstance(entry, dict), where, "must be an object")
+    for key in PEER_KEYS:
+        _need(key in entry, where, f"has no {key!r}")
+    _need(entry["status"] in PEER_STATUSES, where,
+          f"has status {entry['status']!r}; statuses: {', '.join(PEER_STATUSES)}")  # fmt: skip
+    if entry["status"] != "ok":
+        _need(isinstance(entry["reason"], str) and bool(entry["reason"]), where,
+              f"is {entry['status']!r} without a reason")  # fmt: skip
+        return
+    _need(isinstance(entry["version"], str) and bool(entry["version"]), where,
+          "ran without a package version")  # fmt: skip
+    found = shared.get((entry["setting"], entry["seed"]))
+    _need(found is not None and entry["checkpoints"] == found[0], where,
+          f"({entry['peer']}) does not run on the checkpoints of {entry['setting']} seed "
+          f"{entry['seed']}")  # fmt: skip
+    metrics = entry["metrics"]
+    acc = metrics.get("accuracy") if isinstance(metrics, dict) else None
+    _need(_is_number(acc) and 0.0 <= acc <= 1.0, where, f"has accuracy {acc!r}")
+    _need(_is_number(entry["seconds"]) and entry["seconds"] > 0, where,
+          f"has seconds {entry['seconds']!r}")  # fmt: skip
+    ours = entry["ours"]
+    if ours is not None:
+        _need(isinstance(ours, dict) and _is_number(ours.get("accuracy"))
+              and _is_number(ours.get("merge_wall_s")), where,
+              "has 'ours' without an accuracy and merge_wall_s")  # fmt: skip
+    _need(entry["ratio"] is None or _is_number(entry["ratio"]), where,
+          f"has ratio {entry['ratio']!r}")  # fmt: skip
 
 
 def _validate_run(run: Any, where: str) -> None:

@@ -1,0 +1,230 @@
+"""Peers' own code on the report's checkpoints, beside our runs.
+
+A peer runs in a subprocess (the report's Python with ``PYTHONPATH`` set to the peer's own
+package folder), so its packages never enter the report's process and a missing or broken
+peer cannot break the report: it is recorded as ``"not run"`` or ``"failed"`` with the exact
+reason. Packages are never installed from here; the reason names the install command.
+
+Peers so far: the PyPI ``rebasin`` package (weight matching,
+``PermutationCoordinateDescent``) on the same-task setting's two source checkpoints, against
+our ``weight`` run on the same files. The subprocess loads our safetensors with
+:func:`symmerge.io.load_checkpoint` (the converter: the peer gets ordinary ``nn.Module``
+objects), aligns, averages the aligned state dicts and saves them to a temporary file; the
+report's process evaluates that model with the same function and test data as our runs.
+
+Where peer packages live: ``peer_root`` (argument), else ``$SYMMERGE_PEERS``, else
+``~/.cache/symmerge/peers``; each peer in its own subfolder (``rebasin/``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "PEERS_ENV",
+    "REBASIN_CALL",
+    "default_peer_root",
+    "install_command",
+    "probe_rebasin",
+    "run_rebasin",
+]
+
+#: Environment variable naming the folder of peer packages.
+PEERS_ENV = "SYMMERGE_PEERS"
+#: The packages the rebasin peer needs next to torch (``--no-deps``: torch is never pulled).
+REBASIN_PACKAGES = ("rebasin", "torchview", "graphviz")
+#: What the peer subprocess calls, as recorded.
+REBASIN_CALL = (
+    "torch.manual_seed(seed); PermutationCoordinateDescent(model_a, model_b, x[:8]).rebasin() "
+    "(timed; after one untimed call on copies); merged = average of model_a's and the "
+    "aligned model_b's state dicts"
+)
+#: Inputs passed to rebasin for tracing the graph (it only needs their shape).
+TRACE_EXAMPLES = 8
+#: The subprocess's time limit, seconds.
+DEFAULT_TIMEOUT = 1800.0
+
+_PROBE = (
+    "import importlib.metadata as m, pathlib, rebasin; "
+    "print(m.version('rebasin')); print(pathlib.Path(rebasin.__file__).parent.parent)"
+)
+_WORKER = "from symmerge.report.peers import _rebasin_worker; _rebasin_worker()"
+
+
+def default_peer_root() -> Path:
+    """``$SYMMERGE_PEERS``, else ``~/.cache/symmerge/peers`` (outside the repository, so
+    peer packages are never committed)."""
+    env = os.environ.get(PEERS_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "symmerge" / "peers"
+
+
+def install_command(folder: Path) -> str:
+    """The command that installs the rebasin peer into ``folder`` (never run from here)."""
+    return (f"{sys.executable} -m pip install --no-deps --target {folder} "
+            + " ".join(REBASIN_PACKAGES))  # fmt: skip
+
+
+def _env(folder: Path, threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _tail(text: str, n: int = 6) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-n:])[:1000]
+
+
+def probe_rebasin(folder: Path) -> tuple[str | None, str | None, str | None]:
+    """``(version, imported_from, None)`` when rebasin imports in the peer's environment,
+    else ``(None, None, reason)``; a subprocess, so nothing is imported here."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE], env=_env(folder, 1),
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, None, f"probing rebasin failed: {type(exc).__name__}: {exc}"
+    if proc.returncode != 0:
+        where = str(folder) if folder.is_dir() else f"{folder} (no such folder)"
+        return None, None, f"cannot import rebasin from {where}: {_tail(proc.stderr, 1)}"
+    version, source = (proc.stdout.strip().splitlines() + ["", ""])[:2]
+    return version, source, None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_rebasin(
+    checkpoints: Sequence[Path],
+    example: Tensor,
+    evaluate: Callable[[nn.Module], dict[str, Any]],
+    *,
+    seed: int,
+    folder: Path | None = None,
+    threads: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> dict[str, Any]:
+    """Merge two checkpoints with the PyPI rebasin package in a subprocess; a peer that is
+    missing or fails is recorded in the entry, never raised.
+
+    Args:
+        checkpoints: the two source files (our safetensors), model A first.
+        example: inputs rebasin traces the model with (the first :data:`TRACE_EXAMPLES`).
+        evaluate: scores the merged model here (the report's own evaluation and test data).
+        seed: torch seed of the subprocess (rebasin draws its visiting order from it).
+        folder: the peer's package folder (default ``default_peer_root() / "rebasin"``).
+        threads: torch threads of the subprocess (default: this process's).
+        timeout: seconds before the subprocess is stopped (recorded as failed).
+
+    Returns the peer entry without ``setting``/``seed``/``ours``: ``status`` ``"ok"``,
+    ``"not run"`` (not importable: ``reason`` and ``install``) or ``"failed"`` (``reason``).
+    """
+    folder = Path(folder) if folder is not None else default_peer_root() / "rebasin"
+    threads = threads or torch.get_num_threads()
+    entry: dict[str, Any] = {
+        "peer": "rebasin", "package": "rebasin (PyPI)", "version": None, "status": "not run",
+        "reason": None, "install": install_command(folder), "folder": str(folder),
+        "imported_from": None, "call": REBASIN_CALL,
+        "checkpoints": [_file_sha256(Path(p)) for p in checkpoints], "threads": threads,
+        "metrics": None, "seconds": None, "timings": None, "permutations": None,
+        "merged_weights_sha256": None,
+    }  # fmt: skip
+    version, source, reason = probe_rebasin(folder)
+    if reason is not None:
+        return {**entry, "reason": reason}
+    entry.update(version=version, imported_from=source)
+    with tempfile.TemporaryDirectory(prefix="symmerge-peer-") as tmp:
+        from safetensors.torch import load_file, save_file
+
+        job = Path(tmp) / "job.json"
+        save_file({"x": example[:TRACE_EXAMPLES].contiguous()}, str(Path(tmp) / "input.st"))
+        job.write_text(json.dumps({
+            "checkpoints": [str(Path(p).resolve()) for p in checkpoints],
+            "sha256": entry["checkpoints"], "input": str(Path(tmp) / "input.st"),
+            "seed": seed, "threads": threads, "merged": str(Path(tmp) / "merged.st"),
+            "result": str(Path(tmp) / "result.json"),
+        }))  # fmt: skip
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, "-c", _WORKER, str(job)],
+                                  env=_env(folder, threads), capture_output=True, text=True,
+                                  timeout=timeout)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return {**entry, "status": "failed", "reason": f"timed out after {timeout:g} s"}
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            why = _tail(proc.stderr) or f"exit status {proc.returncode}"
+            return {**entry, "status": "failed", "reason": f"the peer subprocess failed: {why}"}
+        result = json.loads(Path(tmp, "result.json").read_text())
+        state = load_file(str(Path(tmp) / "merged.st"))
+    from symmerge.io import load_checkpoint
+    from symmerge.report.checkpoints import weights_sha256
+
+    model, _ = load_checkpoint(checkpoints[0])
+    try:
+        model.load_state_dict(state)
+        metrics = evaluate(model.eval())
+    except Exception as exc:  # recorded, never raised
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:1000]
+        return {**entry, "status": "failed", "reason": f"evaluating the peer's merge: {message}"}
+    timings = {k: round(v, 6) for k, v in result["timings"].items()}
+    return {
+        **entry, "status": "ok", "metrics": metrics, "seconds": timings["total_s"],
+        "timings": {**timings, "subprocess_wall_s": round(wall, 6)},
+        "permutations": result["permutations"], "merged_weights_sha256": weights_sha256(model),
+    }  # fmt: skip
+
+
+def _rebasin_worker() -> None:
+    """The peer subprocess (``sys.argv[1]``: the job file): our loader in, rebasin's
+    coordinate descent timed, the average of the aligned state dicts out."""
+    from rebasin import PermutationCoordinateDescent
+    from safetensors.torch import load_file, save_file
+
+    from symmerge.evaluate import interpolate_state_dicts
+    from symmerge.io import load_checkpoint
+
+    job = json.loads(Path(sys.argv[1]).read_text())
+    torch.set_num_threads(int(job["threads"]))
+    for path, sha in zip(job["checkpoints"], job["sha256"], strict=True):
+        if _file_sha256(Path(path)) != sha:
+            raise SystemExit(f"{path} changed: its sha256 is not the report's {sha}")
+    a, b = (load_checkpoint(p)[0].eval() for p in job["checkpoints"])
+    x = load_file(job["input"])["x"]
+    # an untimed first call on copies: the process's one-off costs (imports, first kernels)
+    # are not the peer's matching time; the timed call below starts from the same seed
+    torch.manual_seed(int(job["seed"]))
+    w0 = time.perf_counter()
+    PermutationCoordinateDescent(copy.deepcopy(a), copy.deepcopy(b), x).rebasin()
+    first = time.perf_counter() - w0
+    torch.manual_seed(int(job["seed"]))
+    t0 = time.perf_counter()
+    pcd = PermutationCoordinateDescent(a, b, x)
+    t1 = time.perf_counter()
+    pcd.rebasin()  # permutes b in place
+    t2 = time.perf_counter()
+    merged = interpolate_state_dicts(a.state_dict(), b.state_dict(), 0.5)
+    save_file({k: v.detach().contiguous() for k, v in merged.items()}, job["merged"])
+    Path(job["result"]).write_text(json.dumps({
+        "timings": {"total_s": t2 - t0, "graph_init_s": t1 - t0,
+                    "coordinate_descent_s": t2 - t1, "first_call_s": first},
+        "permutations": len(pcd.pinit.model_graph.permutation_to_info),
+    }))  # fmt: skip
