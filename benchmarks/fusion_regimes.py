@@ -37,6 +37,7 @@ in the same process (medians and their ratio). Writes
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,12 @@ def main() -> None:
         default=3,
         help="alternate kf-linear / otfusion runs timed with two parents",
     )
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="only the kf-linear / otfusion timing with two parents (run it on an otherwise "
+        "idle machine); writes fusion_timing_<dataset>.{json,md}",
+    )
     parser.add_argument("--widths", default="512,256",
                         help="two parents of these widths (non-IID halves), fused to several "
                         "widths; empty to skip")  # fmt: skip
@@ -139,6 +146,29 @@ def main() -> None:
     data = batches(*subset(x_tr, y_tr, args.samples, args.data_seed), args.batch_size)
     rows: list[dict[str, Any]] = []
     timings: list[dict[str, Any]] = []
+    if args.timing_only:
+        for kind in filter(None, args.regimes.split(",")):
+            found = [parent(args.dataset, kind, k, 2, args) for k in (1, 2)]
+            share = {"class_counts": [m.get("class_counts") for _, m, _ in found],
+                     "head": "class-share"}  # fmt: skip
+            timings.append(time_pair(kind, [m for m, _, _ in found], data, share,
+                                     args.time_repeats))  # fmt: skip
+        meta0.update(
+            {
+                "dataset": args.dataset,
+                "arch": args.arch,
+                "epochs": args.epochs,
+                "samples": args.samples,
+                "load_average_end": list(os.getloadavg()),
+            }
+        )
+        name = f"fusion_timing_{args.dataset}"
+        write_json(Path(args.out) / f"{name}.json", {"meta": meta0, "timings": timings})
+        lines = [f"# kf-linear against OT fusion, time ({args.dataset}, two {args.arch} parents)",
+                 "", *provenance_md(meta0), f"- Load average at the end: "
+                 f"{meta0['load_average_end']}", ""]  # fmt: skip
+        write_markdown_timing(Path(args.out) / f"{name}.md", lines, timings)
+        return
     for kind in filter(None, args.regimes.split(",")):
         for n in (int(v) for v in args.parents.split(",")):
             found = [parent(args.dataset, kind, k, n, args) for k in range(1, n + 1)]
@@ -315,6 +345,11 @@ def write_markdown(
             table.append([m, *vals])
         lines += [f"## {kind}", ""] + md_table(["method", *(f"N = {n}" for n in ns)], table)
         lines.append("")
+    write_markdown_timing(path, lines, timings)
+
+
+def write_markdown_timing(path: Path, lines: list[str], timings: list[dict[str, Any]]) -> None:
+    """``lines`` and, if any, the table of kf-linear's and OT fusion's median times."""
     if timings:
         reps = len(timings[0]["seconds"]["kf-linear"])
         lines += ["## kf-linear against OT fusion, time", "",

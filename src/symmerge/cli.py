@@ -1429,14 +1429,14 @@ def merge_cmd(
             "does not), so the merge could not be saved: save its state_dict and name the "
             "architecture, e.g. module:package.module:factory=FILE"
         )
+    kwargs = _params(params, method)
+    kwargs.update(_class_counts(method, metas, kwargs))
     data = _data_batches(data_spec, data_root, data_samples, 500, seed, models=models,
                          datasets=[m.get("dataset") for m in metas], reference=checkpoints[0],
                          preprocessing=preprocessing)  # fmt: skip
     phases.lap("data")
     known = eval_datasets or any(m.get("dataset") for m in metas)
     targets = _eval_targets(metas, eval_datasets) if known else []
-    kwargs = _params(params, method)
-    kwargs.update(_class_counts(method, metas, kwargs))
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", BatchNormStatsWarning)

@@ -164,18 +164,19 @@ def weighted_kmeans(
         x = _normalize(x, _check_sizes(sizes, units))
     elif sizes is not None:
         _check_sizes(sizes, units)
-    gram = x @ x.T
-    sq = gram.diagonal().clone()
-    # Lloyd steps read the Gram matrix in float32 (half the memory traffic of the O(units^2)
-    # steps; only the ranking of distances depends on it); results are recomputed in float64.
-    gram32, sq32, s32 = gram.float(), sq.float(), s.float()
+    # The starts and Lloyd steps read a float32 Gram matrix (half the time and memory
+    # traffic of float64; only the ranking of distances depends on it); the returned
+    # targets and cost are recomputed from ``x`` in float64.
+    x32 = x.float()
+    gram32 = x32 @ x32.T
+    sq32, s32 = gram32.diagonal().clone(), s.float()
     gen = torch.Generator().manual_seed(int(seed))
     best: tuple[float, torch.Tensor, int] | None = None
     for _ in range(1 if init == "first" else restarts):
         if init == "first":
             idx = torch.arange(k, device=x.device)
         else:
-            idx = _farthest_point(gram, sq, k, gen)
+            idx = _farthest_point(gram32, sq32, k, gen)
         d2 = (sq32[:, None] + sq32[idx][None, :] - 2.0 * gram32[idx].T).clamp_min(0.0)
         labels, iters, cost = _lloyd(gram32, sq32, s32, d2, k, max_iter, tol)
         if best is None or cost < best[0]:
@@ -332,7 +333,7 @@ def _farthest_point(
     if sq.device.type == "cpu":
         g, d = gram.numpy(), sq.numpy()
         idx = np.empty(k, dtype=np.int64)
-        mind, row = np.full(n, np.inf), np.empty(n)
+        mind, row = np.full(n, np.inf, dtype=g.dtype), np.empty(n, dtype=g.dtype)
         nxt = first
         for c in range(k):
             idx[c] = nxt
@@ -383,9 +384,9 @@ def _lloyd(
             return labels, iterations, cost
         iterations += 1
         history.append(cost)
-        new = d2.argmin(1)
-        new = torch.where(own <= d2.gather(1, new[:, None])[:, 0], labels, new)
-        new = _fill_empty(new, d2.gather(1, new[:, None])[:, 0], k)
+        best, new = d2.min(1)
+        new = torch.where(own <= best, labels, new)
+        new = _fill_empty(new, torch.minimum(own, best), k)
         if torch.equal(new, labels):
             return labels, iterations, cost
         labels = new
