@@ -21,6 +21,7 @@ __all__ = [
     "Checkpoint",
     "checkpoint_key",
     "dataset_fingerprint",
+    "file_sha256",
     "train_or_reuse",
     "weights_sha256",
 ]
@@ -81,7 +82,8 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -119,5 +121,5 @@ def train_or_reuse(
         info = {**info, "report_key": key, "recipe": recipe}
         save_checkpoint(path, model, info["config"], info, overwrite=True)
     model, meta = load_checkpoint(path)
-    return Checkpoint(model=model, metadata=meta, path=path, key=key, sha256=_file_sha256(path),
+    return Checkpoint(model=model, metadata=meta, path=path, key=key, sha256=file_sha256(path),
                       weights_sha256=weights_sha256(model), reused=reused)  # fmt: skip

@@ -19,7 +19,6 @@ Where peer packages live: ``peer_root`` (argument), else ``$SYMMERGE_PEERS``, el
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import subprocess
@@ -32,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from symmerge.report.checkpoints import file_sha256
 
 __all__ = [
     "PEERS_ENV",
@@ -104,14 +105,6 @@ def probe_rebasin(folder: Path) -> tuple[str | None, str | None, str | None]:
     return version, source, None
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_rebasin(
     checkpoints: Sequence[Path],
     example: Tensor,
@@ -143,7 +136,7 @@ def run_rebasin(
         "peer": "rebasin", "package": "rebasin (PyPI)", "version": None, "status": "not run",
         "reason": None, "install": install_command(folder), "folder": str(folder),
         "imported_from": None, "call": REBASIN_CALL,
-        "checkpoints": [_file_sha256(Path(p)) for p in checkpoints], "threads": threads,
+        "checkpoints": [file_sha256(Path(p)) for p in checkpoints], "threads": threads,
         "metrics": None, "seconds": None, "timings": None, "permutations": None,
         "merged_weights_sha256": None,
     }  # fmt: skip
@@ -205,7 +198,7 @@ def _rebasin_worker() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     torch.set_num_threads(int(job["threads"]))
     for path, sha in zip(job["checkpoints"], job["sha256"], strict=True):
-        if _file_sha256(Path(path)) != sha:
+        if file_sha256(Path(path)) != sha:
             raise SystemExit(f"{path} changed: its sha256 is not the report's {sha}")
     a, b = (load_checkpoint(p)[0].eval() for p in job["checkpoints"])
     x = load_file(job["input"])["x"]
