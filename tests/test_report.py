@@ -6,6 +6,8 @@ refused with a clear message."""
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ from symmerge.methods import get_method, list_methods, register_method
 from symmerge.report import (
     SETTING_NAMES,
     ReportError,
+    check_scale,
     load_results,
     peers,
     provenance,
@@ -33,7 +36,8 @@ from symmerge.report import (
     write_report,
 )
 from symmerge.report.checkpoints import train_or_reuse
-from symmerge.report.settings import jobs
+from symmerge.report.schema import load_published
+from symmerge.report.settings import CPU_EXTRA, DEFAULT_SEEDS, applicability, jobs
 
 needs_data = pytest.mark.skipif(
     not os.environ.get("SYMMERGE_DATA"), reason="needs SYMMERGE_DATA (CI sets it)"
@@ -181,10 +185,10 @@ def test_resume_reuses_runs_of_the_same_configuration(
     monkeypatch.setattr(provenance, "merge_code_version", lambda: same)
     with pytest.raises(ReportError, match="pass --resume"):
         _run(folder)
-    with pytest.raises(ReportError, match="another configuration.*settings"):
-        run_report(folder, settings=["same-task"], resume=True, progress=False)
     with pytest.raises(ReportError, match="another configuration.*methods"):
         _run(folder, methods=["naive", "weight"], resume=True)
+    with pytest.raises(ReportError, match="another configuration.*seeds"):
+        _run(folder, seeds=[0, 1], resume=True)
     resumed = _run(folder, resume=True)
     ok = sum(r["status"] == "ok" for r in doc["runs"])
     assert resumed["meta"]["reused_runs"] == ok
@@ -316,6 +320,165 @@ def test_scales_that_cannot_run_stop(tmp_path: Path, monkeypatch: pytest.MonkeyP
     runner = CliRunner()
     result = runner.invoke(main, ["report", "--scale", "paper", "-o", str(tmp_path / "p")])
     assert result.exit_code != 0 and "needs a CUDA GPU" in result.output
-    result = runner.invoke(main, ["report", "--scale", "cpu", "-o", str(tmp_path / "c")])
-    assert result.exit_code != 0 and "not implemented yet" in result.output
-    assert not (tmp_path / "p").exists() and not (tmp_path / "c").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ReportError, match="not implemented yet"):
+        check_scale("paper")
+    check_scale("cpu")  # runs (not here: hours); a name of another scale is refused
+    result = runner.invoke(main, ["report", "--scale", "cpu", "--settings", "bogus", "-o",
+                                  str(tmp_path / "c")])  # fmt: skip
+    assert result.exit_code != 0 and "'bogus'" in result.output
+    assert all(n in result.output for n in settings_for("cpu"))
+    result = runner.invoke(main, ["report", "--settings", "resnet20", "-o", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "unknown setting 'resnet20'" in result.output
+    assert not any((tmp_path / d).exists() for d in ("p", "c", "s"))
+
+
+def test_cpu_settings_are_whole() -> None:
+    """The cpu scale, checked without running it: the shared names and its own, a training
+    recipe for every source, sources that differ, and a row or a reason for every method."""
+    from symmerge.data import dataset_info, validate_split
+    from symmerge.methods import method_info
+    from symmerge.models import parse_model_name
+    from symmerge.train import resolve_config, train_model
+
+    settings = settings_for("cpu")
+    assert tuple(settings) == SETTING_NAMES + CPU_EXTRA
+    assert settings_for("smoke").keys() <= settings.keys()
+    takes = inspect.signature(train_model).parameters
+    seeds = DEFAULT_SEEDS["cpu"]
+    everywhere: list[str] = []
+    for name, setting in settings.items():
+        assert setting.stand_in and setting.title, name
+        assert setting.samples >= 2000 and len(seeds) == 3
+        recipes = [[s.recipe(seed) for s in setting.sources] for seed in seeds]
+        for r in itertools.chain(*recipes):
+            assert r["limit_train"] is None and r["epochs"] >= 10, (name, r)
+            assert set(r) - {"model", "dataset"} <= set(takes), (name, r)
+            resolve_config(r["model"], r["dataset"])  # a model the dataset can train
+            classes = r["classes"] or []
+            assert all(0 <= c < dataset_info(r["dataset"])["num_classes"] for c in classes)
+            if r["split"]:
+                validate_split(r["split"], r["n_parts"], r["part"])
+        # one architecture per setting, and no two sources alike, within or across seeds
+        assert len({parse_model_name(s.model)[0] for s in setting.sources}) == 1, name
+        flat = [json.dumps(r, sort_keys=True) for r in itertools.chain(*recipes)]
+        assert len(set(flat)) == len(flat), name
+        for per_seed in recipes:
+            assert len({r["seed"] for r in per_seed}) == len(per_seed), name
+        tests = {t.dataset for t in setting.tests}
+        assert {s.dataset for s in setting.sources} <= tests, name
+        # every method has rows here or a reason; the rows can start
+        for method in list_methods():
+            rows = jobs(setting, [method])
+            why = applicability(setting, method_info(method))
+            assert bool(rows) != (why is not None), (name, method)
+            assert all(job.error is None for job in rows), (name, method)
+        for method, params in setting.params.items():
+            fn = method_info(method).fn
+            assert set(params) <= set(inspect.signature(fn).parameters), (name, method)
+        bn = any(parse_model_name(s.model)[1].get("norm", "bn") == "bn" for s in setting.sources
+                 if parse_model_name(s.model)[0] != "mlp")  # fmt: skip
+        assert setting.reset_bn == bn, name
+        everywhere += [m for m in list_methods() if jobs(setting, [m])]
+    assert set(everywhere) == set(list_methods())  # every method runs somewhere
+    c2m3 = settings["resnet20-ln-3"]
+    assert len(c2m3.sources) == 3 and c2m3.repair
+    assert {j.label for j in jobs(c2m3, ["c2m3", "mergemany"])} == {
+        "c2m3", "c2m3 + REPAIR", "mergemany", "mergemany + REPAIR"}  # fmt: skip
+    assert len(settings["n-models-5"].sources) == 5
+    known = set(settings) | set(settings_for("smoke"))
+    assert {e["setting"] for e in load_published()} <= known
+
+
+@needs_data
+def test_chunked_report_accumulates_settings(
+    report: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """One setting per call into one folder (--settings NAME --resume) ends as one document
+    with the numbers of a single call; kept settings are not rerun, and a setting
+    interrupted mid-way is kept, marked, and finished when named again."""
+    monkeypatch.setattr(provenance, "merge_code_version", lambda: "1" * 64)  # edits since
+    folder = tmp_path / "chunks"
+    shutil.copytree(report[0] / "checkpoints", folder / "checkpoints")
+    methods = ["naive", "weight", ADDED]
+
+    def chunk(name: str, **kwargs: Any) -> dict[str, Any]:
+        torch.set_num_threads(1)
+        return run_report(folder, settings=[name], methods=methods, progress=False,
+                          data_root=os.environ["SYMMERGE_DATA"],
+                          command=f"symmerge report --settings {name}", **kwargs)  # fmt: skip
+
+    first = chunk("same-task")
+    second = chunk("disjoint-classes", resume=True)
+    meta = second["meta"]
+    assert meta["config"]["settings"] == SETTINGS == meta["settings_done"]
+    assert [c["settings"] for c in meta["calls"]] == [["same-task"], ["disjoint-classes"]]
+    assert meta["kept_runs"] == len(first["runs"]) and meta["reused_runs"] == 0
+    kept = [r for r in second["runs"] if r["setting"] == "same-task"]
+    assert kept == first["runs"]  # as they were: not rerun
+    assert second["peers"] == first["peers"] and second["peers"]["runs"]
+    assert [e["setting"] for e in second["endpoints"]] == SETTINGS
+    # the numbers of the one-call report (the fixture), for these methods
+    one_call = {**report[1], "runs": [r for r in report[1]["runs"] if r["method"] in methods]}
+    assert _numbers(second) == _numbers(one_call)
+    md = render_markdown(second)
+    assert "Made in 2 calls" in md and all(f"## {n}:" in md for n in SETTINGS)
+    assert "not in this report yet: n-models, cross-dataset" in md
+    # an interrupted chunk: kept, marked, and finished (reusing its runs) when named again
+    path = folder / "results.json"
+    doc = json.loads(path.read_text())
+    doc["meta"]["settings_done"] = ["same-task"]
+    path.write_text(json.dumps(doc))
+    third = chunk("same-task", resume=True)
+    assert third["meta"]["settings_done"] == ["same-task"]
+    assert "**Incomplete: interrupted" in render_markdown(third)
+    assert third["meta"]["reused_runs"] == sum(r["status"] == "ok" for r in first["runs"])
+    fourth = chunk("disjoint-classes", resume=True)
+    assert fourth["meta"]["settings_done"] == SETTINGS
+    assert _numbers(fourth) == _numbers(one_call)
+    # other seeds, or other code, are refused: a document never mixes them
+    with pytest.raises(ReportError, match="another configuration.*seeds"):
+        chunk("same-task", resume=True, seeds=[1])
+    monkeypatch.setattr(provenance, "merge_code_version", lambda: "0" * 64)
+    with pytest.raises(ReportError, match="made by other code.*checkpoints"):
+        chunk("same-task", resume=True)
+
+
+@needs_data
+def test_batchnorm_statistics_are_reset_where_merges_leave_them_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """A BatchNorm setting (``reset_bn``, as the cpu scale's ResNets) recomputes the statistics
+    after the merges that leave them interpolated, exactly as ``merge(renorm="reset-bn")``
+    would; a merge that keeps them (the side-by-side ensemble) is left alone. Tiny ResNets
+    stand in."""
+    from symmerge.data import get_dataset
+    from symmerge.evaluate import evaluate
+    from symmerge.io import load_checkpoint
+    from symmerge.merging import merge
+    from symmerge.report import runner
+    from symmerge.report.settings import Setting, Source, TestSet
+    from symmerge.sources import data_source_batches
+
+    tiny = [Source("cifar10", "resnet20x0.25", k, epochs=1, limit_train=512) for k in (0, 1)]
+    test = (TestSet("cifar10", classes=(0, 1)),)  # 2000 images: a tenth of the time
+    setting = Setting("resnet20", "tiny BN ResNets", tuple(tiny), test,
+                      "cifar10", samples=500, reset_bn=True)  # fmt: skip
+    monkeypatch.setattr(runner, "settings_for", lambda scale: {setting.name: setting})
+    torch.set_num_threads(1)
+    root = os.environ["SYMMERGE_DATA"]
+    doc = run_report(tmp_path, settings=["resnet20"], methods=["weight", "ensemble"],
+                     data_root=root, progress=False, peers=False, command="test")  # fmt: skip
+    renorm = {r["label"]: r["renorm"] for r in doc["runs"]}
+    assert renorm == {"weight": "reset-bn", "ensemble": None}  # side by side: exact stats
+    weight = next(r for r in doc["runs"] if r["label"] == "weight")
+    assert weight["status"] == "ok" and weight["data"] == doc["endpoints"][0]["data"]
+    assert not any("BatchNormStats" in w for w in weight["warnings"])
+    assert weight["timings"]["method"]["renorm"] > 0
+    assert "BatchNorm statistics recomputed on the merge data" in render_markdown(doc)
+    models = [load_checkpoint(tmp_path / s["file"])[0] for s in doc["endpoints"][0]["sources"]]
+    data = data_source_batches("cifar10", runner.DATA_BATCH, root=root, samples=500, seed=0,
+                               datasets=["cifar10"] * 2, model=models[0])  # fmt: skip
+    merged, _ = merge(models, "weight", data=data, renorm="reset-bn", seed=0, block_sparse=True)
+    x, y = get_dataset("cifar10", "test", root=root, classes=[0, 1]).tensors
+    assert weight["metrics"]["accuracy"] == evaluate(merged, (x, y))["accuracy"]

@@ -1703,17 +1703,21 @@ def _names(value: str | None) -> list[str] | None:
 
 @main.command("report")
 @click.option("--scale", type=click.Choice(["smoke", "cpu", "paper"]), default="smoke",
-              show_default=True, help="smoke: tiny MLPs, minutes on a CPU; cpu and paper: "
-              "larger models (paper needs a CUDA GPU).")  # fmt: skip
+              show_default=True, help="smoke: tiny MLPs, minutes; cpu: full-size MLPs and "
+              "ResNet-20 on CIFAR-10, about a day on a CPU, run in chunks with "
+              "--settings/--resume; paper: needs a CUDA GPU.")  # fmt: skip
 @click.option("--methods", default=None, help="Comma-separated methods (default: every "
               "method `symmerge methods` lists).")  # fmt: skip
-@click.option("--settings", default=None, help="Comma-separated settings (default: all).")
+@click.option("--settings", default=None, help="Comma-separated settings of the scale "
+              "(default: all; an unknown name lists them).")  # fmt: skip
 @click.option("--seeds", default=None, help="Comma-separated report seeds (default: the "
               "scale's).")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Report folder: results.json, report.md, plots, checkpoints/.")  # fmt: skip
-@click.option("--resume", is_flag=True, help="Continue the report in the folder (same options "
-              "and code), reusing its finished runs.")  # fmt: skip
+@click.option("--resume", is_flag=True, help="Continue the report in the folder (same scale, "
+              "methods, seeds and code): the settings named are run or reused and the folder's "
+              "others kept, so a long scale runs in chunks (--settings A -o R, then --settings B "
+              "-o R --resume, ...).")  # fmt: skip
 @click.option("--render-only", is_flag=True, help="Redraw report.md and the plots from the "
               "folder's results.json.")  # fmt: skip
 @click.option(

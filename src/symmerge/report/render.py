@@ -120,8 +120,15 @@ def _provenance(doc: dict[str, Any]) -> list[str]:
     runs = doc["runs"]
     ok = sum(r["status"] == "ok" for r in runs)
     state = "" if meta.get("complete", True) else " **(incomplete: the run was interrupted)**"
-    return [
-        f"- Command: `{meta['command']}`{state}",
+    calls = meta.get("calls", [])
+    lines = [f"- Command: `{meta['command']}`{state}"]
+    if len(calls) > 1:  # a report run in chunks: every call, with what it ran
+        lines[0] = f"- Made in {len(calls)} calls (chunks); the last: `{meta['command']}`{state}"
+        lines += [f"  - {k}. `{c['command']}` ({c['date']}; commit {c['git_commit'] or 'unknown'}"
+                  f"; {c['hardware']['cpu']}, torch threads {c['threads']}): "
+                  f"{', '.join(c['settings'])}" for k, c in enumerate(calls, 1)]  # fmt: skip
+    missing = [n for n in meta.get("scale_settings", []) if n not in meta["config"]["settings"]]
+    return lines + [
         f"- Date: {meta['date']}",
         f"- Code: commit {meta['git_commit'] or 'unknown'}; code version "
         f"{meta['code_version'][:12]} (training code {meta['training_code_version'][:12]})",
@@ -131,8 +138,13 @@ def _provenance(doc: dict[str, Any]) -> list[str]:
         f"- Versions: {versions}",
         f"- Seeds: {', '.join(map(str, meta['seeds']))}",
         f"- Runs: {len(runs)} ({ok} ok, {len(runs) - ok} failed; "
-        f"{meta.get('reused_runs', 0)} reused from an earlier call)",
-    ]
+        f"{meta.get('reused_runs', 0)} reused from an earlier call"
+        + (f", {meta['kept_runs']} kept from earlier calls" if meta.get("kept_runs") else "")
+        + ")",
+        *([f"- Settings of the {meta['scale']} scale not in this report yet: "
+           f"{', '.join(missing)} (add them with `--settings NAME --resume`)"]
+          if missing else []),
+    ]  # fmt: skip
 
 
 def _labels(runs: Sequence[dict[str, Any]]) -> list[str]:
@@ -160,8 +172,18 @@ def _setting_section(doc: dict[str, Any], name: str, published: list[dict]) -> l
     setting = doc["meta"]["settings"][name]
     runs = [r for r in doc["runs"] if r["setting"] == name]
     lines = [f"## {name}: {setting['title']}", ""]
+    meta = doc["meta"]
+    if name not in meta.get("settings_done", [name]):  # (older documents record none)
+        lines += [f"**Incomplete: interrupted before every seed ran; rerun it with "
+                  f"`--settings {name} --resume` (finished runs and checkpoints are "
+                  "reused).**", ""]  # fmt: skip
     if setting["stand_in"]:
         lines += [f"Stands in for: {setting['stand_in']}.", ""]
+    if setting.get("reset_bn"):
+        reset = _labels([r for r in runs if r["renorm"] == "reset-bn"])
+        lines += ["BatchNorm statistics recomputed on the merge data after every merge that "
+                  "left them interpolated: " + (", ".join(reset) or "none") + ". The others "
+                  "keep theirs (exact, fitted by the method, or REPAIR's).", ""]  # fmt: skip
     lines += _endpoints(doc, name, setting)
     parts = _parts(setting)
     first = "joint %" if setting["metric"] == "joint" else "accuracy %"
@@ -357,10 +379,11 @@ def _budget_points(doc: dict[str, Any]) -> dict[str, list[tuple[float, float, fl
 
 
 def _time_points(doc: dict[str, Any]) -> dict[str, list[float]]:
-    """Per method: the merge() seconds of its plain runs (no REPAIR, no budget)."""
+    """Per method: the merge() seconds of its plain runs (no REPAIR, no budget; a BatchNorm
+    reset after the merge is counted, as merge()'s own renormalisation would be)."""
     times: dict[str, list[float]] = {}
     for r in doc["runs"]:
-        if r["status"] == "ok" and r["renorm"] is None and r["budget"] is None:
+        if r["status"] == "ok" and r["renorm"] != "repair" and r["budget"] is None:
             times.setdefault(r["method"], []).append(r["timings"]["merge_wall_s"])
     return times
 

@@ -6,7 +6,23 @@ Only the public API is used (:func:`symmerge.merging.merge`, :func:`symmerge.met
 method enters the report by being registered. A run that fails is recorded with its reason.
 Runs are keyed by their setting, method, keywords, seed, checkpoints, data and the code version
 (:func:`symmerge.report.provenance.merge_code_version`): ``resume`` reuses a finished run only
-under the same key, in a folder made by the same configuration and code.
+under the same key, in a folder made by the same scale, methods, seeds and code.
+
+A report folder's configuration is its scale, methods and seeds; its settings accumulate. A
+long scale therefore runs in chunks, one or a few settings per call (per session), into one
+folder, and ends as one document covering all of them::
+
+    symmerge report --scale cpu --settings same-task,n-models -o R      # first chunk
+    symmerge report --scale cpu --settings resnet20 -o R --resume       # later chunks
+    symmerge report --scale cpu --settings resnet20-ln -o R --resume
+    ...
+    symmerge report --render-only -o R                                  # redraw (optional)
+
+A call reruns (or reuses, by key) the settings it names and keeps the runs of the others as
+they are. A setting interrupted mid-way is kept and marked incomplete; naming it again reuses
+its finished runs and every checkpoint already trained (``R/checkpoints``, keyed by recipe,
+data and training code, so settings share them). A folder made by other code is refused as a
+whole: no run is ever served from other code.
 """
 
 from __future__ import annotations
@@ -39,7 +55,6 @@ from symmerge.report.schema import (
 from symmerge.report.settings import (
     DEFAULT_SEEDS,
     SCALES,
-    SETTING_NAMES,
     Job,
     Setting,
     applicability,
@@ -57,6 +72,9 @@ PEERS_REASON = (
 #: The setting the rebasin peer runs on, and our run it is compared with.
 PEER_SETTING = "same-task"
 PEER_OURS = "weight"
+
+#: What identifies a report folder: a call with other values is refused (settings accumulate).
+CONFIG_KEYS = ("scale", "methods", "seeds")
 
 #: Batch size of the merge data.
 DATA_BATCH = 500
@@ -123,13 +141,15 @@ def run_report(
     Args:
         output: the report folder: ``results.json`` (written after every setting and seed),
             ``checkpoints/`` (the sources, reused across calls while their key matches).
-        scale: ``"smoke"`` (``"cpu"`` and ``"paper"`` are not built yet).
-        settings, methods: names to run (default: all; methods from
+        scale: ``"smoke"`` or ``"cpu"`` (``"paper"`` is not built yet).
+        settings, methods: names to run (default: all of the scale's; methods from
             :func:`symmerge.methods.list_methods`).
         seeds: report seeds (default: the scale's).
         data_root: the datasets' folder.
-        resume: continue a report in ``output`` of the same configuration and code version,
-            reusing its finished runs; without it a folder holding results is refused.
+        resume: continue a report in ``output`` of the same scale, methods, seeds and code
+            version, reusing its finished runs; the settings named are run (or reused) and
+            the folder's other settings kept, so a scale can run in chunks (see the module
+            docstring). Without it a folder holding results is refused.
         progress: report progress on stderr.
         command: the command line to record (default: ``sys.argv``).
         peers: run the peers' own code beside ours (:mod:`symmerge.report.peers`): the PyPI
@@ -143,44 +163,70 @@ def run_report(
     from symmerge.progress import progress_bar
 
     check_scale(scale)
-    chosen = select(settings, SETTING_NAMES, "setting")
+    defs = settings_for(scale)
+    chosen = select(settings, list(defs), "setting")
     methods = select(methods, list_methods(), "method")
     seeds = list(DEFAULT_SEEDS[scale] if seeds is None else seeds)
     if not seeds:
         raise ReportError("no seeds selected")
-    defs = settings_for(scale)
-    config = {"scale": scale, "settings": chosen, "methods": methods, "seeds": seeds}
+    config = {"scale": scale, "methods": methods, "seeds": seeds}
     code = provenance.merge_code_version()
     out = Path(output)
-    previous = _previous_runs(out, config, code, resume)
+    before = _previous_document(out, config, code, resume)
+    previous = {} if before is None else {r["key"]: r for r in before["runs"]
+                                           if r["status"] == "ok"}  # fmt: skip
+    kept = [] if before is None else [n for n in before["meta"]["config"]["settings"]
+                                      if n not in chosen]  # fmt: skip
+    names = [n for n in defs if n in chosen or n in kept]  # the document's, in scale order
     root = None if data_root is None else str(data_root)
 
     plan = [(name, seed, job) for name in chosen for seed in seeds
             for job in jobs(defs[name], methods)]  # fmt: skip
     not_run = {name: {m: why for m in methods
                       if (why := applicability(defs[name], method_info(m))) is not None}
-               for name in chosen}  # fmt: skip
-    meta = {
+               for name in names}  # fmt: skip
+    call = {
         "command": command if command is not None else provenance.command_line(),
         "git_commit": provenance.git_commit(),
+        "date": provenance.now(),
+        "settings": chosen,
+        "hardware": provenance.hardware(),
+        "threads": torch.get_num_threads(),
+    }
+    done = [] if before is None else [n for n in _settings_done(before["meta"]) if n in kept]
+    meta = {
+        "command": call["command"],
+        "git_commit": call["git_commit"],
         "code_version": code,
         "training_code_version": provenance.training_code_version(),
         "versions": provenance.package_versions(),
-        "hardware": provenance.hardware(),
-        "threads": torch.get_num_threads(),
+        "hardware": call["hardware"],
+        "threads": call["threads"],
         "device": "cpu",
-        "date": provenance.now(),
+        "date": call["date"],
         "scale": scale,
         "seeds": seeds,
-        "config": config,
-        "settings": {name: defs[name].to_dict() for name in chosen},
+        "config": {**config, "settings": names},
+        "settings": {name: defs[name].to_dict() for name in names},
+        "scale_settings": list(defs),
+        "settings_done": done,
+        "calls": ([] if before is None else _calls(before["meta"])) + [call],
         "methods": {m: method_info(m).to_dict() for m in methods},
         "not_run": not_run,
         "complete": False,
         "reused_runs": 0,
+        "kept_runs": 0,
     }
-    published = [e for e in load_published() if e["setting"] in chosen]
-    doc = new_document(meta, published, _peers_header(peers, chosen))
+    published = [e for e in load_published() if e["setting"] in names]
+    if before is not None and PEER_SETTING in kept:
+        peer_doc = before["peers"]  # kept with the setting it ran on
+    else:
+        peer_doc = _peers_header(peers, names)
+    doc = new_document(meta, published, peer_doc)
+    if before is not None:
+        doc["runs"] = [r for r in before["runs"] if r["setting"] in kept]
+        doc["endpoints"] = [e for e in before["endpoints"] if e["setting"] in kept]
+        meta["kept_runs"] = len(doc["runs"])
     results = out / RESULTS_FILE
     bar = progress_bar(total=len(plan), desc=f"report ({scale})", unit="run", enabled=progress)
     try:
@@ -208,12 +254,41 @@ def run_report(
                 if peers and name == PEER_SETTING:
                     bar.set_postfix(run=f"{name} peer rebasin")
                     doc["peers"]["runs"].append(_peer_run(setting, seed, ctx, doc, peer_root))
-                save_results(doc, results)
+                _save(doc, names, results)
+            meta["settings_done"].append(name)
+            _save(doc, names, results)
     finally:
         bar.close()
     meta["complete"] = True
-    save_results(doc, results)
+    _save(doc, names, results)
     return load_results(results)
+
+
+def _save(doc: dict[str, Any], names: Sequence[str], path: Path) -> None:
+    """Write ``doc`` with its runs and endpoints in setting order (kept settings first come
+    from the earlier document; a chunked report reads like one made in a single call)."""
+    order = {n: k for k, n in enumerate(names)}
+    doc["meta"]["settings_done"].sort(key=order.__getitem__)
+    for part in ("runs", "endpoints"):
+        doc[part].sort(key=lambda r: order[r["setting"]])
+    save_results(doc, path)
+
+
+def _settings_done(meta: dict[str, Any]) -> list[str]:
+    """The settings of a document that ran to the end (a document from before chunked runs
+    records none: all of its settings when its call completed)."""
+    if "settings_done" in meta:
+        return list(meta["settings_done"])
+    return list(meta["config"]["settings"]) if meta.get("complete", True) else []
+
+
+def _calls(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The calls that made a document (one for a document from before chunked runs)."""
+    if "calls" in meta:
+        return list(meta["calls"])
+    return [{"command": meta["command"], "git_commit": meta["git_commit"], "date": meta["date"],
+             "settings": list(meta["config"]["settings"]), "hardware": meta["hardware"],
+             "threads": meta["threads"]}]  # fmt: skip
 
 
 def _peers_header(peers: bool, chosen: Sequence[str]) -> dict[str, Any]:
@@ -267,36 +342,40 @@ def _peer_not_prepared(seed: int, reason: str) -> dict[str, Any]:
             "seconds": None, "ours": None, "ratio": None}  # fmt: skip
 
 
-def _previous_runs(
+def _previous_document(
     out: Path, config: dict[str, Any], code: str, resume: bool
-) -> dict[str, dict[str, Any]]:
-    """The finished runs ``resume`` may reuse, by key (after checking the folder's
-    configuration and code version); a folder with results and no ``resume`` is refused."""
+) -> dict[str, Any] | None:
+    """The folder's results document that ``resume`` continues (``None`` when there is none),
+    after checking its configuration (:data:`CONFIG_KEYS`) and code version; a folder with
+    results and no ``resume`` is refused."""
     path = out / RESULTS_FILE
     if not path.exists():
-        return {}
+        return None
     if not resume:
         raise ReportError(
-            f"{path} exists; pass --resume to continue that report (same configuration and "
-            "code), --render-only to redraw it, or choose another -o"
+            f"{path} exists; pass --resume to continue that report (same scale, methods, seeds "
+            "and code; the settings named are added to it), --render-only to redraw it, or "
+            "choose another -o"
         )
     doc = load_results(path)
     before = doc["meta"]["config"]
-    if before != config:
-        diff = "; ".join(f"{k}: {before.get(k)} there, {config[k]} now"
-                         for k in config if before.get(k) != config[k])  # fmt: skip
+    diff = "; ".join(f"{k}: {before.get(k)} there, {config[k]} now"
+                     for k in CONFIG_KEYS if before.get(k) != config[k])  # fmt: skip
+    if diff:
         raise ReportError(
             f"cannot resume {out}: it was made with another configuration ({diff}); rerun "
-            "with its options or write to another -o"
+            "with its scale, methods and seeds (settings may differ: they accumulate) or write "
+            "to another -o"
         )
     if doc["meta"]["code_version"] != code:
         raise ReportError(
             f"cannot resume {out}: its runs were made by other code (code version "
             f"{doc['meta']['code_version'][:12]}, commit {doc['meta']['git_commit']}); this "
-            f"is {code[:12]} (commit {provenance.git_commit()}). Write to another -o, or "
-            f"delete {path} to start over"
+            f"is {code[:12]} (commit {provenance.git_commit()}). Write to another -o (copy "
+            f"{out / CHECKPOINT_DIR} into it to reuse the checkpoints: they are retrained only "
+            f"if the training code changed), or delete {path} to start over"
         )
-    return {r["key"]: r for r in doc["runs"] if r["status"] == "ok"}
+    return doc
 
 
 def _batches_sha256(batches: Sequence[tuple[Tensor, Tensor]]) -> str:
@@ -413,7 +492,7 @@ def _run_or_reuse(
     previous: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:  # fmt: skip
     from symmerge.flops import count_compute
-    from symmerge.merging import merge
+    from symmerge.merging import BatchNormStatsWarning, merge
     from symmerge.methods import method_info
 
     key = _run_key(setting, seed, job, ctx, code)
@@ -443,6 +522,10 @@ def _run_or_reuse(
                 models, job.method, data=ctx.data if uses_data else None, renorm=job.renorm,
                 seed=seed, heads=setting.heads, block_sparse=setting.block_sparse, **kwargs,
             )  # fmt: skip
+            reset = setting.reset_bn and job.renorm is None and _stale_bn(caught)
+            if reset:  # the warning no longer holds: the statistics are recomputed
+                _reset_bn(merged, result, ctx.data)
+                record.update(renorm="reset-bn", data=ctx.data_record)
             wall = time.perf_counter() - t0
         t1 = time.perf_counter()
         metrics = _evaluate(merged, setting, ctx, merged=True)
@@ -458,9 +541,27 @@ def _run_or_reuse(
                  "method_s": round(result.seconds, 6), "lap_s": round(result.lap_seconds, 6),
                  "merge_wall_s": round(wall, 6), "evaluate_s": round(evaluate_s, 6)},
         memory=memory,
-        warnings=sorted({f"{w.category.__name__}: {w.message}" for w in caught}),
+        warnings=sorted({f"{w.category.__name__}: {w.message}" for w in caught
+                         if not (reset and issubclass(w.category, BatchNormStatsWarning))}),
     )  # fmt: skip
     return record
+
+
+def _stale_bn(caught: Sequence[warnings.WarningMessage]) -> bool:
+    """Whether ``merge()`` warned that the merged BatchNorm statistics stay interpolated."""
+    from symmerge.merging import BatchNormStatsWarning
+
+    return any(issubclass(w.category, BatchNormStatsWarning) for w in caught)
+
+
+def _reset_bn(merged: nn.Module, result: Any, data: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """Recompute ``merged``'s BatchNorm statistics on ``data``, timed into
+    ``result.timings["renorm"]`` (apart from the method's own time, as ``merge()`` does)."""
+    from symmerge.renorm import reset_bn
+
+    t0 = time.perf_counter()
+    reset_bn(merged, data)
+    result.timings = {**result.timings, "renorm": time.perf_counter() - t0}
 
 
 @contextlib.contextmanager

@@ -6,7 +6,11 @@ Schema (``schema_version`` 1)::
      "meta": {"command", "git_commit", "code_version", "training_code_version", "versions",
               "hardware", "threads", "device", "date", "scale", "seeds", "config",
               "settings": {name: Setting.to_dict()}, "methods": {name: MethodInfo.to_dict()},
-              "not_run": {method: reason}},
+              "not_run": {method: reason},
+              optional: "complete", "reused_runs", "kept_runs", "scale_settings" (every
+              setting of the scale), "settings_done" (those that ran every seed), "calls"
+              (each call of a report run in chunks: command, git_commit, date, settings,
+              hardware, threads)},
      "endpoints": [{"setting", "seed", "data": {...}, "sources": [{"sha256", "weights_sha256",
                     "file", "recipe", "metrics"}]}],
      "runs": [{"key", "setting", "method", "label", "seed", "params", "renorm", "heads",

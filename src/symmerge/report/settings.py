@@ -1,5 +1,5 @@
-"""The report's settings: one set of names at every scale, each a recipe of source
-checkpoints, merge data and test sets.
+"""The report's settings: the same names at every scale (:data:`SETTING_NAMES`; a scale may
+add its own), each a recipe of source checkpoints, merge data and test sets.
 
 Which methods a setting runs is read from their registered capabilities
 (:func:`symmerge.methods.method_info`), never from a list of names, so a newly registered
@@ -18,6 +18,8 @@ from typing import Any
 from symmerge.methods import MethodInfo, method_info
 
 __all__ = [
+    "CPU_EXTRA",
+    "CPU_PARAMS",
     "DEFAULT_SEEDS",
     "SCALES",
     "SETTING_NAMES",
@@ -32,7 +34,8 @@ __all__ = [
 
 SCALES = ("smoke", "cpu", "paper")
 
-#: Every scale defines these settings (with models and data of its size).
+#: Every scale defines at least these settings (with models and data of its size); the smoke
+#: scale exactly these.
 SETTING_NAMES = (
     "same-task",
     "n-models",
@@ -94,7 +97,7 @@ class Setting:
     """A comparison: sources merged by every applicable method on the same data.
 
     Attributes:
-        name, title: the setting's name (one of :data:`SETTING_NAMES`) and a line saying it.
+        name, title: the setting's name and a line saying it.
         sources: the checkpoints merged (their order is the models' order).
         tests: the test sets; ``accuracy`` is their mean (``metric="mean"``) or, for sources
             trained on disjoint classes (``metric="joint"``), the joint accuracy over the
@@ -107,6 +110,10 @@ class Setting:
             one source): ``budget=B`` where the method takes it, else ``width=round(B * n)``.
         block_sparse: export merges block-sparse (same outputs), so that the compute counted
             is the compute spent (a side-by-side block costs its block, not a dense layer).
+        reset_bn: recompute the BatchNorm statistics on the setting's data after every merge
+            that ``merge()`` says left them interpolated (:class:`BatchNormStatsWarning`), as
+            the papers do for BatchNorm networks; a method that fits them (kf-linear, ...)
+            keeps its own. Such a run records ``renorm: "reset-bn"``.
         params: per-method keywords for this setting.
         stand_in: the papers' setting this one stands in for, and how it differs.
     """
@@ -122,6 +129,7 @@ class Setting:
     repair: bool = False
     budgets: tuple[float, ...] = ()
     block_sparse: bool = True
+    reset_bn: bool = False
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     stand_in: str = ""
 
@@ -289,17 +297,157 @@ def _smoke() -> dict[str, Setting]:
     return {s.name: s for s in settings}
 
 
+# CPU scale: the zoo MLP (784-512-512-512-10) trained on the full training sets, and
+# ResNet-20x1 on CIFAR-10 (BatchNorm and LayerNorm), every setting at 3 seeds.
+#
+# ViT is left out: one training step of vit-tiny on 32 CIFAR-10 images took about 0.3 s on
+# one thread here (about 9 ms an image: 2-3x ResNet-20x1's 3-5 ms in the same timing), so an
+# epoch of the 50000 training images is about 7-8 minutes, and a ViT trained from scratch
+# needs far more epochs than a ResNet to mean anything on CIFAR-10 (the recipe's default is
+# 50); two endpoints at 3 seeds would be days of CPU. It belongs to the paper scale.
+
+#: The zoo MLP, and the narrower one of the widths setting (784-256-256-256-10).
+CPU_MLP = "mlp"
+CPU_NARROW = "mlp-w256"
+#: MLP epochs on the full training set (or on its part): the MLP recipe's default, where
+#: the zoo MLP reaches 98.6 % on MNIST and 90 % on Fashion-MNIST (docs/training.md).
+CPU_MLP_EPOCHS = 10
+#: ResNet-20x1 epochs: on all of CIFAR-10, and on five classes (half the images). The shared
+#: reference checkpoints of this recipe reach 84.9-85.4 % after 15 epochs, and 89.2 % / 94.3 %
+#: on their own classes after 20: far enough to mean something, not converged.
+CPU_RESNET_EPOCHS = 15
+CPU_HALF_EPOCHS = 20
+CPU_SAMPLES = 2000
+#: Method keywords of the cpu settings, in one place. STE: 100 steps at the authors' rate for
+#: small merge sets (2000 images of each dataset are 4-8 batches of 500, so their default
+#: length, one epoch, would be 4-8 steps). On ResNet-20 kf-gradient's default (100 epochs a
+#: level, patience 15) is up to an hour a merge on one CPU thread (4.3 s per level-epoch of
+#: 1600 images, 11 levels): 20 epochs with patience 5 bound it to about 16 minutes.
+CPU_PARAMS: dict[str, dict[str, Any]] = {"ste": {"steps": 100, "lr": 0.5}}
+CPU_CONV_PARAMS: dict[str, dict[str, Any]] = {
+    **CPU_PARAMS, "kf-gradient": {"epochs": 20, "patience": 5},
+}  # fmt: skip
+#: The cpu scale's settings beyond :data:`SETTING_NAMES`.
+CPU_EXTRA = ("n-models-5", "resnet20", "resnet20-ln", "resnet20-ln-3", "resnet20-disjoint")
+
+
+def _cpu() -> dict[str, Setting]:
+    """The smoke settings at a size whose numbers mean something, plus CIFAR-10 ResNet-20s
+    (the architecture of the papers' CIFAR tables) and five MLPs at once."""
+
+    def mlp(dataset: str, seed: int, **kw: Any) -> Source:
+        return Source(dataset, kw.pop("model", CPU_MLP), seed, epochs=CPU_MLP_EPOCHS, **kw)
+
+    def resnet(seed: int, norm: str = "", classes: tuple[int, ...] | None = None) -> Source:
+        epochs = CPU_RESNET_EPOCHS if classes is None else CPU_HALF_EPOCHS
+        return Source("cifar10", "resnet20" + norm, seed, classes=classes, epochs=epochs)
+
+    mnist = (TestSet("mnist"),)
+    both = (TestSet("mnist"), TestSet("fashion-mnist"))
+    cifar = (TestSet("cifar10"),)
+    cross = (mlp("mnist", 0), mlp("fashion-mnist", 1))
+    split = {"split": "dirichlet", "n_parts": 2}
+    shards = {"split": "shards", "n_parts": 2}
+    common: dict[str, Any] = {"samples": CPU_SAMPLES, "params": CPU_PARAMS}
+    conv: dict[str, Any] = {"samples": CPU_SAMPLES, "params": CPU_CONV_PARAMS, "repair": True}
+    trained = (f"{CPU_MLP_EPOCHS} epochs on the full training set (symmerge's MLP recipe: "
+               "SGD, warm-up + cosine)")  # fmt: skip
+    r20 = f"ResNet-20x1, {CPU_RESNET_EPOCHS} epochs of symmerge's recipe on a CPU (not converged)"
+    settings = [
+        Setting("same-task", "two MNIST MLPs (different seeds)",
+                (mlp("mnist", 0), mlp("mnist", 1)), mnist, "mnist", repair=True,
+                stand_in="Git Re-Basin's MNIST MLP (784-512-512-512-10, trained to "
+                f"convergence): the same MLP, {trained}", **common),
+        Setting("n-models", "three MNIST MLPs merged at once",
+                (mlp("mnist", 0), mlp("mnist", 1), mlp("mnist", 2)), mnist, "mnist",
+                repair=True, stand_in="C2M3's MLP on EMNIST letters, 3 models (784-512x3-256-26, "
+                f"Adam); EMNIST is not available offline: MNIST MLPs 784-512x3-10, {trained}",
+                **common),
+        Setting("cross-dataset", "an MNIST and a Fashion-MNIST MLP, one shared 10-way head",
+                cross, both, "mnist,fashion-mnist", repair=True,
+                stand_in="Yamada et al.'s MNIST/Fashion-MNIST pair (784-512x3, 100 epochs, STE "
+                f"on the full training sets or condensed ones); here {trained}, STE for 100 "
+                f"steps at lr 0.5 on {CPU_SAMPLES} images of each dataset", **common),
+        Setting("disjoint-classes", "MNIST classes 0-4 vs 5-9, a head per task",
+                (mlp("mnist", 0, classes=tuple(range(5))),
+                 mlp("mnist", 1, classes=tuple(range(5, 10)))),
+                mnist, "mnist", metric="joint", heads="per-task", repair=True,
+                stand_in="ZipIt!/MuDSC's CIFAR-10 5+5 with ResNet-20x4 and CLIP text heads "
+                "(resnet20-disjoint is the CIFAR-10 one); here MNIST MLPs, "
+                f"{CPU_MLP_EPOCHS} epochs on their five classes, each model's own head on the "
+                "merged features", **common),
+        Setting("budgets", "the cross-dataset pair merged at compute budgets 1x-2x",
+                cross, both, "mnist,fashion-mnist", budgets=(1.0, 1.5, 2.0),
+                stand_in="PLeaS's DomainNet ResNet-50 pairs (unavailable offline): the "
+                "MNIST/Fashion-MNIST MLP pair with one shared head stands in; MuDSC in its "
+                "zip variant (the one with a target width)",
+                **{**common, "params": {**CPU_PARAMS, "mudsc": {"variant": "zip"}}}),
+        Setting("non-iid", "MNIST MLPs trained on the two parts of a Dirichlet split",
+                (mlp("mnist", 0, part=1, **split), mlp("mnist", 1, part=2, **split)),
+                mnist, "mnist", repair=True,
+                stand_in="neuron-interpolation fusion's non-IID VGG11 / CIFAR-10 parents; "
+                f"here MNIST MLPs, {CPU_MLP_EPOCHS} epochs on the parts of a Dirichlet split "
+                "(concentrations 1-5 per class)", **common),
+        Setting("sharded", "MNIST MLPs trained on disjoint shards of whole classes",
+                (mlp("mnist", 0, part=1, **shards), mlp("mnist", 1, part=2, **shards)),
+                mnist, "mnist", repair=True,
+                stand_in="neuron-interpolation fusion's sharded ViT / CIFAR-100 parents; "
+                f"here MNIST MLPs, {CPU_MLP_EPOCHS} epochs on 5 whole classes each, tested "
+                "on all 10", **common),
+        Setting("widths", "MNIST MLPs of different widths (512 and 256)",
+                (mlp("mnist", 0), mlp("mnist", 1, model=CPU_NARROW)), mnist, "mnist",
+                repair=True, stand_in="fusion of parents of different widths (OT fusion, "
+                "neuron interpolation): 784-512x3 and 784-256x3 MLPs, merged at the wider "
+                "width or the method's own", **common),
+        Setting("n-models-5", "five MNIST MLPs merged at once",
+                tuple(mlp("mnist", k) for k in range(5)), mnist, "mnist", repair=True,
+                stand_in="C2M3's scaling in the number of models (their Figure 7); "
+                f"here 5 MNIST MLPs 784-512x3-10, {trained}", **common),
+        Setting("resnet20", "two CIFAR-10 ResNet-20s with BatchNorm (different seeds)",
+                (resnet(0), resnet(1)), cifar, "cifar10", reset_bn=True,
+                stand_in="same-task CIFAR-10 ResNet-20 pairs with BatchNorm (the merging "
+                "papers' are x2-x16, trained to convergence on a GPU, with the BN "
+                f"statistics reset after merging); here {r20}, BN statistics recomputed on "
+                "the merge data after every merge that leaves them interpolated", **conv),
+        Setting("resnet20-ln", "two CIFAR-10 ResNet-20s with LayerNorm (different seeds)",
+                (resnet(0, "-ln"), resnet(1, "-ln")), cifar, "cifar10",
+                stand_in="C2M3's ResNet-20 with LayerNorm (x2 and 3 models in their CIFAR-10 "
+                f"table: resnet20-ln-3), here 2 models; {r20}; no running statistics to reset",
+                **conv),
+        Setting("resnet20-ln-3", "three CIFAR-10 ResNet-20s with LayerNorm merged at once",
+                (resnet(0, "-ln"), resnet(1, "-ln"), resnet(2, "-ln")), cifar, "cifar10",
+                stand_in="C2M3's ResNet-20x2 (LayerNorm) / CIFAR-10, 3 models, C2M3 against "
+                "MergeMany (theirs: SGD lr 0.1, wd 1e-4, batch 100, to convergence); here "
+                f"{r20}, width 1 instead of 2", **conv),
+        Setting("resnet20-disjoint", "CIFAR-10 classes 0-4 vs 5-9 (ResNet-20, BatchNorm), "
+                "a head per task",
+                (resnet(0, classes=tuple(range(5))), resnet(1, classes=tuple(range(5, 10)))),
+                cifar, "cifar10", metric="joint", heads="per-task", reset_bn=True,
+                stand_in="ZipIt!/MuDSC's CIFAR-10 (5+5) with ResNet-20x4 and CLIP "
+                "text-embedding heads (one shared output space); here ResNet-20x1 with "
+                f"BatchNorm, {CPU_HALF_EPOCHS} epochs on its five classes, each model's own "
+                "head on the merged features (joint accuracy, no task id), BN statistics "
+                "recomputed after merges that leave them interpolated", **conv),
+    ]  # fmt: skip
+    return {s.name: s for s in settings}
+
+
 #: Seeds a scale runs when ``--seeds`` is not given.
 DEFAULT_SEEDS = {"smoke": (0,), "cpu": (0, 1, 2), "paper": (0, 1, 2)}
 
 
 def settings_for(scale: str) -> dict[str, Setting]:
-    """The settings of ``scale`` by name (:data:`SETTING_NAMES`, in that order).
+    """The settings of ``scale`` by name: :data:`SETTING_NAMES` in that order, then the
+    scale's own (the cpu scale's :data:`CPU_EXTRA`).
 
     Raises ``NotImplementedError`` for a scale this version does not define yet.
     """
     if scale == "smoke":
         found = _smoke()
-        assert tuple(found) == SETTING_NAMES, "every scale defines the same names"
+        assert tuple(found) == SETTING_NAMES, "the smoke scale defines exactly the shared names"
+        return found
+    if scale == "cpu":
+        found = _cpu()
+        assert tuple(found) == SETTING_NAMES + CPU_EXTRA, "every scale defines the shared names"
         return found
     raise NotImplementedError(f"the {scale!r} scale is not implemented yet in this version")
