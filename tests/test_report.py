@@ -482,3 +482,13 @@ def test_batchnorm_statistics_are_reset_where_merges_leave_them_stale(
     merged, _ = merge(models, "weight", data=data, renorm="reset-bn", seed=0, block_sparse=True)
     x, y = get_dataset("cifar10", "test", root=root, classes=[0, 1]).tensors
     assert weight["metrics"]["accuracy"] == evaluate(merged, (x, y))["accuracy"]
+
+
+def test_repair_rows_skip_the_ensemble_which_repair_leaves_unchanged() -> None:
+    from symmerge.methods import list_methods
+    from symmerge.report.settings import jobs, settings_for
+
+    setting = settings_for("smoke")["same-task"]
+    labels = [j.label for j in jobs(setting, list_methods())]
+    assert "naive + REPAIR" in labels and "ensemble" in labels
+    assert "ensemble + REPAIR" not in labels

@@ -167,6 +167,11 @@ class Job:
     error: str | None = None
 
 
+#: Methods whose ``+ REPAIR`` row would repeat their own: the side-by-side ensemble averages
+#: no unit, so REPAIR leaves it exactly as it is.
+NO_REPAIR_ROW = frozenset({"ensemble"})
+
+
 def applicability(setting: Setting, info: MethodInfo) -> str | None:
     """Why ``info``'s method does not run in ``setting`` (``None`` when it does)."""
     n = len(setting.sources)
@@ -195,7 +200,7 @@ def jobs(setting: Setting, methods: Sequence[str]) -> list[Job]:
                                error=error))  # fmt: skip
             continue
         out.append(Job(name, name, params))
-        if setting.repair and not info.needs_data:
+        if setting.repair and not info.needs_data and name not in NO_REPAIR_ROW:
             out.append(Job(name, f"{name} + REPAIR", params, renorm="repair"))
     return out
 
