@@ -141,3 +141,15 @@ def test_cached_parent_targets_give_the_same_fit(monkeypatch: pytest.MonkeyPatch
     rerun, _ = merge(models, "kf-linear", data=data, restarts=2)
     for (k, v), w in zip(cached.state_dict().items(), rerun.state_dict().values(), strict=True):
         torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_parents_of_other_depth_or_layer_types_are_refused() -> None:
+    a, deeper = _mlp(0, depth=2), _mlp(1, depth=3)
+    data = _data(a, 256)
+    for method in ("kf-linear", "kf-gradient", "otfusion"):
+        with pytest.raises(ValueError, match="another depth"):
+            merge([a, deeper], method, data=data)
+    gelu = _mlp(2)
+    gelu.layers[2] = nn.GELU()  # same parameters, another layer type
+    with pytest.raises(ValueError, match="other layer types.*GELU"):
+        merge([a, gelu], "kf-linear", data=data)
