@@ -153,3 +153,18 @@ def test_parents_of_other_depth_or_layer_types_are_refused() -> None:
     gelu.layers[2] = nn.GELU()  # same parameters, another layer type
     with pytest.raises(ValueError, match="other layer types.*GELU"):
         merge([a, gelu], "kf-linear", data=data)
+
+
+def test_fusion_fits_dense_layers() -> None:
+    """The paper's layer fit is unconstrained least squares: no weight is held at zero where
+    a cluster holds one parent's units only (PLeaS keeps that support; fusion does not)."""
+    models = [_mlp(0, width=32), _mlp(1, width=32)]
+    fused, res = merge(models, "kf-linear", data=_data(models[0], 512), restarts=2)
+    one_parent = [  # clusters with members from one parent only exist, so a mask would bite
+        g
+        for g, gm in res.maps.items()
+        if bool(((gm.merge_matrix(0) != 0).any(1) ^ (gm.merge_matrix(1) != 0).any(1)).any())
+    ]
+    assert one_parent
+    hidden = [v for k, v in fused.state_dict().items() if k.endswith("weight")][1:-1]
+    assert all(int((w == 0).sum()) == 0 for w in hidden)

@@ -341,7 +341,8 @@ def _fuse(
     start = build_state_dict(grouped.specs if specs is not None else spec, sds, maps)
     goals, head_used = _head_targets(spec, models[0], head, class_counts, len(models), name)
     fit = fit_layers(grouped.specs if specs is not None else spec, models, maps, start, data,
-                     inputs_from="merged", targets=goals, ridge=ridge, device=device)  # fmt: skip
+                     inputs_from="merged", targets=goals, ridge=ridge, device=device,
+                     dense=True)  # fmt: skip
     t_fit = time.perf_counter() - t2
     log = [
         f"{name}: {len(fit.layers)} layers refitted on the fused model's own inputs, head "

@@ -130,6 +130,7 @@ def fit_layers(
     lr: float = 5e-4,
     device: str | torch.device | None = None,
     progress: bool = False,
+    dense: bool = False,
 ) -> LeastSquaresResult:
     """Refit the Linear / Conv2d layers of the merged ``state_dict`` on teacher-forced inputs.
 
@@ -155,6 +156,9 @@ def fit_layers(
             float64); default float32 (twice as fast; the ridge bounds the conditioning), or
             float64 when ``ridge == 0`` (an exact fit).
         steps, lr: Adam's steps (batches) and peak learning rate (cosine to 0).
+        dense: fit every weight; by default a weight the maps leave structurally zero (a
+            partial merge's blocks between two models' private units) stays zero, which
+            PLeaS's compute budget needs; neuron-interpolation fusion fits dense layers.
     """
     if solver not in LSQ_SOLVERS:
         raise ValueError(
@@ -182,6 +186,8 @@ def fit_layers(
     weights = next(iter(maps.values())).weights if maps else [1.0 / len(models)] * len(models)
     sds = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
     masks = merged_support(spec, sds, maps, [f"{n}.weight" for n in layers])
+    if dense:
+        masks = {k: torch.ones_like(v) for k, v in masks.items()}
     unknown = sorted(set(targets or {}) - set(layers))
     if unknown:
         raise ValueError(f"targets name layers that are not fitted: {unknown}")
