@@ -35,7 +35,7 @@ from symmerge.report import (
     validate,
     write_report,
 )
-from symmerge.report.checkpoints import train_or_reuse
+from symmerge.report.checkpoints import find_reference, train_or_reuse
 from symmerge.report.schema import load_published
 from symmerge.report.settings import CPU_EXTRA, DEFAULT_SEEDS, applicability, jobs
 
@@ -285,6 +285,24 @@ def test_stale_checkpoints_are_retrained(tmp_path: Path) -> None:
     assert not first.reused and again.reused and not other.reused
     assert again.sha256 == first.sha256 and other.key != first.key
     assert other.weights_sha256 == first.weights_sha256  # deterministic training
+
+
+@needs_data
+def test_reference_checkpoints_stand_in_for_training(tmp_path: Path) -> None:
+    recipe = {"model": "mlp-w16-d1", "dataset": "mnist", "classes": [0, 1], "seed": 3,
+              "epochs": 1, "limit_train": 256, "split": None, "part": None, "n_parts": None,
+              "split_seed": None}  # fmt: skip
+    root = os.environ["SYMMERGE_DATA"]
+    made = train_or_reuse(recipe, tmp_path / "refs", code="old", data_root=root)
+    used = train_or_reuse(recipe, tmp_path / "r", code="new", data_root=root,
+                          references=tmp_path / "refs")  # fmt: skip
+    assert used.reused and used.reference is not None
+    assert used.sha256 == made.sha256 == used.reference["sha256"]  # copied byte for byte
+    assert used.path.parent == tmp_path / "r" and used.reference["file"] == made.path.name
+    other = train_or_reuse({**recipe, "seed": 4}, tmp_path / "r", code="new", data_root=root,
+                           references=tmp_path / "refs")  # fmt: skip
+    assert not other.reused and other.reference is None  # no reference of that recipe
+    assert find_reference({**recipe, "split": "shards"}, tmp_path / "refs") is None
 
 
 def test_every_method_runs_in_some_smoke_setting(registered: None) -> None:

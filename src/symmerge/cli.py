@@ -1747,7 +1747,9 @@ def report_cmd(
     """Every registered method side by side on the same checkpoints, data and seeds.
 
     Trains (or reuses) each setting's source checkpoints, runs every method that can run
-    there, evaluates, and writes OUTPUT/results.json, OUTPUT/report.md and plots.
+    there, evaluates, and writes OUTPUT/results.json, OUTPUT/report.md and plots. Reference
+    checkpoints in $SYMMERGE_CHECKPOINTS made with the same recipe (`symmerge train`) are
+    used instead of training, and the report says so.
     """
     from symmerge.report import ReportError, load_results, run_report, write_report
 

@@ -4,12 +4,21 @@ The key hashes the recipe (the ``train_model`` arguments), the training data (th
 arrays, not its name) and the code version of the training code
 (:func:`symmerge.report.provenance.training_code_version`). A file whose recorded key differs
 is stale: it is retrained, never served.
+
+A folder of reference checkpoints (``$SYMMERGE_CHECKPOINTS``: files made with ``symmerge
+train`` and kept because they take long to make) may stand in for training: a file whose
+recorded recipe is the recipe's (model, data, classes, seed, epochs, training subset; no
+split) is copied into the report's folder byte for byte and used as it is. It was made by the
+training code of its own day, not today's, so the report records where it came from and its
+sha256 (:attr:`Checkpoint.reference`), never a key it was not made under.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +27,21 @@ import torch
 from torch import nn
 
 __all__ = [
+    "REFERENCE_ENV",
     "Checkpoint",
     "checkpoint_key",
     "dataset_fingerprint",
     "file_sha256",
+    "find_reference",
     "train_or_reuse",
     "weights_sha256",
 ]
+
+#: Environment variable naming a folder of reference checkpoints.
+REFERENCE_ENV = "SYMMERGE_CHECKPOINTS"
+#: Recipe entries a reference checkpoint's training metadata must match, beside the model
+#: (``model_name``, written by ``symmerge train``, or a report checkpoint's ``recipe``).
+REFERENCE_FIELDS = ("dataset", "classes", "seed", "epochs", "limit_train")
 
 _FINGERPRINTS: dict[tuple[str, str | None], str] = {}
 
@@ -40,7 +57,9 @@ class Checkpoint:
         key: the cache key it was made for.
         sha256: of the file.
         weights_sha256: of the tensors alone (the file also records dates and timings).
-        reused: whether the file was already there.
+        reused: whether the file was already there (or copied from a reference).
+        reference: for a reference checkpoint, where it came from (file name, sha256, date
+            and package versions it was trained with); ``None`` when trained for the report.
     """
 
     model: nn.Module
@@ -50,6 +69,7 @@ class Checkpoint:
     sha256: str
     weights_sha256: str
     reused: bool
+    reference: dict[str, Any] | None = None
 
 
 def dataset_fingerprint(name: str, root: str | None) -> str:
@@ -102,17 +122,60 @@ def _file_name(recipe: dict[str, Any], key: str) -> str:
     return "_".join(parts) + f"_{key[:12]}.safetensors"
 
 
+def find_reference(recipe: dict[str, Any], folder: Path) -> Path | None:
+    """The checkpoint in ``folder`` trained with ``recipe`` (``None`` if none is): its
+    metadata names the same model and :data:`REFERENCE_FIELDS`. A recipe with a split never
+    matches (reference metadata does not record one)."""
+    from symmerge.io import read_checkpoint_metadata
+
+    if recipe.get("split") is not None or not Path(folder).is_dir():
+        return None
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            meta = read_checkpoint_metadata(path)
+        except Exception:  # not a symmerge checkpoint: not a reference
+            continue
+        model = meta.get("model_name") or (meta.get("recipe") or {}).get("model")
+        if meta.get("split") is not None or model != recipe["model"]:
+            continue
+        if all(meta.get(k) == recipe.get(k) for k in REFERENCE_FIELDS):
+            return path
+    return None
+
+
 def train_or_reuse(
-    recipe: dict[str, Any], folder: Path, *, code: str, data_root: str | None
+    recipe: dict[str, Any],
+    folder: Path,
+    *,
+    code: str,
+    data_root: str | None,
+    references: str | Path | None = None,
 ) -> Checkpoint:
-    """The checkpoint of ``recipe`` in ``folder``: reused when its key matches, else trained
-    on CPU (deterministic) and saved. ``code`` is the training code version."""
+    """The checkpoint of ``recipe`` in ``folder``: a reference checkpoint when
+    ``references`` (default ``$SYMMERGE_CHECKPOINTS``) holds one for the recipe, else the
+    folder's file when its key matches, else trained on CPU (deterministic) and saved.
+    ``code`` is the training code version."""
     from symmerge.io import load_checkpoint, read_checkpoint_metadata, save_checkpoint
     from symmerge.train import train_model
 
     key = checkpoint_key(recipe, dataset_fingerprint(recipe["dataset"], data_root), code)
-    path = Path(folder) / _file_name(recipe, key)
-    reused = path.exists() and read_checkpoint_metadata(path).get("report_key") == key
+    references = os.environ.get(REFERENCE_ENV) if references is None else references
+    source = find_reference(recipe, Path(references)) if references else None
+    reference = None
+    if source is not None:
+        path = Path(folder) / source.name
+        sha = file_sha256(source)
+        if not path.exists() or file_sha256(path) != sha:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, path)
+        meta = read_checkpoint_metadata(path)
+        reference = {"file": source.name, "sha256": sha, "trained": meta.get("date"),
+                     "symmerge_version": meta.get("symmerge_version"),
+                     "torch_version": meta.get("torch_version")}  # fmt: skip
+        reused = True
+    else:
+        path = Path(folder) / _file_name(recipe, key)
+        reused = path.exists() and read_checkpoint_metadata(path).get("report_key") == key
     if not reused:
         kwargs = {k: v for k, v in recipe.items() if k not in ("model", "dataset")}
         if recipe.get("split") is None:
@@ -123,4 +186,5 @@ def train_or_reuse(
         save_checkpoint(path, model, info["config"], info, overwrite=True)
     model, meta = load_checkpoint(path)
     return Checkpoint(model=model, metadata=meta, path=path, key=key, sha256=file_sha256(path),
-                      weights_sha256=weights_sha256(model), reused=reused)  # fmt: skip
+                      weights_sha256=weights_sha256(model), reused=reused,
+                      reference=reference)  # fmt: skip

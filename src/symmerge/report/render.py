@@ -263,6 +263,11 @@ def _endpoints(doc: dict[str, Any], name: str, setting: dict[str, Any]) -> list[
             what += f", {source['split']} part {source['part']}/{source['n_parts']}"
         what += f", {source['epochs']} epochs on {source['limit_train'] or 'all'} images"
         lines.append(f"- source {k + 1}: {what}: {_pct(accs)} % ({shown}; sha256 {shas})")
+        refs = [(e["seed"], e["sources"][k].get("reference")) for e in entries]
+        lines += [f"  - seed {seed}: the reference checkpoint `{ref['file']}` (trained "
+                  f"{ref['trained']}, symmerge {ref['symmerge_version']}, torch "
+                  f"{ref['torch_version']}), used as it is, not retrained by today's code"
+                  for seed, ref in refs if ref]  # fmt: skip
     data = entries[0]["data"]
     shas = ", ".join(e["data"]["sha256"][:12] for e in entries)
     lines += ["", f"Merge data: `{data['spec']}`, {data['samples_per_source']} images of each "

@@ -21,8 +21,9 @@ folder, and ends as one document covering all of them::
 A call reruns (or reuses, by key) the settings it names and keeps the runs of the others as
 they are. A setting interrupted mid-way is kept and marked incomplete; naming it again reuses
 its finished runs and every checkpoint already trained (``R/checkpoints``, keyed by recipe,
-data and training code, so settings share them). A folder made by other code is refused as a
-whole: no run is ever served from other code.
+data and training code, so settings share them). A reference checkpoint of the same recipe in
+``$SYMMERGE_CHECKPOINTS`` is used instead of training (:func:`train_or_reuse`). A folder made
+by other code is refused as a whole: no run is ever served from other code.
 """
 
 from __future__ import annotations
@@ -419,7 +420,8 @@ def _prepare(setting: Setting, seed: int, out: Path, root: str | None, doc: dict
         sources.append({
             "sha256": c.sha256, "weights_sha256": c.weights_sha256,
             "file": str(c.path.relative_to(out)), "recipe": c.metadata.get("recipe"),
-            "reused": c.reused, "metrics": _evaluate(c.model, setting, ctx, merged=False),
+            "reused": c.reused, "reference": c.reference,
+            "metrics": _evaluate(c.model, setting, ctx, merged=False),
         })  # fmt: skip
     doc["endpoints"].append({"setting": setting.name, "seed": seed, "data": record,
                              "sources": sources})  # fmt: skip
