@@ -108,6 +108,8 @@ def test_schema_and_shared_inputs(report: tuple[Path, dict]) -> None:
         ("rebasin", "same-task", 0)
     ]  # ran, or recorded why not
     assert doc["peers"]["runs"][0]["status"] in ("ok", "not run")
+    # the C2M3 peer runs on the N-model settings, which this report does not have
+    assert "c2m3-official on n-models" in doc["peers"]["reason"]
     for name in SETTINGS:
         ends = [e for e in doc["endpoints"] if e["setting"] == name]
         assert len(ends) == 1

@@ -317,11 +317,11 @@ def _peers_section(peers: dict[str, Any]) -> list[str]:
     lines += [
         "The peers' own code on the same checkpoint files as our runs (same sha256), in a "
         "subprocess with its own packages; the merged model is evaluated here with the same "
-        "function and test data as ours (`ours`: our `weight` run on those files). `seconds`: "
-        "the peer's call (graph building and matching; a second call, after an untimed "
-        "first one in its process); `ours s`: our whole `merge()` call (tracing, matching, "
-        "building; a method's first call in the report also compiles solvers); ratio = "
-        "peer / ours (above 1: ours is faster).",
+        "function and test data as ours (`ours`: our run of the same method on those files). "
+        "`seconds`: the peer's call (its matching and merging; a second call, after an "
+        "untimed first one in its process, where the entry's call says so); `ours s`: our "
+        "whole `merge()` call (tracing, matching, building; a method's first call in the "
+        "report also compiles solvers); ratio = peer / ours (above 1: ours is faster).",
         "",
     ]
     rows, notes = [], []
@@ -332,21 +332,22 @@ def _peers_section(peers: dict[str, Any]) -> list[str]:
             e["peer"], e["setting"], str(e["seed"]), e["version"] or "-", e["status"],
             _pct([e["metrics"]["accuracy"]]) if ok else "-",
             f"{e['seconds']:.3f}" if ok else "-",
-            _pct([ours["accuracy"]]) if ours else "-",
+            ours.get("method", "-"), _pct([ours["accuracy"]]) if ours else "-",
             f"{ours['merge_wall_s']:.3f}" if ours else "-",
             f"{e['ratio']:.2f}" if e["ratio"] is not None else "-",
         ])  # fmt: skip
         what = f"- {e['peer']} ({e['setting']} seed {e['seed']}): "
         if ok:
             shas = ", ".join(s[:12] for s in e["checkpoints"])
-            notes.append(what + f"`{e.get('call', '')}` on checkpoints {shas}; "
-                         f"{e.get('permutations', '?')} permutations found; package from "
-                         f"{e.get('imported_from') or e.get('folder', '?')}.")  # fmt: skip
+            found = f"{e['permutations']} permutations found; " if e.get("permutations") else ""
+            where = e.get("imported_from") or e.get("folder", "?")
+            notes.append(what + f"`{e.get('call', '')}` on checkpoints {shas}; {found}"
+                         f"package from {where}.")  # fmt: skip
         else:
             install = f" Install: `{e['install']}`." if e.get("install") else ""
             notes.append(what + f"{e['status']}: {e['reason']}.{install}")
     lines += _table(["peer", "setting", "seed", "version", "status", "accuracy %", "seconds",
-                     "ours accuracy %", "ours s", "ratio"], rows, 5)  # fmt: skip
+                     "ours", "ours accuracy %", "ours s", "ratio"], rows, 5)  # fmt: skip
     lines += ["", *notes, "", f"Other peers: {peers['reason']}."]
     return lines
 

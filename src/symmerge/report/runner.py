@@ -67,12 +67,15 @@ __all__ = ["PEERS_REASON", "check_scale", "run_report", "select"]
 
 #: The peers not run yet (the top-level ``peers.reason``).
 PEERS_REASON = (
-    "the official C2M3, ZipIt!, PLeaS and neuron-interpolation code are not run on these "
-    "checkpoints yet; only the PyPI rebasin package is, on the same-task setting"
+    "the official ZipIt!, PLeaS and neuron-interpolation code are not run on these checkpoints yet"
 )
-#: The setting the rebasin peer runs on, and our run it is compared with.
-PEER_SETTING = "same-task"
-PEER_OURS = "weight"
+#: The peers' own code, by the setting it runs on: (peer, the package folder it is looked
+#: for in under the peer root, our method it is compared with).
+PEERS = {
+    "same-task": ("rebasin", "rebasin", "weight"),
+    "n-models": ("c2m3-official", "c2m3", "c2m3"),
+    "n-models-5": ("c2m3-official", "c2m3", "c2m3"),
+}
 
 #: What identifies a report folder: a call with other values is refused (settings accumulate).
 CONFIG_KEYS = ("scale", "methods", "seeds")
@@ -153,12 +156,14 @@ def run_report(
             docstring). Without it a folder holding results is refused.
         progress: report progress on stderr.
         command: the command line to record (default: ``sys.argv``).
-        peers: run the peers' own code beside ours (:mod:`symmerge.report.peers`): the PyPI
-            rebasin package on each seed of the same-task setting, in a subprocess. A peer
+        peers: run the peers' own code beside ours (:data:`PEERS`): the PyPI rebasin
+            package on each seed of the same-task setting, the official C2M3 code on the
+            N-model settings, each in a subprocess. A peer
             that is not installed is recorded as ``"not run"`` with the reason and the
             install command; nothing is installed and the report never fails for it.
         peer_root: the folder of peer packages (default ``$SYMMERGE_PEERS``, else
-            ``~/.cache/symmerge/peers``); rebasin is looked for in its ``rebasin/``.
+            ``~/.cache/symmerge/peers``); a peer is looked for in its subfolder
+            (``rebasin/``, ``c2m3/``).
     """
     from symmerge.methods import list_methods, method_info
     from symmerge.progress import progress_bar
@@ -219,10 +224,9 @@ def run_report(
         "kept_runs": 0,
     }
     published = [e for e in load_published() if e["setting"] in names]
-    if before is not None and PEER_SETTING in kept:
-        peer_doc = before["peers"]  # kept with the setting it ran on
-    else:
-        peer_doc = _peers_header(peers, names)
+    peer_doc = _peers_header(peers, names)
+    if before is not None:  # peer runs are kept with the setting they ran on
+        peer_doc["runs"] = [r for r in before["peers"]["runs"] if r["setting"] in kept]
     doc = new_document(meta, published, peer_doc)
     if before is not None:
         doc["runs"] = [r for r in before["runs"] if r["setting"] in kept]
@@ -235,15 +239,16 @@ def run_report(
             setting = defs[name]
             for seed in seeds:
                 todo = [job for s, sd, job in plan if s == name and sd == seed]
-                if not todo and not (peers and name == PEER_SETTING):
+                peer = peers and name in PEERS
+                if not todo and not peer:
                     continue
                 try:
                     ctx = _prepare(setting, seed, out, root, doc)
                 except Exception as exc:  # every run of the setting and seed fails with it
                     reason = " ".join(f"preparing {name}: {type(exc).__name__}: {exc}".split())
                     doc["runs"] += [_failed(setting, seed, job, reason) for job in todo]
-                    if peers and name == PEER_SETTING:
-                        doc["peers"]["runs"].append(_peer_not_prepared(seed, reason))
+                    if peer:
+                        doc["peers"]["runs"].append(_peer_not_prepared(name, seed, reason))
                     bar.update(len(todo))
                     continue
                 for job in todo:
@@ -252,8 +257,8 @@ def run_report(
                     meta["reused_runs"] += bool(record.pop("_reused", False))
                     doc["runs"].append(record)
                     bar.update(1)
-                if peers and name == PEER_SETTING:
-                    bar.set_postfix(run=f"{name} peer rebasin")
+                if peer:
+                    bar.set_postfix(run=f"{name} peer {PEERS[name][0]}")
                     doc["peers"]["runs"].append(_peer_run(setting, seed, ctx, doc, peer_root))
                 _save(doc, names, results)
             meta["settings_done"].append(name)
@@ -296,21 +301,20 @@ def _peers_header(peers: bool, chosen: Sequence[str]) -> dict[str, Any]:
     """The ``peers`` section before any peer runs: why the missing ones are missing."""
     if not peers:
         reason = "peer runs were switched off (peers=False)"
-    elif PEER_SETTING not in chosen:
-        reason = f"the rebasin peer runs on the {PEER_SETTING} setting, not in this report; "
-        reason += PEERS_REASON.split(";")[0]
     else:
-        reason = PEERS_REASON
+        absent = [f"{p} on {s}" for s, (p, _, _) in PEERS.items() if s not in chosen]
+        reason = PEERS_REASON + ("; not run because the setting is not in this report: "
+                                 + ", ".join(absent) if absent else "")  # fmt: skip
     return {"runs": [], "reason": reason, "enabled": peers}
 
 
-def _ours(doc: dict[str, Any], seed: int) -> dict[str, Any] | None:
-    """Our run the peer is compared with: plain ``weight`` on the same checkpoints."""
+def _ours(doc: dict[str, Any], setting: str, seed: int, method: str) -> dict[str, Any] | None:
+    """Our run a peer is compared with: plain ``method`` on the same checkpoints."""
     for r in doc["runs"]:
         if (r["setting"], r["seed"], r["method"], r["renorm"], r["budget"]) == (
-            PEER_SETTING, seed, PEER_OURS, None, None,
+            setting, seed, method, None, None,
         ) and r["status"] == "ok":  # fmt: skip
-            return {"method": PEER_OURS, "label": r["label"], "key": r["key"],
+            return {"method": method, "label": r["label"], "key": r["key"],
                     "accuracy": r["metrics"]["accuracy"],
                     "merge_wall_s": r["timings"]["merge_wall_s"],
                     "method_s": r["timings"]["method_s"]}  # fmt: skip
@@ -320,27 +324,34 @@ def _ours(doc: dict[str, Any], seed: int) -> dict[str, Any] | None:
 def _peer_run(
     setting: Setting, seed: int, ctx: _Context, doc: dict[str, Any], root: str | Path | None
 ) -> dict[str, Any]:
-    """The rebasin peer on this setting and seed's checkpoints, scored by our evaluation."""
-    from symmerge.report import peers
+    """The setting's peer (:data:`PEERS`) on this seed's checkpoints, scored by our
+    evaluation, beside our run of the same method."""
+    from symmerge.report import peer_c2m3, peers
 
-    folder = None if root is None else Path(root) / "rebasin"
-    entry = peers.run_rebasin(
-        [c.path for c in ctx.checkpoints], ctx.data[0][0],
-        lambda model: _evaluate(model, setting, ctx, merged=True), seed=seed, folder=folder,
-    )  # fmt: skip
-    ours = _ours(doc, seed)
+    peer, sub, method = PEERS[setting.name]
+    folder = None if root is None else Path(root) / sub
+    paths = [c.path for c in ctx.checkpoints]
+
+    def evaluate(model: nn.Module) -> dict[str, Any]:
+        return _evaluate(model, setting, ctx, merged=True)
+
+    if peer == "rebasin":
+        entry = peers.run_rebasin(paths, ctx.data[0][0], evaluate, seed=seed, folder=folder)
+    else:
+        entry = peer_c2m3.run_c2m3(paths, evaluate, seed=seed, folder=folder)
+    ours = _ours(doc, setting.name, seed, method)
     ratio = None
     if ours is not None and entry["seconds"] is not None and ours["merge_wall_s"] > 0:
         ratio = entry["seconds"] / ours["merge_wall_s"]
     return {**entry, "setting": setting.name, "seed": seed, "ours": ours, "ratio": ratio}
 
 
-def _peer_not_prepared(seed: int, reason: str) -> dict[str, Any]:
-    """The rebasin entry of a seed whose checkpoints could not be made."""
-    return {"peer": "rebasin", "package": "rebasin (PyPI)", "version": None,
-            "status": "not run", "reason": f"no checkpoints to run on ({reason})"[:1000],
-            "setting": PEER_SETTING, "seed": seed, "checkpoints": [], "metrics": None,
-            "seconds": None, "ours": None, "ratio": None}  # fmt: skip
+def _peer_not_prepared(setting: str, seed: int, reason: str) -> dict[str, Any]:
+    """The peer entry of a seed whose checkpoints could not be made."""
+    return {"peer": PEERS[setting][0], "version": None, "status": "not run",
+            "reason": f"no checkpoints to run on ({reason})"[:1000], "setting": setting,
+            "seed": seed, "checkpoints": [], "metrics": None, "seconds": None, "ours": None,
+            "ratio": None}  # fmt: skip
 
 
 def _previous_document(
