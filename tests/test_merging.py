@@ -68,3 +68,17 @@ def test_merge_warns_when_batchnorm_statistics_are_left_interpolated() -> None:
                            example_inputs=x))  # fmt: skip
         for method in ("kf-linear", "kf-gradient"):  # they fit the statistics themselves
             merge([a, b], method, data=data, example_inputs=x)
+
+
+def test_renormalising_leaves_the_methods_weights_in_the_result() -> None:
+    """merge()'s REPAIR changes the merged model, not ``result.state_dict`` (the method's
+    output, which curves and users read back)."""
+    a, b, x = _pair()
+    data = [(x[0], torch.zeros(len(x[0]), dtype=torch.long))]
+    _, plain = merge([a, b], "weight", example_inputs=x)
+    repaired, result = merge([a, b], "weight", data=data, renorm="repair", example_inputs=x,
+                             block_sparse=False)  # fmt: skip
+    for k, v in plain.state_dict.items():
+        assert torch.equal(result.state_dict[k], v), k
+    assert any(not torch.equal(t, plain.state_dict[k])
+               for k, t in repaired.state_dict().items())  # fmt: skip

@@ -448,10 +448,11 @@ def test_chunked_report_accumulates_settings(
     path = folder / "results.json"
     doc = json.loads(path.read_text())
     doc["meta"]["settings_done"] = ["same-task"]
+    doc["meta"]["seeds_done"]["disjoint-classes"] = []
     path.write_text(json.dumps(doc))
     third = chunk("same-task", resume=True)
     assert third["meta"]["settings_done"] == ["same-task"]
-    assert "**Incomplete: interrupted" in render_markdown(third)
+    assert "**Incomplete: seeds 0 not yet" in render_markdown(third)
     assert third["meta"]["reused_runs"] == sum(r["status"] == "ok" for r in first["runs"])
     fourth = chunk("disjoint-classes", resume=True)
     assert fourth["meta"]["settings_done"] == SETTINGS
@@ -462,6 +463,65 @@ def test_chunked_report_accumulates_settings(
     monkeypatch.setattr(provenance, "merge_code_version", lambda: "0" * 64)
     with pytest.raises(ReportError, match="made by other code.*checkpoints"):
         chunk("same-task", resume=True)
+
+
+@needs_data
+def test_curves_run_between_the_endpoints_through_the_merge(report: tuple[Path, dict]) -> None:
+    """Where a barrier is defined (two sources, one head, a matching's permutations) the
+    curve starts and ends at the sources' accuracies and passes through the merge at 0.5."""
+    _, doc = report
+    ends = {e["setting"]: e["sources"] for e in doc["endpoints"]}
+    with_curves = {r["label"] for r in doc["runs"] if r.get("curve")}
+    assert {"naive", "weight", "naive + REPAIR", "weight + REPAIR"} <= with_curves
+    for r in doc["runs"]:
+        if r["setting"] == "disjoint-classes" or r["method"] in ("ensemble", "logit-kd", BROKEN):
+            assert "curve" not in r, r["label"]  # per-task heads; not a matching; trained weights
+        if not r.get("curve"):
+            continue
+        curve = {p["lambda"]: p for p in r["curve"]}
+        assert sorted(curve) == [0.0, 0.25, 0.5, 0.75, 1.0]
+        merged = r["metrics"]["accuracy"]
+        assert curve[0.5]["accuracy"] == pytest.approx(merged, abs=1e-9), r["label"]
+        assert r["metrics"]["barrier"]["accuracy"] >= 0 and r["metrics"]["barrier"]["loss"] >= 0
+        if r["renorm"] is None:  # the path's ends compute the sources' functions
+            a, b = ends[r["setting"]]
+            assert curve[0.0]["accuracy"] == pytest.approx(a["metrics"]["accuracy"], abs=1e-9)
+            assert curve[1.0]["accuracy"] == pytest.approx(b["metrics"]["accuracy"], abs=1e-9)
+    assert "acc. barrier" in render_markdown(doc)
+
+
+@needs_data
+def test_a_setting_runs_a_seed_at_a_time(report: tuple[Path, dict], tmp_path: Path) -> None:
+    """``--seeds`` with ``--resume`` runs some of the folder's seeds: the setting stays
+    incomplete, naming the missing seeds, until they ran; the other seeds' runs are kept."""
+    folder = tmp_path / "seeds"
+    shutil.copytree(report[0] / "checkpoints", folder / "checkpoints")
+
+    def chunk(name: str, seeds: list[int], **kwargs: Any) -> dict[str, Any]:
+        torch.set_num_threads(1)
+        return run_report(folder, settings=[name], methods=["naive"], seeds=seeds,
+                          progress=False, data_root=os.environ["SYMMERGE_DATA"],
+                          command="symmerge report (test)", **kwargs)  # fmt: skip
+
+    chunk("same-task", [0, 1])
+    half = chunk("disjoint-classes", [1], resume=True)
+    meta = half["meta"]
+    assert meta["seeds"] == [0, 1] and meta["seeds_done"]["disjoint-classes"] == [1]
+    assert meta["settings_done"] == ["same-task"]
+    assert (
+        "seeds 1 ran, seeds 0 not yet; run them with `--settings disjoint-classes --seeds 0 "
+        "--resume`" in render_markdown(half)
+    )
+    whole = chunk("disjoint-classes", [0], resume=True)
+    assert whole["meta"]["settings_done"] == SETTINGS
+    mine = [(r["seed"], r["key"]) for r in whole["runs"] if r["setting"] == "disjoint-classes"]
+    assert sorted(mine) == sorted(
+        (r["seed"], r["key"])
+        for r in half["runs"] + report[1]["runs"]
+        if r["setting"] == "disjoint-classes" and r["method"] == "naive"
+    )  # seed 1 kept as it was, seed 0 as a one-call report makes it
+    with pytest.raises(ReportError, match="another configuration.*seeds"):
+        chunk("same-task", [2], resume=True)  # not one of the folder's seeds
 
 
 @needs_data

@@ -1711,13 +1711,14 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--settings", default=None, help="Comma-separated settings of the scale "
               "(default: all; an unknown name lists them).")  # fmt: skip
 @click.option("--seeds", default=None, help="Comma-separated report seeds (default: the "
-              "scale's).")  # fmt: skip
+              "scale's; with --resume, some of the folder's, to run a setting a seed at a "
+              "time).")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Report folder: results.json, report.md, plots, checkpoints/.")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue the report in the folder (same scale, "
-              "methods, seeds and code): the settings named are run or reused and the folder's "
-              "others kept, so a long scale runs in chunks (--settings A -o R, then --settings B "
-              "-o R --resume, ...).")  # fmt: skip
+              "methods and code): the settings named are run or reused at the seeds named and "
+              "the folder's others kept, so a long scale runs in chunks (--settings A -o R, "
+              "then --settings B -o R --resume, ...).")  # fmt: skip
 @click.option("--render-only", is_flag=True, help="Redraw report.md and the plots from the "
               "folder's results.json.")  # fmt: skip
 @click.option(

@@ -22,7 +22,7 @@ from symmerge.spec import SymmetrySpec, trace
 
 __all__ = [
     "HEADS", "RENORMS", "BatchNormStatsWarning", "build_model", "check_compatible", "interpolation",
-    "merge",
+    "interpolation_path", "merge", "trace_model",
 ]  # fmt: skip
 
 RENORMS = (None, "reset-bn", "repair")
@@ -172,7 +172,7 @@ def merge(
     models = sources = list(models)  # sources keep their own heads (for per-task heads)
     if len(models) > 1:
         check_architecture(models)
-        spec = spec if spec is not None else _trace(models[0], example_inputs)
+        spec = spec if spec is not None else trace_model(models[0], example_inputs)
         models = _method_heads(spec, models, heads, example_inputs)
     unequal = check_compatible(models, method)
     if method_info(method).needs_data and data is None:
@@ -183,11 +183,11 @@ def merge(
     kwargs = dict(method_kwargs)
     if unequal and kwargs.get("specs") is None:  # each model traced at its own widths
         kwargs["specs"] = [
-            spec if k == 0 and spec is not None else _trace(m, example_inputs)
+            spec if k == 0 and spec is not None else trace_model(m, example_inputs)
             for k, m in enumerate(models)
         ]
     if spec is None:
-        spec = kwargs["specs"][0] if unequal else _trace(models[0], example_inputs)
+        spec = kwargs["specs"][0] if unequal else trace_model(models[0], example_inputs)
     fn = get_method(method)
     if data is not None:
         kwargs["data"] = data
@@ -196,8 +196,11 @@ def merge(
         num_outputs = _stack_heads(spec, sources, result, kwargs.get("specs"))
     else:
         num_outputs = None
-    merged = build_model(models[0], spec, result.maps, result.state_dict,
-                         num_outputs=num_outputs, example_inputs=example_inputs)  # fmt: skip
+    state = result.state_dict
+    if renorm or finetune:  # they change the model in place: result keeps the method's output
+        state = {k: v.clone() for k, v in state.items()}
+    merged = build_model(models[0], spec, result.maps, state, num_outputs=num_outputs,
+                         example_inputs=example_inputs)  # fmt: skip
     t0 = time.perf_counter()
     if renorm == "reset-bn":
         from symmerge.renorm import reset_bn
@@ -245,7 +248,6 @@ def interpolation(
     (1-λ, λ)); without it, BatchNorm models warn once (:class:`BatchNormStatsWarning`).
     Yields ``(λ, model)``.
     """
-    from symmerge.groupmap import build_state_dict
 
     models = list(models)
     if len(models) != 2:
@@ -253,8 +255,8 @@ def interpolation(
     if method not in list_methods():
         raise ValueError(f"unknown method {method!r}; registered methods: {list_methods()}")
     unequal = check_compatible(models, method)
-    spec = spec if spec is not None else _trace(models[0], example_inputs)
-    specs = [spec, _trace(models[1], example_inputs)] if unequal else None
+    spec = spec if spec is not None else trace_model(models[0], example_inputs)
+    specs = [spec, trace_model(models[1], example_inputs)] if unequal else None
     if specs is not None:
         method_kwargs = {**method_kwargs, "specs": specs}
     with warnings.catch_warnings():  # the midpoint is only for the alignment
@@ -263,11 +265,34 @@ def interpolation(
     del mid
     if renorm is None and any(0 < lam < 1 for lam in lambdas) and has_bn_statistics(models[0]):
         _warn_bn_statistics("at each point, the BatchNorm running statistics are")
+    yield from interpolation_path(models, spec, result.maps, lambdas, data=data, renorm=renorm,
+                                  specs=specs, example_inputs=example_inputs)  # fmt: skip
+
+
+def interpolation_path(
+    models: Sequence[nn.Module],
+    spec: SymmetrySpec,
+    maps: Mapping[str, GroupMap],
+    lambdas: Sequence[float],
+    *,
+    data: Iterable[Any] | None = None,
+    renorm: str | None = None,
+    specs: Sequence[SymmetrySpec] | None = None,
+    example_inputs: Any = None,
+) -> Iterator[tuple[float, nn.Module]]:
+    """Models along (1-λ)·A + λ·aligned(B) for permutation ``maps`` a merge of the two
+    ``models`` found, each renormalised on ``data`` as ``renorm`` says (REPAIR with goal
+    weights (1-λ, λ)). At λ = 0 and 1 (without renorm) the points compute the endpoints'
+    functions. Yields ``(λ, model)``."""
+    from symmerge.groupmap import build_state_dict
+
+    if not all(gm.is_permutation or gm.indices is not None for gm in maps.values()):
+        raise ValueError("an interpolation path needs permutation maps (a matching's)")
     states = [m.state_dict() for m in models]
     for lam in lambdas:
-        maps = {g: gm.with_weights([1.0 - lam, lam]) for g, gm in result.maps.items()}
-        state = build_state_dict(specs or spec, states, maps, weights=[1.0 - lam, lam])
-        point = build_model(models[0], spec, maps, state, example_inputs=example_inputs)
+        point_maps = {g: gm.with_weights([1.0 - lam, lam]) for g, gm in maps.items()}
+        state = build_state_dict(specs or spec, states, point_maps, weights=[1.0 - lam, lam])
+        point = build_model(models[0], spec, point_maps, state, example_inputs=example_inputs)
         if renorm == "reset-bn":
             from symmerge.renorm import reset_bn
 
@@ -275,7 +300,7 @@ def interpolation(
         elif renorm == "repair":
             from symmerge.renorm import repair
 
-            repair(point, models, data, maps=maps, spec=spec)
+            repair(point, models, data, maps=point_maps, spec=spec)
         yield lam, point.eval()
 
 
@@ -382,12 +407,14 @@ def _method_heads(
     inputs = None if example_inputs is None else _as_tuple(example_inputs)
 
     def cut(m: nn.Module) -> nn.Module:
-        return resize(m, _trace(m, example_inputs), {}, num_outputs=n0, example_inputs=inputs)
+        return resize(m, trace_model(m, example_inputs), {}, num_outputs=n0, example_inputs=inputs)
 
     return [m if n == n0 else cut(m) for m, n in zip(models, sizes, strict=True)]
 
 
-def _trace(model: nn.Module, example_inputs: Any) -> SymmetrySpec:
+def trace_model(model: nn.Module, example_inputs: Any = None) -> SymmetrySpec:
+    """``model``'s symmetry spec, traced on ``example_inputs`` (default: random inputs of the
+    model's ``input_shape``), as :func:`merge` traces it."""
     if example_inputs is None:
         shape = getattr(model, "input_shape", None)
         if shape is None:

@@ -39,7 +39,8 @@ class MergeResult:
     """What every method returns.
 
     Attributes:
-        state_dict: the merged weights.
+        state_dict: the merged weights, as the method made them (before
+            :func:`~symmerge.merging.merge` renormalises or fine-tunes the merged model).
         maps: the GroupMap of every group.
         objective: final objective per group (method-specific; for weight matching the
             similarity of the matched units).

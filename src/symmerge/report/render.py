@@ -12,12 +12,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUDGET_PLOT", "REPORT_FILE", "TIME_PLOT", "render_markdown", "write_plots",
-           "write_report"]  # fmt: skip
+__all__ = ["BUDGET_PLOT", "CURVE_PLOT", "MODELS_PLOT", "REPORT_FILE", "TIME_PLOT",
+           "render_markdown", "write_plots", "write_report"]  # fmt: skip
 
 REPORT_FILE = "report.md"
 BUDGET_PLOT = "accuracy_vs_budget.png"
 TIME_PLOT = "time_per_method.png"
+CURVE_PLOT = "interpolation.png"
+MODELS_PLOT = "accuracy_vs_models.png"
+#: The settings that merge 2, 3 and 5 models of one recipe (accuracy against N).
+N_MODEL_SETTINGS = {"same-task": 2, "n-models": 3, "n-models-5": 5}
 
 
 def write_report(doc: dict[str, Any], folder: str | Path) -> list[Path]:
@@ -174,9 +178,12 @@ def _setting_section(doc: dict[str, Any], name: str, published: list[dict]) -> l
     lines = [f"## {name}: {setting['title']}", ""]
     meta = doc["meta"]
     if name not in meta.get("settings_done", [name]):  # (older documents record none)
-        lines += [f"**Incomplete: interrupted before every seed ran; rerun it with "
-                  f"`--settings {name} --resume` (finished runs and checkpoints are "
-                  "reused).**", ""]  # fmt: skip
+        done = meta.get("seeds_done", {}).get(name, [])
+        missing = [sd for sd in meta["seeds"] if sd not in done]
+        ran = f"seeds {', '.join(map(str, done))} ran, " if done else ""
+        lines += [f"**Incomplete: {ran}seeds {', '.join(map(str, missing))} not yet; run them "
+                  f"with `--settings {name} --seeds {','.join(map(str, missing))} --resume` "
+                  "(finished runs and checkpoints are reused).**", ""]  # fmt: skip
     if setting["stand_in"]:
         lines += [f"Stands in for: {setting['stand_in']}.", ""]
     if setting.get("reset_bn"):
@@ -187,8 +194,10 @@ def _setting_section(doc: dict[str, Any], name: str, published: list[dict]) -> l
     lines += _endpoints(doc, name, setting)
     parts = _parts(setting)
     first = "joint %" if setting["metric"] == "joint" else "accuracy %"
-    header = ["method", first, *[p[0] for p in parts], "loss", "params", "MACs",
-              "method s", "merge s", "published"]  # fmt: skip
+    curves = any("barrier" in (r["metrics"] or {}) for r in runs)
+    header = ["method", first, *[p[0] for p in parts], "loss",
+              *(["acc. barrier"] if curves else []), "params", "MACs", "method s", "merge s",
+              "published"]  # fmt: skip
     marks = {}
     mine = [e for e in published if e["setting"] == name]
     for k, e in enumerate(mine, 1):
@@ -207,7 +216,9 @@ def _setting_section(doc: dict[str, Any], name: str, published: list[dict]) -> l
                         for k, e in marks.get(label, []) if e["metric"] == "accuracy")  # fmt: skip
         rows.append([
             label, acc, *[_pct([_part(m, key) for m in ok]) for _, key in parts],
-            _mean_std([m["loss"] for m in ok], digits=4), _count([m["params"] for m in ok]),
+            _mean_std([m["loss"] for m in ok], digits=4),
+            *([_pct([m["barrier"]["accuracy"] for m in ok if "barrier" in m])] if curves else []),
+            _count([m["params"] for m in ok]),
             _mean_std([m["macs_ratio"] for m in ok]) + ("x" if ok else ""),
             _mean_std([t["method_s"] for t in times], digits=3),
             _mean_std([t["merge_wall_s"] for t in times], digits=3), pub or "",
@@ -303,8 +314,38 @@ def _plots_section(doc: dict[str, Any]) -> list[str]:
     if _budget_points(doc):
         lines += [f"![accuracy against measured compute]({BUDGET_PLOT})", ""]
     if _time_points(doc):
-        lines.append(f"![time per method]({TIME_PLOT})")
-    return lines
+        lines += [f"![time per method]({TIME_PLOT})", ""]
+    if _curve_points(doc):
+        lines += [f"![interpolation curves]({CURVE_PLOT})", ""]
+    if len(_model_points(doc)) > 0:
+        lines += [f"![accuracy against the number of models]({MODELS_PLOT})", ""]
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+def _curve_points(doc: dict[str, Any]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per setting and run label: the mean accuracy at each λ over the seeds' curves."""
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for name in doc["meta"]["config"]["settings"]:
+        runs = [r for r in doc["runs"] if r["setting"] == name and r.get("curve")]
+        for label in _labels(runs):
+            curves = [r["curve"] for r in runs if r["label"] == label]
+            lams = [p["lambda"] for p in curves[0]]
+            out.setdefault(name, {})[label] = [
+                (lam, statistics.fmean(c[k]["accuracy"] for c in curves))
+                for k, lam in enumerate(lams)
+            ]  # fmt: skip
+    return out
+
+
+def _model_points(doc: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """Per run label found in two or more of the N-model settings: (N, mean accuracy)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for name, n in N_MODEL_SETTINGS.items():
+        runs = [r for r in doc["runs"] if r["setting"] == name and r["status"] == "ok"]
+        for label in _labels(runs):
+            accs = [r["metrics"]["accuracy"] for r in runs if r["label"] == label]
+            out.setdefault(label, []).append((n, statistics.fmean(accs)))
+    return {k: v for k, v in out.items() if len(v) > 1}
 
 
 def _peers_section(peers: dict[str, Any]) -> list[str]:
@@ -427,6 +468,29 @@ def write_plots(doc: dict[str, Any], folder: Path) -> list[Path]:
         ax.set_title("time per method")
         ax.grid(alpha=0.3, axis="x")
         written.append(_save(fig, folder / TIME_PLOT))
+    curves = _curve_points(doc)
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
+        for ax, (name, lines) in zip(axes[0], curves.items(), strict=True):
+            for label, pts in lines.items():
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label)
+            ax.set_title(name)
+            ax.set_xlabel("λ: (1-λ)·A + λ·aligned B")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("accuracy % (mean over seeds)")
+        axes[0][-1].legend(fontsize=7)
+        written.append(_save(fig, folder / CURVE_PLOT))
+    models = _model_points(doc)
+    if models:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, pts in models.items():
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label)
+        ax.set_xlabel("models merged at once (same-task, n-models, n-models-5)")
+        ax.set_ylabel("accuracy % (mean over seeds)")
+        ax.set_title("accuracy against the number of models")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        written.append(_save(fig, folder / MODELS_PLOT))
     return written
 
 

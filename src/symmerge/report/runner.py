@@ -14,14 +14,15 @@ folder, and ends as one document covering all of them::
 
     symmerge report --scale cpu --settings same-task,n-models -o R      # first chunk
     symmerge report --scale cpu --settings resnet20 -o R --resume       # later chunks
-    symmerge report --scale cpu --settings resnet20-ln -o R --resume
+    symmerge report --scale cpu --settings resnet20-ln --seeds 0 -o R --resume  # one seed
     ...
     symmerge report --render-only -o R                                  # redraw (optional)
 
-A call reruns (or reuses, by key) the settings it names and keeps the runs of the others as
-they are. A setting interrupted mid-way is kept and marked incomplete; naming it again reuses
-its finished runs and every checkpoint already trained (``R/checkpoints``, keyed by recipe,
-data and training code, so settings share them). A reference checkpoint of the same recipe in
+A call reruns (or reuses, by key) the settings it names, at the seeds it names (some of the
+folder's; all by default), and keeps the runs of the others as they are. A setting
+interrupted mid-way is kept and marked incomplete; naming it again reuses its finished runs
+and every checkpoint already trained (``R/checkpoints``, keyed by recipe, data and training
+code, so settings share them). A reference checkpoint of the same recipe in
 ``$SYMMERGE_CHECKPOINTS`` is used instead of training (:func:`train_or_reuse`). A folder made
 by other code is refused as a whole: no run is ever served from other code.
 """
@@ -80,6 +81,10 @@ PEERS = {
 #: What identifies a report folder: a call with other values is refused (settings accumulate).
 CONFIG_KEYS = ("scale", "methods", "seeds")
 
+#: λ of the interpolation curves (two models merged by a matching): the endpoints, the
+#: midpoint where barriers usually peak, and the quarters.
+CURVE_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
 #: Batch size of the merge data.
 DATA_BATCH = 500
 CHECKPOINT_DIR = "checkpoints"
@@ -124,6 +129,7 @@ class _Context:
     tests: list[tuple[str, Tensor, Tensor]]
     example: Tensor
     macs: float
+    spec: Any = None  # the first source's symmetry spec, traced when a curve needs it
 
 
 def run_report(
@@ -172,18 +178,24 @@ def run_report(
     defs = settings_for(scale)
     chosen = select(settings, list(defs), "setting")
     methods = select(methods, list_methods(), "method")
-    seeds = list(DEFAULT_SEEDS[scale] if seeds is None else seeds)
-    if not seeds:
+    if seeds is not None and not seeds:
         raise ReportError("no seeds selected")
-    config = {"scale": scale, "methods": methods, "seeds": seeds}
+    config = {"scale": scale, "methods": methods,
+              "seeds": list(DEFAULT_SEEDS[scale] if seeds is None else seeds)}  # fmt: skip
     code = provenance.merge_code_version()
     out = Path(output)
-    before = _previous_document(out, config, code, resume)
+    before = _previous_document(out, config, code, resume, seeds_given=seeds is not None)
+    if before is not None:  # the folder's seeds; this call runs those asked for
+        config["seeds"] = list(before["meta"]["config"]["seeds"])
+    seeds = list(config["seeds"] if seeds is None else seeds)
+
+    def kept_run(r: dict[str, Any]) -> bool:  # of a setting or seed this call does not run
+        return r["setting"] not in chosen or r["seed"] not in seeds
+
     previous = {} if before is None else {r["key"]: r for r in before["runs"]
                                            if r["status"] == "ok"}  # fmt: skip
-    kept = [] if before is None else [n for n in before["meta"]["config"]["settings"]
-                                      if n not in chosen]  # fmt: skip
-    names = [n for n in defs if n in chosen or n in kept]  # the document's, in scale order
+    earlier = [] if before is None else before["meta"]["config"]["settings"]
+    names = [n for n in defs if n in chosen or n in earlier]  # the document's, in scale order
     root = None if data_root is None else str(data_root)
 
     plan = [(name, seed, job) for name in chosen for seed in seeds
@@ -199,7 +211,9 @@ def run_report(
         "hardware": provenance.hardware(),
         "threads": torch.get_num_threads(),
     }
-    done = [] if before is None else [n for n in _settings_done(before["meta"]) if n in kept]
+    seeds_done = {} if before is None else _seeds_done(before["meta"])
+    seeds_done = {n: [sd for sd in seeds_done.get(n, []) if n not in chosen or sd not in seeds]
+                  for n in names}  # fmt: skip
     meta = {
         "command": call["command"],
         "git_commit": call["git_commit"],
@@ -211,11 +225,12 @@ def run_report(
         "device": "cpu",
         "date": call["date"],
         "scale": scale,
-        "seeds": seeds,
+        "seeds": config["seeds"],
         "config": {**config, "settings": names},
         "settings": {name: defs[name].to_dict() for name in names},
         "scale_settings": list(defs),
-        "settings_done": done,
+        "settings_done": [],
+        "seeds_done": seeds_done,
         "calls": ([] if before is None else _calls(before["meta"])) + [call],
         "methods": {m: method_info(m).to_dict() for m in methods},
         "not_run": not_run,
@@ -225,13 +240,14 @@ def run_report(
     }
     published = [e for e in load_published() if e["setting"] in names]
     peer_doc = _peers_header(peers, names)
-    if before is not None:  # peer runs are kept with the setting they ran on
-        peer_doc["runs"] = [r for r in before["peers"]["runs"] if r["setting"] in kept]
+    if before is not None:  # runs are kept with the setting and seed they ran on
+        peer_doc["runs"] = [r for r in before["peers"]["runs"] if kept_run(r)]
     doc = new_document(meta, published, peer_doc)
     if before is not None:
-        doc["runs"] = [r for r in before["runs"] if r["setting"] in kept]
-        doc["endpoints"] = [e for e in before["endpoints"] if e["setting"] in kept]
+        doc["runs"] = [r for r in before["runs"] if kept_run(r)]
+        doc["endpoints"] = [e for e in before["endpoints"] if kept_run(e)]
         meta["kept_runs"] = len(doc["runs"])
+    meta["settings_done"] = _finished(meta)
     results = out / RESULTS_FILE
     bar = progress_bar(total=len(plan), desc=f"report ({scale})", unit="run", enabled=progress)
     try:
@@ -250,19 +266,19 @@ def run_report(
                     if peer:
                         doc["peers"]["runs"].append(_peer_not_prepared(name, seed, reason))
                     bar.update(len(todo))
-                    continue
-                for job in todo:
-                    bar.set_postfix(run=f"{name} {job.label}")
-                    record = _run_or_reuse(setting, seed, job, ctx, code, previous)
-                    meta["reused_runs"] += bool(record.pop("_reused", False))
-                    doc["runs"].append(record)
-                    bar.update(1)
-                if peer:
-                    bar.set_postfix(run=f"{name} peer {PEERS[name][0]}")
-                    doc["peers"]["runs"].append(_peer_run(setting, seed, ctx, doc, peer_root))
+                else:
+                    for job in todo:
+                        bar.set_postfix(run=f"{name} {job.label}")
+                        record = _run_or_reuse(setting, seed, job, ctx, code, previous)
+                        meta["reused_runs"] += bool(record.pop("_reused", False))
+                        doc["runs"].append(record)
+                        bar.update(1)
+                    if peer:
+                        bar.set_postfix(run=f"{name} peer {PEERS[name][0]}")
+                        doc["peers"]["runs"].append(_peer_run(setting, seed, ctx, doc, peer_root))
+                meta["seeds_done"][name] = sorted({*meta["seeds_done"][name], seed})
+                meta["settings_done"] = _finished(meta)
                 _save(doc, names, results)
-            meta["settings_done"].append(name)
-            _save(doc, names, results)
     finally:
         bar.close()
     meta["complete"] = True
@@ -280,12 +296,23 @@ def _save(doc: dict[str, Any], names: Sequence[str], path: Path) -> None:
     save_results(doc, path)
 
 
-def _settings_done(meta: dict[str, Any]) -> list[str]:
-    """The settings of a document that ran to the end (a document from before chunked runs
-    records none: all of its settings when its call completed)."""
+def _seeds_done(meta: dict[str, Any]) -> dict[str, list[int]]:
+    """The seeds of each setting that ran to the end (a document from before seed chunks
+    records the settings that ran every seed; one from before chunks, none: all of its
+    settings when its call completed)."""
+    if "seeds_done" in meta:
+        return {k: list(v) for k, v in meta["seeds_done"].items()}
     if "settings_done" in meta:
-        return list(meta["settings_done"])
-    return list(meta["config"]["settings"]) if meta.get("complete", True) else []
+        done = meta["settings_done"]
+    else:
+        done = meta["config"]["settings"] if meta.get("complete", True) else []
+    return {n: list(meta["config"]["seeds"]) for n in done}
+
+
+def _finished(meta: dict[str, Any]) -> list[str]:
+    """The settings every seed of the folder ran for, in the document's order."""
+    want = set(meta["config"]["seeds"])
+    return [n for n in meta["config"]["settings"] if want <= set(meta["seeds_done"].get(n, []))]
 
 
 def _calls(meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -326,8 +353,6 @@ def _peer_run(
 ) -> dict[str, Any]:
     """The setting's peer (:data:`PEERS`) on this seed's checkpoints, scored by our
     evaluation, beside our run of the same method."""
-    from symmerge.report import peer_c2m3, peers
-
     peer, sub, method = PEERS[setting.name]
     folder = None if root is None else Path(root) / sub
     paths = [c.path for c in ctx.checkpoints]
@@ -336,9 +361,13 @@ def _peer_run(
         return _evaluate(model, setting, ctx, merged=True)
 
     if peer == "rebasin":
-        entry = peers.run_rebasin(paths, ctx.data[0][0], evaluate, seed=seed, folder=folder)
+        from symmerge.report.peers import run_rebasin
+
+        entry = run_rebasin(paths, ctx.data[0][0], evaluate, seed=seed, folder=folder)
     else:
-        entry = peer_c2m3.run_c2m3(paths, evaluate, seed=seed, folder=folder)
+        from symmerge.report.peer_c2m3 import run_c2m3
+
+        entry = run_c2m3(paths, evaluate, seed=seed, folder=folder)
     ours = _ours(doc, setting.name, seed, method)
     ratio = None
     if ours is not None and entry["seconds"] is not None and ours["merge_wall_s"] > 0:
@@ -355,11 +384,12 @@ def _peer_not_prepared(setting: str, seed: int, reason: str) -> dict[str, Any]:
 
 
 def _previous_document(
-    out: Path, config: dict[str, Any], code: str, resume: bool
+    out: Path, config: dict[str, Any], code: str, resume: bool, *, seeds_given: bool = True
 ) -> dict[str, Any] | None:
     """The folder's results document that ``resume`` continues (``None`` when there is none),
-    after checking its configuration (:data:`CONFIG_KEYS`) and code version; a folder with
-    results and no ``resume`` is refused."""
+    after checking its configuration (:data:`CONFIG_KEYS`: seeds given must be some of the
+    folder's, the default is all of them) and code version; a folder with results and no
+    ``resume`` is refused."""
     path = out / RESULTS_FILE
     if not path.exists():
         return None
@@ -371,8 +401,10 @@ def _previous_document(
         )
     doc = load_results(path)
     before = doc["meta"]["config"]
-    diff = "; ".join(f"{k}: {before.get(k)} there, {config[k]} now"
-                     for k in CONFIG_KEYS if before.get(k) != config[k])  # fmt: skip
+    differs = [k for k in CONFIG_KEYS if k != "seeds" and before.get(k) != config[k]]
+    if seeds_given and not set(config["seeds"]) <= set(before.get("seeds", [])):
+        differs.append("seeds")
+    diff = "; ".join(f"{k}: {before.get(k)} there, {config[k]} now" for k in differs)
     if diff:
         raise ReportError(
             f"cannot resume {out}: it was made with another configuration ({diff}); rerun "
@@ -504,6 +536,7 @@ def _run_or_reuse(
     setting: Setting, seed: int, job: Job, ctx: _Context, code: str,
     previous: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:  # fmt: skip
+    from symmerge.evaluate import barrier
     from symmerge.flops import count_compute
     from symmerge.merging import BatchNormStatsWarning, merge
     from symmerge.methods import method_info
@@ -548,6 +581,17 @@ def _run_or_reuse(
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
         return {**record, "status": "failed", "error": message[:1000]}
     metrics.update(params=compute.params, macs=compute.macs, macs_ratio=compute.macs / ctx.macs)
+    t2 = time.perf_counter()
+    curve, curve_error = None, None
+    try:
+        curve = _curve(setting, ctx, result, record["renorm"])
+    except Exception as exc:  # the merge stands; the curve's failure is noted with it
+        curve_error = " ".join(f"interpolation curve failed: {type(exc).__name__}: {exc}".split())
+    if curve is not None:
+        record["curve"] = curve
+        metrics["barrier"] = {"loss": barrier(curve, "loss"),
+                              "accuracy": barrier(curve, "accuracy")}  # fmt: skip
+    evaluate_s += time.perf_counter() - t2
     record.update(
         metrics=metrics,
         timings={"method": {k: round(v, 6) for k, v in result.timings.items()},
@@ -555,9 +599,44 @@ def _run_or_reuse(
                  "merge_wall_s": round(wall, 6), "evaluate_s": round(evaluate_s, 6)},
         memory=memory,
         warnings=sorted({f"{w.category.__name__}: {w.message}" for w in caught
-                         if not (reset and issubclass(w.category, BatchNormStatsWarning))}),
+                         if not (reset and issubclass(w.category, BatchNormStatsWarning))}
+                        | ({curve_error[:1000]} if curve_error else set())),
     )  # fmt: skip
     return record
+
+
+def _curve(
+    setting: Setting, ctx: _Context, result: Any, renorm: str | None
+) -> list[dict[str, Any]] | None:
+    """Accuracy and loss along (1-λ)·A + λ·aligned(B) (:data:`CURVE_LAMBDAS`), where a
+    barrier is defined: two sources of one width and one head, merged by permutations into
+    the path's midpoint (not where the merged weights were trained further, as logit-KD's
+    are). Each point is renormalised as the run was (none, the BN reset, or REPAIR), on the
+    same data."""
+    from symmerge.groupmap import build_state_dict
+    from symmerge.merging import interpolation_path, trace_model
+
+    maps = result.maps
+    if len(ctx.checkpoints) != 2 or setting.heads != "shared" or setting.unequal_widths:
+        return None
+    if not maps or not all(gm.is_permutation for gm in maps.values()):
+        return None
+    models = [c.model for c in ctx.checkpoints]
+    if ctx.spec is None:
+        ctx.spec = trace_model(models[0])
+    half = {g: gm.with_weights([0.5, 0.5]) for g, gm in maps.items()}
+    mid = build_state_dict(ctx.spec, [m.state_dict() for m in models], half, weights=[0.5, 0.5])
+    for k, _ in models[0].named_parameters():  # (statistics buffers may have been reset)
+        v = result.state_dict.get(k)
+        if v is None or mid[k].shape != v.shape or not torch.allclose(mid[k], v, atol=1e-6):
+            return None  # the merge is not the path's midpoint
+    points = interpolation_path(models, ctx.spec, maps, CURVE_LAMBDAS, data=ctx.data,
+                                renorm=renorm)  # fmt: skip
+    curve = []
+    for lam, model in points:
+        m = _evaluate(model, setting, ctx, merged=False)
+        curve.append({"lambda": lam, "accuracy": m["accuracy"], "loss": m["loss"]})
+    return curve
 
 
 def _stale_bn(caught: Sequence[warnings.WarningMessage]) -> bool:

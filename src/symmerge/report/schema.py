@@ -8,7 +8,8 @@ Schema (``schema_version`` 1)::
               "settings": {name: Setting.to_dict()}, "methods": {name: MethodInfo.to_dict()},
               "not_run": {method: reason},
               optional: "complete", "reused_runs", "kept_runs", "scale_settings" (every
-              setting of the scale), "settings_done" (those that ran every seed), "calls"
+              setting of the scale), "settings_done" (those that ran every seed), "seeds_done"
+              ({setting: [seeds that ran]}), "calls"
               (each call of a report run in chunks: command, git_commit, date, settings,
               hardware, threads)},
      "endpoints": [{"setting", "seed", "data": {...}, "sources": [{"sha256", "weights_sha256",

@@ -327,10 +327,10 @@ CPU_SAMPLES = 2000
 #: small merge sets (2000 images of each dataset are 4-8 batches of 500, so their default
 #: length, one epoch, would be 4-8 steps). On ResNet-20 kf-gradient's default (100 epochs a
 #: level, patience 15) is up to an hour a merge on one CPU thread (4.3 s per level-epoch of
-#: 1600 images, 11 levels): 20 epochs with patience 5 bound it to about 16 minutes.
+#: 1600 images, 11 levels): 10 epochs with patience 3 bound it to about 8 minutes.
 CPU_PARAMS: dict[str, dict[str, Any]] = {"ste": {"steps": 100, "lr": 0.5}}
 CPU_CONV_PARAMS: dict[str, dict[str, Any]] = {
-    **CPU_PARAMS, "kf-gradient": {"epochs": 20, "patience": 5},
+    **CPU_PARAMS, "kf-gradient": {"epochs": 10, "patience": 3},
 }  # fmt: skip
 #: The cpu scale's settings beyond :data:`SETTING_NAMES`.
 CPU_EXTRA = ("n-models-5", "resnet20", "resnet20-ln", "resnet20-ln-3", "resnet20-disjoint")
