@@ -450,13 +450,13 @@ def write_plots(doc: dict[str, Any], folder: Path) -> list[Path]:
     points = _budget_points(doc)
     if points:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method, pts in points.items():
-            ax.plot([p[1] for p in pts], [100 * p[2] for p in pts], "o-", label=method)
-        ax.set_xlabel("MACs of the merged model / one source (measured)")
-        ax.set_ylabel("accuracy %")
+        _accuracy_lines(
+            ax,
+            {m: [(p[1], p[2]) for p in pts] for m, pts in points.items()},
+            "MACs of the merged model / one source (measured)",
+            "accuracy %",
+        )
         ax.set_title("accuracy against compute (budgets setting)")
-        ax.grid(alpha=0.3)
-        ax.legend()
         written.append(_save(fig, folder / BUDGET_PLOT))
     times = _time_points(doc)
     if times:
@@ -471,27 +471,46 @@ def write_plots(doc: dict[str, Any], folder: Path) -> list[Path]:
     curves = _curve_points(doc)
     if curves:
         fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
-        for ax, (name, lines) in zip(axes[0], curves.items(), strict=True):
-            for label, pts in lines.items():
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label)
+        for k, (ax, (name, lines)) in enumerate(zip(axes[0], curves.items(), strict=True)):
+            _accuracy_lines(ax, lines, "λ: (1-λ)·A + λ·aligned B",
+                            "accuracy % (mean over seeds)" if k == 0 else None,
+                            legend=k == len(curves) - 1)  # fmt: skip
             ax.set_title(name)
-            ax.set_xlabel("λ: (1-λ)·A + λ·aligned B")
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("accuracy % (mean over seeds)")
-        axes[0][-1].legend(fontsize=7)
         written.append(_save(fig, folder / CURVE_PLOT))
     models = _model_points(doc)
     if models:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for label, pts in models.items():
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label)
-        ax.set_xlabel("models merged at once (same-task, n-models, n-models-5)")
-        ax.set_ylabel("accuracy % (mean over seeds)")
+        _accuracy_lines(ax, models, "models merged at once (same-task, n-models, n-models-5)",
+                        "accuracy % (mean over seeds)")  # fmt: skip
         ax.set_title("accuracy against the number of models")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
         written.append(_save(fig, folder / MODELS_PLOT))
     return written
+
+
+def _accuracy_lines(
+    ax: Any,
+    series: dict[str, list[tuple[float, float]]],
+    xlabel: str,
+    ylabel: str | None,
+    *,
+    legend: bool = True,
+) -> None:
+    """One line of (x, accuracy as a fraction) points per label, in percent: a colour per
+    method, dashed with REPAIR."""
+    import matplotlib
+
+    bases = list(dict.fromkeys(label.split(" + ")[0] for label in series))
+    colors = matplotlib.colormaps["tab20"].colors
+    for label, pts in series.items():
+        base, _, renorm = label.partition(" + ")
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o--" if renorm else "o-",
+                color=colors[bases.index(base) % len(colors)], label=label)  # fmt: skip
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7)
 
 
 def _save(fig: Any, path: Path) -> Path:
