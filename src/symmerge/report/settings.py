@@ -325,12 +325,12 @@ CPU_HALF_EPOCHS = 20
 CPU_SAMPLES = 2000
 #: Method keywords of the cpu settings, in one place. STE: 100 steps at the authors' rate for
 #: small merge sets (2000 images of each dataset are 4-8 batches of 500, so their default
-#: length, one epoch, would be 4-8 steps). On ResNet-20 kf-gradient's default (100 epochs a
-#: level, patience 15) is up to an hour a merge on one CPU thread (4.3 s per level-epoch of
-#: 1600 images, 11 levels): 10 epochs with patience 3 bound it to about 8 minutes.
-CPU_PARAMS: dict[str, dict[str, Any]] = {"ste": {"steps": 100, "lr": 0.5}}
-CPU_CONV_PARAMS: dict[str, dict[str, Any]] = {
-    **CPU_PARAMS, "kf-gradient": {"epochs": 10, "patience": 3},
+#: length, one epoch, would be 4-8 steps). kf-gradient's default (100 epochs a level,
+#: patience 15) took 482 s on two zoo MLPs (2 threads, a loaded machine) and is up to an hour a
+#: merge of ResNet-20s on one thread (4.3 s per level-epoch of 1600 images, 11 levels): 10
+#: epochs with patience 3 bound it to a tenth.
+CPU_PARAMS: dict[str, dict[str, Any]] = {
+    "ste": {"steps": 100, "lr": 0.5}, "kf-gradient": {"epochs": 10, "patience": 3},
 }  # fmt: skip
 #: The cpu scale's settings beyond :data:`SETTING_NAMES`.
 CPU_EXTRA = ("n-models-5", "resnet20", "resnet20-ln", "resnet20-ln-3", "resnet20-disjoint")
@@ -354,7 +354,7 @@ def _cpu() -> dict[str, Setting]:
     split = {"split": "dirichlet", "n_parts": 2}
     shards = {"split": "shards", "n_parts": 2}
     common: dict[str, Any] = {"samples": CPU_SAMPLES, "params": CPU_PARAMS}
-    conv: dict[str, Any] = {"samples": CPU_SAMPLES, "params": CPU_CONV_PARAMS, "repair": True}
+    conv: dict[str, Any] = {"samples": CPU_SAMPLES, "params": CPU_PARAMS, "repair": True}
     trained = (f"{CPU_MLP_EPOCHS} epochs on the full training set (symmerge's MLP recipe: "
                "SGD, warm-up + cosine)")  # fmt: skip
     r20 = f"ResNet-20x1, {CPU_RESNET_EPOCHS} epochs of symmerge's recipe on a CPU (not converged)"
