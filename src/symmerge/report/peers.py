@@ -5,7 +5,8 @@ package folder), so its packages never enter the report's process and a missing 
 peer cannot break the report: it is recorded as ``"not run"`` or ``"failed"`` with the exact
 reason. Packages are never installed from here; the reason names the install command.
 
-Peers so far: the PyPI ``rebasin`` package (weight matching,
+Peers so far: the official C2M3 code (:mod:`symmerge.report.peer_c2m3`, through
+:func:`run_worker`) and the PyPI ``rebasin`` package (weight matching,
 ``PermutationCoordinateDescent``) on the same-task setting's two source checkpoints, against
 our ``weight`` run on the same files. The subprocess loads our safetensors with
 :func:`symmerge.io.load_checkpoint` (the converter: the peer gets ordinary ``nn.Module``
@@ -41,6 +42,7 @@ __all__ = [
     "install_command",
     "probe_rebasin",
     "run_rebasin",
+    "run_worker",
 ]
 
 #: Environment variable naming the folder of peer packages.
@@ -144,46 +146,72 @@ def run_rebasin(
     if reason is not None:
         return {**entry, "reason": reason}
     entry.update(version=version, imported_from=source)
-    with tempfile.TemporaryDirectory(prefix="symmerge-peer-") as tmp:
-        from safetensors.torch import load_file, save_file
+    job = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints],
+           "sha256": entry["checkpoints"], "seed": seed, "threads": threads}  # fmt: skip
+    fields, result = run_worker(_WORKER, job, _env(folder, threads), checkpoints[0], evaluate,
+                                timeout=timeout,
+                                inputs={"x": example[:TRACE_EXAMPLES].contiguous()})  # fmt: skip
+    if result is None:
+        return {**entry, **fields}
+    return {**entry, **fields, "permutations": result["permutations"]}
 
-        job = Path(tmp) / "job.json"
-        save_file({"x": example[:TRACE_EXAMPLES].contiguous()}, str(Path(tmp) / "input.st"))
-        job.write_text(json.dumps({
-            "checkpoints": [str(Path(p).resolve()) for p in checkpoints],
-            "sha256": entry["checkpoints"], "input": str(Path(tmp) / "input.st"),
-            "seed": seed, "threads": threads, "merged": str(Path(tmp) / "merged.st"),
-            "result": str(Path(tmp) / "result.json"),
-        }))  # fmt: skip
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run([sys.executable, "-c", _WORKER, str(job)],
-                                  env=_env(folder, threads), capture_output=True, text=True,
-                                  timeout=timeout)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return {**entry, "status": "failed", "reason": f"timed out after {timeout:g} s"}
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            why = _tail(proc.stderr) or f"exit status {proc.returncode}"
-            return {**entry, "status": "failed", "reason": f"the peer subprocess failed: {why}"}
-        result = json.loads(Path(tmp, "result.json").read_text())
-        state = load_file(str(Path(tmp) / "merged.st"))
+
+def run_worker(
+    worker: str,
+    job: dict[str, Any],
+    env: dict[str, str],
+    model_file: Path,
+    evaluate: Callable[[nn.Module], dict[str, Any]],
+    *,
+    timeout: float,
+    inputs: dict[str, Tensor] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Run a peer's worker (``python -c worker job.json``, in a temporary folder) and score the
+    merged state dict it saves with ``evaluate``, on ``model_file``'s architecture.
+
+    The job gets ``merged`` and ``result`` paths (and ``input``, a safetensors file of
+    ``inputs``); the worker writes the merged weights there and ``{"timings": {"total_s":
+    ..., ...}, ...}``. Returns the entry's fields (``status``, and ``reason`` or ``metrics``,
+    ``seconds``, ``timings``, ``merged_weights_sha256``) and the worker's result (``None``
+    when it failed: a timeout, a non-zero exit, a merge that does not load or evaluate)."""
+    from safetensors.torch import load_file, save_file
+
     from symmerge.io import load_checkpoint
     from symmerge.report.checkpoints import weights_sha256
 
-    model, _ = load_checkpoint(checkpoints[0])
+    with tempfile.TemporaryDirectory(prefix="symmerge-peer-") as tmp:
+        job = {**job, "merged": str(Path(tmp) / "merged.st"),
+               "result": str(Path(tmp) / "result.json")}  # fmt: skip
+        if inputs is not None:
+            save_file(inputs, str(Path(tmp) / "input.st"))
+            job["input"] = str(Path(tmp) / "input.st")
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, "-c", worker, str(Path(tmp) / "job.json")],
+                                  env=env, cwd=tmp, capture_output=True, text=True,
+                                  timeout=timeout)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "reason": f"timed out after {timeout:g} s"}, None
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:  # a signal (OOM killer, crash) leaves no traceback
+            why = f"exit status {proc.returncode}: {_tail(proc.stderr)}"
+            return {"status": "failed", "reason": f"the peer subprocess failed: {why}"}, None
+        result = json.loads(Path(tmp, "result.json").read_text())
+        state = load_file(job["merged"])
+    model, _ = load_checkpoint(model_file)
     try:
         model.load_state_dict(state)
         metrics = evaluate(model.eval())
     except Exception as exc:  # recorded, never raised
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:1000]
-        return {**entry, "status": "failed", "reason": f"evaluating the peer's merge: {message}"}
+        return {"status": "failed", "reason": f"evaluating the peer's merge: {message}"}, None
     timings = {k: round(v, 6) for k, v in result["timings"].items()}
     return {
-        **entry, "status": "ok", "metrics": metrics, "seconds": timings["total_s"],
+        "status": "ok", "metrics": metrics, "seconds": timings["total_s"],
         "timings": {**timings, "subprocess_wall_s": round(wall, 6)},
-        "permutations": result["permutations"], "merged_weights_sha256": weights_sha256(model),
-    }  # fmt: skip
+        "merged_weights_sha256": weights_sha256(model),
+    }, result  # fmt: skip
 
 
 def _rebasin_worker() -> None:
