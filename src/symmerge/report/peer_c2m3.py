@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from symmerge.report.checkpoints import file_sha256
-from symmerge.report.peers import DEFAULT_TIMEOUT, _env, _tail, default_peer_root, run_worker
+from symmerge.report.peers import _env, _tail, default_peer_root, run_worker
 
 __all__ = [
     "C2M3_CALL",
@@ -60,6 +60,9 @@ C2M3_PACKAGES = (
     "python-dotenv==1.2.4", "graphviz==0.21", "torchviz==0.0.3", "einops==0.8.2",
     "backports.strenum==1.3.1",
 )  # fmt: skip
+#: The subprocess's time limit, seconds: their Frank-Wolfe matching of five zoo MLPs ran
+#: past half an hour on this 2-core CPU under load (three: about 7 minutes).
+TIMEOUT = 5400.0
 #: Their merger's settings for MLPs (conf/matching/merger/frank_wolfe_to_universe.yaml).
 MAX_ITER = 200
 INIT = "sinkhorn"
@@ -162,7 +165,7 @@ def run_c2m3(
     seed: int,
     folder: Path | None = None,
     threads: int | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float = TIMEOUT,
 ) -> dict[str, Any]:
     """Merge N >= 2 MLP checkpoints with the official C2M3 code in a subprocess; a peer that
     is missing or fails is recorded in the entry, never raised.
