@@ -191,6 +191,8 @@ def _setting_section(doc: dict[str, Any], name: str, published: list[dict]) -> l
         lines += ["BatchNorm statistics recomputed on the merge data after every merge that "
                   "left them interpolated: " + (", ".join(reset) or "none") + ". The others "
                   "keep theirs (exact, fitted by the method, or REPAIR's).", ""]  # fmt: skip
+    if not runs:  # named by a call that stopped before it
+        return lines + ["Not run yet."]
     lines += _endpoints(doc, name, setting)
     parts = _parts(setting)
     first = "joint %" if setting["metric"] == "joint" else "accuracy %"
@@ -381,7 +383,8 @@ def _peers_section(peers: dict[str, Any]) -> list[str]:
         if ok:
             shas = ", ".join(s[:12] for s in e["checkpoints"])
             found = f"{e['permutations']} permutations found; " if e.get("permutations") else ""
-            where = e.get("imported_from") or e.get("folder", "?")
+            where = str(e.get("imported_from") or e.get("folder", "?"))
+            where = where.replace(str(Path.home()), "~", 1)
             notes.append(what + f"`{e.get('call', '')}` on checkpoints {shas}; {found}"
                          f"package from {where}.")  # fmt: skip
         else:
