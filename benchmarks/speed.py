@@ -4,7 +4,7 @@
     solves and the rest (goal: rest < half of LAP), plus where the rest goes (cProfile);
 (b) activation statistics (``collect_statistics`` on N=2 models) vs plain forward passes of
     the same two models on the same batches (goal: >= 70% of the forward throughput);
-(c) the two MNIST MLPs of ``mlp_mnist_barrier.py`` merged by our weight matching and by the
+(c) two zoo MNIST MLPs (seeds 0 and 1) merged by our weight matching and by the
     PyPI package ``rebasin`` (installed only for this benchmark:
     ``.venv/bin/pip install --no-deps --target benchmarks/.rebasin-pkgs rebasin torchview
     graphviz``): time and midpoint test accuracy;

@@ -572,3 +572,16 @@ def test_repair_rows_skip_the_ensemble_which_repair_leaves_unchanged() -> None:
     labels = [j.label for j in jobs(setting, list_methods())]
     assert "naive + REPAIR" in labels and "ensemble" in labels
     assert "ensemble + REPAIR" not in labels
+
+
+COMMITTED = sorted(
+    (Path(__file__).resolve().parent.parent / "benchmarks" / "report").glob("*/results.json")
+)
+
+
+@pytest.mark.parametrize("results", COMMITTED, ids=[p.parent.name for p in COMMITTED])
+def test_committed_reports_render_byte_for_byte(results: Path) -> None:
+    """A committed report's markdown is what --render-only draws from its committed JSON (a
+    valid document of this schema): no number in it was typed by hand."""
+    doc = load_results(results)
+    assert render_markdown(doc) == (results.parent / "report.md").read_text()
