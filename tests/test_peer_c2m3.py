@@ -85,3 +85,14 @@ def test_converter_refuses_other_models() -> None:
         peer_c2m3.to_c2m3_state_dict({**sd, "extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="not a C2M3 MLP"):
         peer_c2m3.from_c2m3_state_dict(sd)
+
+
+def test_peer_entries_name_no_machine_paths() -> None:
+    import sys
+
+    from symmerge.report.peers import portable_entry
+
+    home = str(Path.home())
+    entry = {"install": f"{sys.executable} -m pip install --target {home}/x y", "seconds": 1.0}
+    assert portable_entry(entry) == {"install": "python -m pip install --target ~/x y",
+                                     "seconds": 1.0}  # fmt: skip

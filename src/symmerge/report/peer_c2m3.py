@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from symmerge.report.checkpoints import file_sha256
-from symmerge.report.peers import _env, _tail, default_peer_root, run_worker
+from symmerge.report.peers import _env, _tail, default_peer_root, portable_paths, run_worker
 
 __all__ = [
     "C2M3_CALL",
@@ -158,6 +158,7 @@ def probe_c2m3(folder: Path) -> tuple[str | None, str | None, str | None]:
     return _commit(folder), proc.stdout.strip().splitlines()[-1], None
 
 
+@portable_paths
 def run_c2m3(
     checkpoints: Sequence[Path],
     evaluate: Callable[[nn.Module], dict[str, Any]],

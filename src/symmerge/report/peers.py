@@ -20,8 +20,10 @@ Where peer packages live: ``peer_root`` (argument), else ``$SYMMERGE_PEERS``, el
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,8 @@ __all__ = [
     "PEERS_ENV",
     "REBASIN_CALL",
     "default_peer_root",
+    "portable_entry",
+    "portable_paths",
     "install_command",
     "probe_rebasin",
     "run_rebasin",
@@ -107,6 +111,32 @@ def probe_rebasin(folder: Path) -> tuple[str | None, str | None, str | None]:
     return version, source, None
 
 
+def portable_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` with this interpreter written ``python`` and the home folder ``~`` in its
+    texts (install commands, folders, reasons): a results file names no machine's paths."""
+
+    def whole(path: str) -> re.Pattern[str]:  # the path itself, not a part of another one
+        return re.compile(rf"(?<![^\s'\"=(]){re.escape(path)}(?=[/\s'\")]|$)")
+
+    python, home = whole(sys.executable), whole(str(Path.home()))
+
+    def clean(v: Any) -> Any:
+        return home.sub("~", python.sub("python", v)) if isinstance(v, str) else v
+
+    return {k: clean(v) for k, v in entry.items()}
+
+
+def portable_paths(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """A peer's ``run_*`` whose entry passes through :func:`portable_entry`."""
+
+    @functools.wraps(run)
+    def wrapped(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return portable_entry(run(*args, **kwargs))
+
+    return wrapped
+
+
+@portable_paths
 def run_rebasin(
     checkpoints: Sequence[Path],
     example: Tensor,

@@ -383,8 +383,7 @@ def _peers_section(peers: dict[str, Any]) -> list[str]:
         if ok:
             shas = ", ".join(s[:12] for s in e["checkpoints"])
             found = f"{e['permutations']} permutations found; " if e.get("permutations") else ""
-            where = str(e.get("imported_from") or e.get("folder", "?"))
-            where = where.replace(str(Path.home()), "~", 1)
+            where = e.get("imported_from") or e.get("folder", "?")
             notes.append(what + f"`{e.get('call', '')}` on checkpoints {shas}; {found}"
                          f"package from {where}.")  # fmt: skip
         else:
