@@ -466,6 +466,52 @@ def test_chunked_report_accumulates_settings(
 
 
 @needs_data
+def test_settings_join_a_folder_and_changed_ones_are_rerun(
+    report: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """The settings' definitions are data, not code: a setting added to the scale joins a
+    folder under way; one whose definition changed since its runs is refused until it is
+    run again at every seed (its words may change freely); one the scale lost is refused."""
+    import dataclasses
+
+    from symmerge.report import runner
+
+    assert "report/settings.py" in provenance.MERGE_CODE_EXCLUDED
+    defs = runner.settings_for("smoke")
+    base = defs["same-task"]
+    folder = tmp_path / "defs"
+    shutil.copytree(report[0] / "checkpoints", folder / "checkpoints")
+
+    def call(scale: dict[str, Any], name: str) -> dict[str, Any]:
+        monkeypatch.setattr(runner, "settings_for", lambda _: scale)
+        torch.set_num_threads(1)
+        return run_report(folder, settings=[name], methods=["naive"], resume=True, peers=False,
+                          data_root=os.environ["SYMMERGE_DATA"], progress=False,
+                          command="symmerge report (test)")  # fmt: skip
+
+    first = call({"same-task": base}, "same-task")
+    extra = dataclasses.replace(base, name="extra", samples=base.samples // 2)
+    reworded = dataclasses.replace(base, title="the same pair, other words", stand_in="...")
+    joined = call({"same-task": reworded, "extra": extra}, "extra")
+    assert joined["meta"]["settings_done"] == ["same-task", "extra"]
+    assert [r for r in joined["runs"] if r["setting"] == "same-task"] == first["runs"]
+    assert joined["meta"]["settings"]["same-task"]["title"] == reworded.title
+    changed = dataclasses.replace(base, samples=base.samples // 2)
+    scale = {"same-task": changed, "extra": extra}
+    with pytest.raises(ReportError, match="definition of same-task changed.*--settings same-task"):
+        call(scale, "extra")
+    rerun = call(scale, "same-task")
+    assert rerun["meta"]["reused_runs"] == 0 and rerun["meta"]["settings_done"] == [
+        "same-task",
+        "extra",
+    ]
+    ours = [r for r in rerun["runs"] if r["setting"] == "same-task"]
+    assert ours and not {r["key"] for r in ours} & {r["key"] for r in first["runs"]}
+    with pytest.raises(ReportError, match="no longer has \\(extra\\)"):
+        call({"same-task": changed}, "same-task")
+
+
+@needs_data
 def test_curves_run_between_the_endpoints_through_the_merge(report: tuple[Path, dict]) -> None:
     """Where a barrier is defined (two sources, one head, a matching's permutations) the
     curve starts and ends at the sources' accuracies and passes through the merge at 0.5."""

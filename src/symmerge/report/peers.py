@@ -5,13 +5,14 @@ package folder), so its packages never enter the report's process and a missing 
 peer cannot break the report: it is recorded as ``"not run"`` or ``"failed"`` with the exact
 reason. Packages are never installed from here; the reason names the install command.
 
-Peers so far: the official C2M3 code (:mod:`symmerge.report.peer_c2m3`, through
-:func:`run_worker`) and the PyPI ``rebasin`` package (weight matching,
-``PermutationCoordinateDescent``) on the same-task setting's two source checkpoints, against
-our ``weight`` run on the same files. The subprocess loads our safetensors with
-:func:`symmerge.io.load_checkpoint` (the converter: the peer gets ordinary ``nn.Module``
-objects), aligns, averages the aligned state dicts and saves them to a temporary file; the
-report's process evaluates that model with the same function and test data as our runs.
+Peers so far (:data:`PEERS`, by setting): the official C2M3 code
+(:mod:`symmerge.report.peer_c2m3`, through :func:`run_worker`) and the PyPI ``rebasin``
+package (weight matching, ``PermutationCoordinateDescent``) on the same-task setting's two
+source checkpoints, against our ``weight`` run on the same files. The subprocess loads our
+safetensors with :func:`symmerge.io.load_checkpoint` (the converter: the peer gets ordinary
+``nn.Module`` objects), aligns, averages the aligned state dicts and saves them to a
+temporary file; the report's process evaluates that model with the same function and test
+data as our runs.
 
 Where peer packages live: ``peer_root`` (argument), else ``$SYMMERGE_PEERS``, else
 ``~/.cache/symmerge/peers``; each peer in its own subfolder (``rebasin/``).
@@ -29,15 +30,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from symmerge.report.checkpoints import file_sha256
 
 __all__ = [
+    "PEERS",
+    "PEERS_REASON",
+    "Peer",
     "PEERS_ENV",
     "REBASIN_CALL",
     "default_peer_root",
@@ -55,7 +60,8 @@ PEERS_ENV = "SYMMERGE_PEERS"
 REBASIN_PACKAGES = ("rebasin", "torchview", "graphviz")
 #: What the peer subprocess calls, as recorded.
 REBASIN_CALL = (
-    "torch.manual_seed(seed); PermutationCoordinateDescent(model_a, model_b, x[:8]).rebasin() "
+    "torch.manual_seed(seed); x = torch.randn(8, *model_a.input_shape) (traced only, weight "
+    "matching reads no data); PermutationCoordinateDescent(model_a, model_b, x).rebasin() "
     "(timed; after one untimed call on copies); merged = average of model_a's and the "
     "aligned model_b's state dicts"
 )
@@ -139,7 +145,6 @@ def portable_paths(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str
 @portable_paths
 def run_rebasin(
     checkpoints: Sequence[Path],
-    example: Tensor,
     evaluate: Callable[[nn.Module], dict[str, Any]],
     *,
     seed: int,
@@ -152,9 +157,9 @@ def run_rebasin(
 
     Args:
         checkpoints: the two source files (our safetensors), model A first.
-        example: inputs rebasin traces the model with (the first :data:`TRACE_EXAMPLES`).
         evaluate: scores the merged model here (the report's own evaluation and test data).
-        seed: torch seed of the subprocess (rebasin draws its visiting order from it).
+        seed: torch seed of the subprocess (rebasin draws its visiting order from it, and
+            the :data:`TRACE_EXAMPLES` random inputs it traces the models with).
         folder: the peer's package folder (default ``default_peer_root() / "rebasin"``).
         threads: torch threads of the subprocess (default: this process's).
         timeout: seconds before the subprocess is stopped (recorded as failed).
@@ -179,8 +184,7 @@ def run_rebasin(
     job = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints],
            "sha256": entry["checkpoints"], "seed": seed, "threads": threads}  # fmt: skip
     fields, result = run_worker(_WORKER, job, _env(folder, threads), checkpoints[0], evaluate,
-                                timeout=timeout,
-                                inputs={"x": example[:TRACE_EXAMPLES].contiguous()})  # fmt: skip
+                                timeout=timeout)  # fmt: skip
     if result is None:
         return {**entry, **fields}
     return {**entry, **fields, "permutations": result["permutations"]}
@@ -194,17 +198,16 @@ def run_worker(
     evaluate: Callable[[nn.Module], dict[str, Any]],
     *,
     timeout: float,
-    inputs: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Run a peer's worker (``python -c worker job.json``, in a temporary folder) and score the
     merged state dict it saves with ``evaluate``, on ``model_file``'s architecture.
 
-    The job gets ``merged`` and ``result`` paths (and ``input``, a safetensors file of
-    ``inputs``); the worker writes the merged weights there and ``{"timings": {"total_s":
-    ..., ...}, ...}``. Returns the entry's fields (``status``, and ``reason`` or ``metrics``,
-    ``seconds``, ``timings``, ``merged_weights_sha256``) and the worker's result (``None``
-    when it failed: a timeout, a non-zero exit, a merge that does not load or evaluate)."""
-    from safetensors.torch import load_file, save_file
+    The job gets ``merged`` and ``result`` paths; the worker writes the merged weights and
+    ``{"timings": {"total_s": ..., ...}, ...}`` there. Returns the entry's fields
+    (``status``, and ``reason`` or ``metrics``, ``seconds``, ``timings``,
+    ``merged_weights_sha256``) and the worker's result (``None`` when it failed: a timeout, a
+    non-zero exit, a merge that does not load or evaluate)."""
+    from safetensors.torch import load_file
 
     from symmerge.io import load_checkpoint
     from symmerge.report.checkpoints import weights_sha256
@@ -212,9 +215,6 @@ def run_worker(
     with tempfile.TemporaryDirectory(prefix="symmerge-peer-") as tmp:
         job = {**job, "merged": str(Path(tmp) / "merged.st"),
                "result": str(Path(tmp) / "result.json")}  # fmt: skip
-        if inputs is not None:
-            save_file(inputs, str(Path(tmp) / "input.st"))
-            job["input"] = str(Path(tmp) / "input.st")
         (Path(tmp) / "job.json").write_text(json.dumps(job))
         t0 = time.perf_counter()
         try:
@@ -248,7 +248,7 @@ def _rebasin_worker() -> None:
     """The peer subprocess (``sys.argv[1]``: the job file): our loader in, rebasin's
     coordinate descent timed, the average of the aligned state dicts out."""
     from rebasin import PermutationCoordinateDescent
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from symmerge.evaluate import interpolate_state_dicts
     from symmerge.io import load_checkpoint
@@ -259,7 +259,8 @@ def _rebasin_worker() -> None:
         if file_sha256(Path(path)) != sha:
             raise SystemExit(f"{path} changed: its sha256 is not the report's {sha}")
     a, b = (load_checkpoint(p)[0].eval() for p in job["checkpoints"])
-    x = load_file(job["input"])["x"]
+    torch.manual_seed(int(job["seed"]))
+    x = torch.randn(TRACE_EXAMPLES, *a.input_shape)
     # an untimed first call on copies: the process's one-off costs (imports, first kernels)
     # are not the peer's matching time; the timed call below starts from the same seed
     torch.manual_seed(int(job["seed"]))
@@ -279,3 +280,38 @@ def _rebasin_worker() -> None:
                     "coordinate_descent_s": t2 - t1, "first_call_s": first},
         "permutations": len(pcd.pinit.model_graph.permutation_to_info),
     }))  # fmt: skip
+
+
+def _run_c2m3(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    from symmerge.report.peer_c2m3 import run_c2m3  # (it imports this module)
+
+    return run_c2m3(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer's own code on a setting's checkpoints, beside our run of ``ours``.
+
+    ``run(checkpoints, evaluate, *, seed, folder)`` returns the entry; ``folder`` is the
+    peer's subfolder ``subfolder`` of the peer root. ``first_seed_only`` runs it on the
+    folder's first seed only (where one run takes a quarter of an hour)."""
+
+    name: str
+    ours: str
+    run: Callable[..., dict[str, Any]]
+    subfolder: str
+    first_seed_only: bool = False
+
+
+#: The peers, by the setting they run on. The official C2M3 code runs on every seed of the
+#: five-model setting (the speed and accuracy claim) and the first of the three-model one.
+PEERS = {
+    "same-task": Peer("rebasin", "weight", run_rebasin, "rebasin"),
+    "n-models": Peer("c2m3-official", "c2m3", _run_c2m3, "c2m3", first_seed_only=True),
+    "n-models-5": Peer("c2m3-official", "c2m3", _run_c2m3, "c2m3"),
+}
+
+#: The peers not run yet (the top-level ``peers.reason`` of a report).
+PEERS_REASON = (
+    "the official ZipIt!, PLeaS and neuron-interpolation code are not run on these checkpoints yet"
+)

@@ -39,11 +39,20 @@ PACKAGE = Path(__file__).resolve().parent.parent
 #: What a trained checkpoint depends on: the recipe, data loading, the models, the file format.
 TRAINING_CODE = ("train.py", "data.py", "io.py", "models")
 
-#: Files that never change a number of our runs (drawing, the command line, the drivers of
-#: the peers' code, whose entries are made anew by every call of their setting, each call's
-#: commit recorded): left out of the code version of the runs, so a change to them does not
-#: invalidate a resumable report.
-MERGE_CODE_EXCLUDED = ("cli.py", "report/render.py", "report/peers.py", "report/peer_c2m3.py")
+#: Files left out of the code version of the runs, so a change to them does not invalidate a
+#: resumable report: drawing, the command line and the drivers of the peers' code (their
+#: entries are made anew by every call of their setting, each call's commit recorded) never
+#: change a number of ours; the settings' definitions are data, and each run's key holds its
+#: own setting's (:meth:`symmerge.report.settings.Setting.definition`), so a setting added to
+#: a scale joins a folder that is under way, and a setting whose definition changed must be
+#: run again before its folder resumes.
+MERGE_CODE_EXCLUDED = (
+    "cli.py",
+    "report/render.py",
+    "report/peers.py",
+    "report/peer_c2m3.py",
+    "report/settings.py",
+)
 
 #: Environment variables whose values are machine paths: recorded commands name them instead.
 PATH_VARIABLES = ("SYMMERGE_DATA", "SYMMERGE_CHECKPOINTS")

@@ -4,9 +4,12 @@ the same checkpoints and data, evaluate, and write ``results.json`` as it goes.
 Only the public API is used (:func:`symmerge.merging.merge`, :func:`symmerge.methods.method_info`,
 :func:`symmerge.train.train_model`, :mod:`symmerge.evaluate`, :mod:`symmerge.sources`), so a
 method enters the report by being registered. A run that fails is recorded with its reason.
-Runs are keyed by their setting, method, keywords, seed, checkpoints, data and the code version
-(:func:`symmerge.report.provenance.merge_code_version`): ``resume`` reuses a finished run only
-under the same key, in a folder made by the same scale, methods, seeds and code.
+Runs are keyed by their setting's definition, method, keywords, seed, checkpoints, data and the
+code version (:func:`symmerge.report.provenance.merge_code_version`): ``resume`` reuses a
+finished run only under the same key, in a folder made by the same scale, methods, seeds and
+code. The settings' definitions are not part of the code version: a setting added to a scale
+joins a folder under way, and one whose definition changed is rerun whole before the folder
+resumes.
 
 A report folder's configuration is its scale, methods and seeds; its settings accumulate. A
 long scale therefore runs in chunks, one or a few settings per call (per session), into one
@@ -46,6 +49,7 @@ from torch import Tensor, nn
 
 from symmerge.report import provenance
 from symmerge.report.checkpoints import Checkpoint, train_or_reuse
+from symmerge.report.peers import PEERS, PEERS_REASON
 from symmerge.report.schema import (
     RESULTS_FILE,
     ReportError,
@@ -56,6 +60,7 @@ from symmerge.report.schema import (
 )
 from symmerge.report.settings import (
     DEFAULT_SEEDS,
+    DESCRIPTION_FIELDS,
     SCALES,
     Job,
     Setting,
@@ -64,22 +69,7 @@ from symmerge.report.settings import (
     settings_for,
 )
 
-__all__ = ["PEERS_REASON", "check_scale", "run_report", "select"]
-
-#: The peers not run yet (the top-level ``peers.reason``).
-PEERS_REASON = (
-    "the official ZipIt!, PLeaS and neuron-interpolation code are not run on these checkpoints yet"
-)
-#: The peers' own code, by the setting it runs on: (peer, the package folder it is looked
-#: for in under the peer root, our method it is compared with).
-PEERS = {
-    "same-task": ("rebasin", "rebasin", "weight"),
-    "n-models": ("c2m3-official", "c2m3", "c2m3"),
-    "n-models-5": ("c2m3-official", "c2m3", "c2m3"),
-}
-#: Peers run on the folder's first seed only: the official C2M3 code takes minutes to a
-#: quarter of an hour a merge of five zoo MLPs on this CPU.
-FIRST_SEED_PEERS = frozenset({"c2m3-official"})
+__all__ = ["check_scale", "run_report", "select"]
 
 #: What identifies a report folder: a call with other values is refused (settings accumulate).
 CONFIG_KEYS = ("scale", "methods", "seeds")
@@ -165,9 +155,8 @@ def run_report(
             docstring). Without it a folder holding results is refused.
         progress: report progress on stderr.
         command: the command line to record (default: ``sys.argv``).
-        peers: run the peers' own code beside ours (:data:`PEERS`): the PyPI rebasin
-            package on each seed of the same-task setting, the official C2M3 code on the
-            N-model settings' first seed, each in a subprocess. A peer
+        peers: run the peers' own code beside ours
+            (:data:`symmerge.report.peers.PEERS`), each in a subprocess. A peer
             that is not installed is recorded as ``"not run"`` with the reason and the
             install command; nothing is installed and the report never fails for it.
         peer_root: the folder of peer packages (default ``$SYMMERGE_PEERS``, else
@@ -191,6 +180,8 @@ def run_report(
     if before is not None:  # the folder's seeds; this call runs those asked for
         config["seeds"] = list(before["meta"]["config"]["seeds"])
     seeds = list(config["seeds"] if seeds is None else seeds)
+    if before is not None:
+        _check_definitions(before, defs, chosen, seeds, out)
 
     def kept_run(r: dict[str, Any]) -> bool:  # of a setting or seed this call does not run
         return r["setting"] not in chosen or r["seed"] not in seeds
@@ -259,7 +250,7 @@ def run_report(
             for seed in seeds:
                 todo = [job for s, sd, job in plan if s == name and sd == seed]
                 peer = peers and name in PEERS and (
-                    PEERS[name][0] not in FIRST_SEED_PEERS or seed == config["seeds"][0]
+                    not PEERS[name].first_seed_only or seed == config["seeds"][0]
                 )  # fmt: skip
                 if not todo and not peer:
                     continue
@@ -279,7 +270,7 @@ def run_report(
                         doc["runs"].append(record)
                         bar.update(1)
                     if peer:
-                        bar.set_postfix(run=f"{name} peer {PEERS[name][0]}")
+                        bar.set_postfix(run=f"{name} peer {PEERS[name].name}")
                         doc["peers"]["runs"].append(_peer_run(setting, seed, ctx, doc, peer_root))
                 meta["seeds_done"][name] = sorted({*meta["seeds_done"][name], seed})
                 meta["settings_done"] = _finished(meta)
@@ -334,7 +325,7 @@ def _peers_header(peers: bool, chosen: Sequence[str]) -> dict[str, Any]:
     if not peers:
         reason = "peer runs were switched off (peers=False)"
     else:
-        absent = [f"{p} on {s}" for s, (p, _, _) in PEERS.items() if s not in chosen]
+        absent = [f"{p.name} on {s}" for s, p in PEERS.items() if s not in chosen]
         reason = PEERS_REASON + ("; not run because the setting is not in this report: "
                                  + ", ".join(absent) if absent else "")  # fmt: skip
     return {"runs": [], "reason": reason, "enabled": peers}
@@ -356,24 +347,16 @@ def _ours(doc: dict[str, Any], setting: str, seed: int, method: str) -> dict[str
 def _peer_run(
     setting: Setting, seed: int, ctx: _Context, doc: dict[str, Any], root: str | Path | None
 ) -> dict[str, Any]:
-    """The setting's peer (:data:`PEERS`) on this seed's checkpoints, scored by our
-    evaluation, beside our run of the same method."""
-    peer, sub, method = PEERS[setting.name]
-    folder = None if root is None else Path(root) / sub
-    paths = [c.path for c in ctx.checkpoints]
+    """The setting's peer (:data:`symmerge.report.peers.PEERS`) on this seed's
+    checkpoints, scored by our evaluation, beside our run of the same method."""
+    peer = PEERS[setting.name]
+    folder = None if root is None else Path(root) / peer.subfolder
 
     def evaluate(model: nn.Module) -> dict[str, Any]:
         return _evaluate(model, setting, ctx, merged=True)
 
-    if peer == "rebasin":
-        from symmerge.report.peers import run_rebasin
-
-        entry = run_rebasin(paths, ctx.data[0][0], evaluate, seed=seed, folder=folder)
-    else:
-        from symmerge.report.peer_c2m3 import run_c2m3
-
-        entry = run_c2m3(paths, evaluate, seed=seed, folder=folder)
-    ours = _ours(doc, setting.name, seed, method)
+    entry = peer.run([c.path for c in ctx.checkpoints], evaluate, seed=seed, folder=folder)
+    ours = _ours(doc, setting.name, seed, peer.ours)
     ratio = None
     if ours is not None and entry["seconds"] is not None and ours["merge_wall_s"] > 0:
         ratio = entry["seconds"] / ours["merge_wall_s"]
@@ -382,7 +365,7 @@ def _peer_run(
 
 def _peer_not_prepared(setting: str, seed: int, reason: str) -> dict[str, Any]:
     """The peer entry of a seed whose checkpoints could not be made."""
-    return {"peer": PEERS[setting][0], "version": None, "status": "not run",
+    return {"peer": PEERS[setting].name, "version": None, "status": "not run",
             "reason": f"no checkpoints to run on ({reason})"[:1000], "setting": setting,
             "seed": seed, "checkpoints": [], "metrics": None, "seconds": None, "ours": None,
             "ratio": None}  # fmt: skip
@@ -425,6 +408,32 @@ def _previous_document(
             f"if the training code changed), or delete {path} to start over"
         )
     return doc
+
+
+def _check_definitions(
+    before: dict[str, Any], defs: dict[str, Setting], chosen: Sequence[str],
+    seeds: Sequence[int], out: Path,
+) -> None:  # fmt: skip
+    """Refuse to resume ``before`` where it would keep runs of a setting whose definition
+    (:meth:`Setting.definition`) changed since they were made, or of a setting the scale no
+    longer has: such a setting must be run again at every seed of the folder."""
+    recorded = before["meta"]["settings"]
+    gone = [n for n in recorded if n not in defs]
+    if gone:
+        raise ReportError(
+            f"cannot resume {out}: it holds settings the {before['meta']['scale']} scale no "
+            f"longer has ({', '.join(gone)}); write to another -o"
+        )
+    every = set(before["meta"]["config"]["seeds"])
+    changed = [n for n, old in recorded.items()
+               if {k: v for k, v in old.items() if k not in DESCRIPTION_FIELDS}
+               != defs[n].definition() and not (n in chosen and every <= set(seeds))]  # fmt: skip
+    if changed:
+        raise ReportError(
+            f"cannot resume {out}: the definition of {', '.join(changed)} changed since its "
+            f"runs were made; run it again at every seed of the folder (--settings "
+            f"{','.join(changed)} without --seeds) or write to another -o"
+        )
 
 
 def _batches_sha256(batches: Sequence[tuple[Tensor, Tensor]]) -> str:
@@ -520,7 +529,7 @@ def _failed(setting: Setting, seed: int, job: Job, reason: str) -> dict[str, Any
 
 
 def _run_key(setting: Setting, seed: int, job: Job, ctx: _Context, code: str) -> str:
-    text = json.dumps({"setting": setting.to_dict(), "seed": seed, "job": asdict(job),
+    text = json.dumps({"setting": setting.definition(), "seed": seed, "job": asdict(job),
                        "checkpoints": [c.sha256 for c in ctx.checkpoints],
                        "data": ctx.data_record["sha256"], "code": code},
                       sort_keys=True, default=str)  # fmt: skip

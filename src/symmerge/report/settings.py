@@ -21,6 +21,7 @@ __all__ = [
     "CPU_EXTRA",
     "CPU_PARAMS",
     "DEFAULT_SEEDS",
+    "DESCRIPTION_FIELDS",
     "SCALES",
     "SETTING_NAMES",
     "Job",
@@ -150,6 +151,16 @@ class Setting:
         out = asdict(self)
         out["params"] = {k: dict(v) for k, v in self.params.items()}
         return _jsonable(out)
+
+    def definition(self) -> dict[str, Any]:
+        """What the setting's numbers depend on: :meth:`to_dict` less the words
+        (``title``, ``stand_in``). Runs are keyed by it; a folder's runs of a setting whose
+        definition changed are not reused or kept."""
+        return {k: v for k, v in self.to_dict().items() if k not in DESCRIPTION_FIELDS}
+
+
+#: Fields of :class:`Setting` that describe it in words and change no number.
+DESCRIPTION_FIELDS = ("title", "stand_in")
 
 
 @dataclass(frozen=True)
