@@ -35,7 +35,7 @@ from symmerge.report import (
     validate,
     write_report,
 )
-from symmerge.report.checkpoints import find_reference, train_or_reuse
+from symmerge.report.checkpoints import find_reference, train_many, train_or_reuse
 from symmerge.report.schema import load_published
 from symmerge.report.settings import CPU_EXTRA, DEFAULT_SEEDS, applicability, jobs
 
@@ -287,6 +287,30 @@ def test_stale_checkpoints_are_retrained(tmp_path: Path) -> None:
     assert not first.reused and again.reused and not other.reused
     assert again.sha256 == first.sha256 and other.key != first.key
     assert other.weights_sha256 == first.weights_sha256  # deterministic training
+
+
+@needs_data
+def test_sources_train_in_parallel_processes_to_the_same_files(tmp_path: Path) -> None:
+    """``train_many`` makes what ``train_or_reuse`` then reuses, with the weights a serial
+    training gives; it skips what is there and returns a failure instead of raising."""
+    recipe = {"model": "mlp-w16-d1", "dataset": "mnist", "classes": None, "seed": 0,
+              "epochs": 1, "limit_train": 256, "split": None, "part": None, "n_parts": None,
+              "split_seed": None}  # fmt: skip
+    recipes = [recipe, {**recipe, "seed": 1}, recipe]  # the repeat is trained once
+    root = os.environ["SYMMERGE_DATA"]
+    empty = tmp_path / "no-references"
+    empty.mkdir()
+    kw: dict[str, Any] = {"code": "a", "data_root": root, "references": empty}
+    assert train_many(recipes, tmp_path / "p", jobs=2, **kw) == []
+    assert len(list((tmp_path / "p").glob("*.safetensors"))) == 2
+    for r in recipes[:2]:
+        parallel = train_or_reuse(r, tmp_path / "p", **kw)
+        serial = train_or_reuse(r, tmp_path / "s", **kw)
+        assert parallel.reused and not serial.reused
+        assert parallel.weights_sha256 == serial.weights_sha256
+    assert train_many(recipes, tmp_path / "p", jobs=2, **kw) == []  # nothing left to do
+    errors = train_many([{**recipe, "model": "no-such-model"}], tmp_path / "p", jobs=2, **kw)
+    assert len(errors) == 1 and "no-such-model" in errors[0]
 
 
 @needs_data

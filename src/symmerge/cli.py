@@ -1730,6 +1730,9 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--peer-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               envvar="SYMMERGE_PEERS", help="Folder of the peers' packages (default "
               "~/.cache/symmerge/peers; rebasin in its rebasin/ subfolder).")  # fmt: skip
+@click.option("--train-jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train the source checkpoints the call needs this many at a time, in "
+              "separate processes sharing the torch threads (the same files, sooner).")  # fmt: skip
 @data_root_option
 @click.option("--progress/--no-progress", default=True)
 def report_cmd(
@@ -1742,6 +1745,7 @@ def report_cmd(
     render_only: bool,
     peers: bool,
     peer_root: Path | None,
+    train_jobs: int,
     data_root: Path | None,
     progress: bool,
 ) -> None:
@@ -1766,7 +1770,7 @@ def report_cmd(
             doc = run_report(output, scale=scale, settings=_names(settings),
                              methods=_names(methods), seeds=seed_list, data_root=data_root,
                              resume=resume, progress=progress, peers=peers,
-                             peer_root=peer_root)  # fmt: skip
+                             peer_root=peer_root, train_jobs=train_jobs)  # fmt: skip
     except ReportError as exc:
         raise click.ClickException(str(exc)) from None
     files = write_report(doc, output)

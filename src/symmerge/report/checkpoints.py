@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ __all__ = [
     "dataset_fingerprint",
     "file_sha256",
     "find_reference",
+    "train_many",
     "train_or_reuse",
     "weights_sha256",
 ]
@@ -143,6 +146,71 @@ def find_reference(recipe: dict[str, Any], folder: Path) -> Path | None:
     return None
 
 
+def _locate(
+    recipe: dict[str, Any], code: str, data_root: str | None, references: str | Path | None
+) -> tuple[str, Path | None]:
+    """The recipe's key and its reference checkpoint (``None`` when there is none)."""
+    key = checkpoint_key(recipe, dataset_fingerprint(recipe["dataset"], data_root), code)
+    references = os.environ.get(REFERENCE_ENV) if references is None else references
+    return key, find_reference(recipe, Path(references)) if references else None
+
+
+def train_many(
+    recipes: Sequence[dict[str, Any]],
+    folder: Path,
+    *,
+    code: str,
+    data_root: str | None,
+    jobs: int,
+    references: str | Path | None = None,
+) -> list[str]:
+    """Make the checkpoints of ``recipes`` that ``folder`` lacks (or holds stale), ``jobs`` at
+    a time in separate processes, each with its share of this process's torch threads: what
+    :func:`train_or_reuse` then finds, in a fraction of the wall time on a multi-core CPU.
+
+    Returns the errors of the trainings that failed (``train_or_reuse`` meets them again
+    where the report prepares their setting, and records them there)."""
+    unique = list({json.dumps(r, sort_keys=True): r for r in recipes}.values())
+    todo = []
+    for recipe in unique:
+        key, source = _locate(recipe, code, data_root, references)
+        path = Path(folder) / _file_name(recipe, key)
+        if source is None and not (path.exists() and _key_of(path) == key):
+            todo.append(recipe)
+    if not todo:
+        return []
+    import multiprocessing
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    spawn = multiprocessing.get_context("spawn")  # (fork would copy torch's thread pools)
+    with ProcessPoolExecutor(
+        min(jobs, len(todo)),
+        mp_context=spawn,
+        initializer=torch.set_num_threads,
+        initargs=(threads,),
+    ) as pool:
+        futures = [pool.submit(_train_quietly, r, Path(folder), code, data_root, references)
+                   for r in todo]  # fmt: skip
+        return [e for e in (f.result() for f in futures) if e is not None]
+
+
+def _train_quietly(
+    recipe: dict[str, Any], folder: Path, code: str, data_root: str | None,
+    references: str | Path | None,
+) -> str | None:  # fmt: skip
+    try:
+        train_or_reuse(recipe, folder, code=code, data_root=data_root, references=references)
+    except Exception as exc:  # returned: a worker's exception may not pickle
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _key_of(path: Path) -> str | None:
+    from symmerge.io import read_checkpoint_metadata
+
+    return read_checkpoint_metadata(path).get("report_key")
+
+
 def train_or_reuse(
     recipe: dict[str, Any],
     folder: Path,
@@ -158,9 +226,7 @@ def train_or_reuse(
     from symmerge.io import load_checkpoint, read_checkpoint_metadata, save_checkpoint
     from symmerge.train import train_model
 
-    key = checkpoint_key(recipe, dataset_fingerprint(recipe["dataset"], data_root), code)
-    references = os.environ.get(REFERENCE_ENV) if references is None else references
-    source = find_reference(recipe, Path(references)) if references else None
+    key, source = _locate(recipe, code, data_root, references)
     reference = None
     if source is not None:
         path = Path(folder) / source.name
@@ -175,7 +241,7 @@ def train_or_reuse(
         reused = True
     else:
         path = Path(folder) / _file_name(recipe, key)
-        reused = path.exists() and read_checkpoint_metadata(path).get("report_key") == key
+        reused = path.exists() and _key_of(path) == key
     if not reused:
         kwargs = {k: v for k, v in recipe.items() if k not in ("model", "dataset")}
         if recipe.get("split") is None:

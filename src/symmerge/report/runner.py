@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from symmerge.report import provenance
-from symmerge.report.checkpoints import Checkpoint, train_or_reuse
+from symmerge.report.checkpoints import Checkpoint, train_many, train_or_reuse
 from symmerge.report.peers import PEERS, PEERS_REASON
 from symmerge.report.schema import (
     RESULTS_FILE,
@@ -138,6 +138,7 @@ def run_report(
     command: str | None = None,
     peers: bool = True,
     peer_root: str | Path | None = None,
+    train_jobs: int = 1,
 ) -> dict[str, Any]:
     """Run the report into ``output`` and return its results document.
 
@@ -162,6 +163,9 @@ def run_report(
         peer_root: the folder of peer packages (default ``$SYMMERGE_PEERS``, else
             ``~/.cache/symmerge/peers``); a peer is looked for in its subfolder
             (``rebasin/``, ``c2m3/``).
+        train_jobs: train the sources the call needs and the folder lacks this many at a time,
+            in separate processes sharing this process's torch threads, before any run
+            (:func:`symmerge.report.checkpoints.train_many`; the same files, sooner).
     """
     from symmerge.methods import list_methods, method_info
     from symmerge.progress import progress_bar
@@ -172,6 +176,8 @@ def run_report(
     methods = select(methods, list_methods(), "method")
     if seeds is not None and not seeds:
         raise ReportError("no seeds selected")
+    if train_jobs < 1:
+        raise ReportError(f"train_jobs must be at least 1, got {train_jobs}")
     config = {"scale": scale, "methods": methods,
               "seeds": list(DEFAULT_SEEDS[scale] if seeds is None else seeds)}  # fmt: skip
     code = provenance.merge_code_version()
@@ -245,6 +251,11 @@ def run_report(
     results = out / RESULTS_FILE
     bar = progress_bar(total=len(plan), desc=f"report ({scale})", unit="run", enabled=progress)
     try:
+        if train_jobs > 1:  # a failure is met again, and recorded, where its setting is prepared
+            bar.set_postfix(run=f"training sources, {train_jobs} at a time")
+            recipes = [s.recipe(sd) for n in chosen for sd in seeds for s in defs[n].sources]
+            train_many(recipes, out / CHECKPOINT_DIR, code=meta["training_code_version"],
+                       data_root=root, jobs=train_jobs)  # fmt: skip
         for name in chosen:
             setting = defs[name]
             for seed in seeds:
