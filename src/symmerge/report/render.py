@@ -131,6 +131,9 @@ def _provenance(doc: dict[str, Any]) -> list[str]:
         lines += [f"  - {k}. `{c['command']}` ({c['date']}; commit {c['git_commit'] or 'unknown'}"
                   f"; {c['hardware']['cpu']}, torch threads {c['threads']}): "
                   f"{', '.join(c['settings'])}" for k, c in enumerate(calls, 1)]  # fmt: skip
+    lines += [f"  - joined (`{j['command']}`, {j['date']}; commit {j['git_commit'] or 'unknown'}): "
+              f"{', '.join(j['settings'])} ran in another folder beside the calls above"
+              for j in meta.get("joined", [])]  # fmt: skip
     missing = [n for n in meta.get("scale_settings", []) if n not in meta["config"]["settings"]]
     return lines + [
         f"- Date: {meta['date']}",

@@ -1,0 +1,61 @@
+"""``benchmarks/report_join.py``: chunks run side by side in two folders join into the
+document one folder would hold, and folders of other code or with other runs are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from symmerge.report import ReportError, load_results, render_markdown, run_report
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import report_join  # noqa: E402
+from test_report import _numbers, needs_data  # noqa: E402
+
+METHODS = ["naive", "weight"]
+
+
+def _chunk(folder: Path, name: str, **kwargs: Any) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    return run_report(folder, settings=[name], methods=METHODS, progress=False,
+                      data_root=os.environ["SYMMERGE_DATA"],
+                      command=f"symmerge report --settings {name}", **kwargs)  # fmt: skip
+
+
+@needs_data
+def test_chunks_of_two_folders_join_into_one_report(tmp_path: Path) -> None:
+    first = _chunk(tmp_path / "a", "same-task")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the second folder starts as a copy
+    second = _chunk(tmp_path / "b", "disjoint-classes", resume=True)
+    before = (tmp_path / "a" / "results.json").read_text()
+    assert report_join.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    joined = load_results(tmp_path / "a" / "results.json")
+    meta = joined["meta"]
+    assert meta["settings_done"] == ["same-task", "disjoint-classes"]
+    assert meta["calls"] == second["meta"]["calls"]  # the copy's first call is not repeated
+    assert [j["settings"] for j in meta["joined"]] == [["disjoint-classes"]]
+    assert _numbers(joined) == _numbers(second)  # as if the chunks ran in one folder
+    assert [r["key"] for r in joined["runs"]] == [r["key"] for r in second["runs"]]
+    assert meta["kept_runs"] == len(first["runs"])
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert md == render_markdown(joined) and "disjoint-classes ran in another folder" in md
+    # nothing new, other code, or other runs of a setting both finished: refused, unchanged
+    after = (tmp_path / "a" / "results.json").read_text()
+    with pytest.raises(SystemExit, match="2"):
+        report_join.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    other = json.loads(json.dumps(second))
+    other["meta"]["code_version"] = "0" * 64
+    with pytest.raises(ReportError, match="differ in code_version"):
+        report_join.join(json.loads(before), other, "test")
+    other = json.loads(json.dumps(second))
+    other["runs"][0]["metrics"]["accuracy"] += 0.01
+    with pytest.raises(ReportError, match="both folders finished same-task seed 0"):
+        report_join.join(json.loads(before), other, "test")
+    assert (tmp_path / "a" / "results.json").read_text() == after
