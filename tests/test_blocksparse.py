@@ -251,3 +251,54 @@ def test_errors_name_the_module() -> None:
     sparse = block_sparse(model, masks)
     with pytest.raises(ValueError, match="'0' is already block-sparse"):
         block_sparse(sparse, {"0": masks["0"]})
+
+
+#: Partial merges whose weights are built from the sources' (no fitting across blocks).
+STRUCTURAL = ("zip", "mudsc", "pleas")
+
+
+def _export_pair(name: str, **kwargs: object) -> tuple[Tensor, Tensor, float]:
+    """Outputs of the dense and the block-sparse merge of two small MLPs, and the ratio of
+    their multiply-adds."""
+    from symmerge.flops import count_compute
+    from symmerge.merging import merge
+    from symmerge.methods import method_info
+
+    sources = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        sources.append(models.create_model("mlp", width=16, depth=2)[0].eval())
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g))]
+    x = torch.randn(32, 1, 28, 28, generator=g)
+    if name == "ste":
+        kwargs = {**kwargs, "steps": 2}
+    if name == "kf-gradient":
+        kwargs = {**kwargs, "epochs": 3}
+    use = data if method_info(name).needs_data else None
+    outs, macs = [], []
+    for sparse in (False, True):
+        merged, _ = merge(sources, name, data=use, seed=0, block_sparse=sparse, **kwargs)
+        with torch.no_grad():
+            outs.append(merged(x))
+        macs.append(count_compute(merged, (x[:1],)).macs)
+    return outs[0], outs[1], macs[1] / macs[0]
+
+
+@pytest.mark.parametrize("name", sorted(__import__("symmerge.methods").methods.list_methods()))
+def test_every_method_exports_the_model_it_merged(name: str, one_thread: None) -> None:
+    """``merge(..., block_sparse=True)`` computes what the dense merge computes, for every
+    method: a block the structure leaves empty but a fitted method filled is kept."""
+    from symmerge.methods import method_info
+
+    dense, sparse, _ = _export_pair(name)
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    if method_info(name).target_width:  # a partial merge (1.5x): private blocks stay empty
+        params = __import__("inspect").signature(method_info(name).fn).parameters
+        kwargs = {"budget": 1.5} if "budget" in params else {"width": 24}
+        if name == "mudsc":  # its zip variant has the target width
+            kwargs["variant"] = "zip"
+        dense, sparse, ratio = _export_pair(name, **kwargs)
+        torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+        if name in STRUCTURAL:  # their empty blocks stay empty, and cost nothing
+            assert ratio < 1, ratio

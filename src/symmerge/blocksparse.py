@@ -465,11 +465,13 @@ def export_merged(
     state_dicts: Sequence[Mapping[str, Tensor]],
     maps: Mapping[str, Any],
 ) -> nn.Module:
-    """A merged model exported block-sparse: every Linear / Conv2d (``groups=1``) whose
-    merged weight has structurally empty blocks (:func:`symmerge.groupmap.merged_support` of
-    the sources ``state_dicts`` under ``maps``) computes only its non-zero blocks. Layers
-    whose merged weight does not have the builder's shape (per-task heads, stacked
-    afterwards) stay dense."""
+    """A merged model exported block-sparse, computing what ``model`` computes: every Linear /
+    Conv2d (``groups=1``) whose merged weight has structurally empty blocks
+    (:func:`symmerge.groupmap.merged_support` of the sources ``state_dicts`` under ``maps``)
+    that are also zero in ``model`` computes only its other blocks. A method that fits its
+    weights (least squares, gradient steps, fine-tuning) may fill a structurally empty block;
+    it is kept. Layers whose merged weight does not have the builder's shape (per-task heads,
+    stacked afterwards) stay dense."""
     from symmerge.groupmap import merged_support
 
     layers = {
@@ -479,9 +481,10 @@ def export_merged(
     }
     keys = [f"{n}.weight" for n in layers if f"{n}.weight" in state_dicts[0]]
     support = merged_support(spec, state_dicts, maps, keys)
+    weights = {k: layers[k[: -len(".weight")]].weight.detach() for k in support}
     masks = {
-        k[: -len(".weight")]: v
+        k[: -len(".weight")]: v.to(weights[k].device) | (weights[k] != 0)
         for k, v in support.items()
-        if tuple(v.shape) == tuple(layers[k[: -len(".weight")]].weight.shape)
+        if tuple(v.shape) == tuple(weights[k].shape)
     }
     return block_sparse(model, masks)
