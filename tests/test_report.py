@@ -382,7 +382,7 @@ def test_cpu_settings_are_whole() -> None:
     recipe for every source, sources that differ, and a row or a reason for every method."""
     from symmerge.data import dataset_info, validate_split
     from symmerge.methods import method_info
-    from symmerge.models import parse_model_name
+    from symmerge.models import build_model, parse_model_name
     from symmerge.train import resolve_config, train_model
 
     settings = settings_for("cpu")
@@ -420,8 +420,9 @@ def test_cpu_settings_are_whole() -> None:
         for method, params in setting.params.items():
             fn = method_info(method).fn
             assert set(params) <= set(inspect.signature(fn).parameters), (name, method)
-        bn = any(parse_model_name(s.model)[1].get("norm", "bn") == "bn" for s in setting.sources
-                 if parse_model_name(s.model)[0] != "mlp")  # fmt: skip
+        configs = [resolve_config(s.model, s.dataset) for s in setting.sources]
+        bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for c in configs
+                 for m in build_model(c["arch"], **c["kwargs"]).modules())  # fmt: skip
         assert setting.reset_bn == bn, name
         everywhere += [m for m in list_methods() if jobs(setting, [m])]
     assert set(everywhere) == set(list_methods())  # every method runs somewhere
@@ -655,3 +656,25 @@ def test_committed_reports_render_byte_for_byte(results: Path) -> None:
     valid document of this schema): no number in it was typed by hand."""
     doc = load_results(results)
     assert render_markdown(doc) == (results.parent / "report.md").read_text()
+
+
+def test_code_version_covers_what_numbers_depend_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """An edit to a module runs depend on changes the runs' code version; an edit to the
+    drawing, the command line, the settings' data, a peer's driver (one added later too) or
+    the join leaves it."""
+    files = ["merging.py", "cli.py", "report/runner.py", "report/render.py",
+             "report/peers.py", "report/peer_c2m3.py", "report/settings.py"]  # fmt: skip
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"# {name}\n")
+    monkeypatch.setattr(provenance, "PACKAGE", tmp_path)
+    before = provenance.merge_code_version()
+    for name in [*files[1:2], *files[3:], "report/peer_zipit.py", "report/join.py"]:
+        (tmp_path / name).write_text("# edited\n")
+        assert provenance.merge_code_version() == before, name
+    for name in ["merging.py", "report/runner.py", "report/checkpoints.py"]:
+        (tmp_path / name).write_text("# edited\n")
+        assert provenance.merge_code_version() != before, name
+        before = provenance.merge_code_version()

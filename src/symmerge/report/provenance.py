@@ -9,6 +9,7 @@ misses uncommitted changes).
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import hashlib
 import os
 import platform
@@ -45,13 +46,15 @@ TRAINING_CODE = ("train.py", "data.py", "io.py", "models")
 #: change a number of ours; the settings' definitions are data, and each run's key holds its
 #: own setting's (:meth:`symmerge.report.settings.Setting.definition`), so a setting added to
 #: a scale joins a folder that is under way, and a setting whose definition changed must be
-#: run again before its folder resumes.
+#: run again before its folder resumes. Joining folders (``report/join.py``) copies runs as
+#: they are. Package-relative ``fnmatch`` patterns: a peer's driver added later
+#: (``report/peer_<name>.py``) leaves the runs' code version as it was.
 MERGE_CODE_EXCLUDED = (
     "cli.py",
     "report/render.py",
-    "report/peers.py",
-    "report/peer_c2m3.py",
+    "report/peer*.py",
     "report/settings.py",
+    "report/join.py",
 )
 
 #: Environment variables whose values are machine paths: recorded commands name them instead.
@@ -83,8 +86,12 @@ def training_code_version() -> str:
 def merge_code_version() -> str:
     """Code version of everything a run's numbers depend on: the package's Python files
     less :data:`MERGE_CODE_EXCLUDED`."""
-    excluded = {PACKAGE / p for p in MERGE_CODE_EXCLUDED}
-    return code_version([p for p in _files(["."]) if p not in excluded])
+
+    def excluded(path: Path) -> bool:
+        name = path.relative_to(PACKAGE).as_posix()
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in MERGE_CODE_EXCLUDED)
+
+    return code_version([p for p in _files(["."]) if not excluded(p)])
 
 
 def git_commit() -> str | None:
