@@ -147,12 +147,17 @@ def find_reference(recipe: dict[str, Any], folder: Path) -> Path | None:
 
 
 def _locate(
-    recipe: dict[str, Any], code: str, data_root: str | None, references: str | Path | None
-) -> tuple[str, Path | None]:
-    """The recipe's key and its reference checkpoint (``None`` when there is none)."""
+    recipe: dict[str, Any], folder: Path, code: str, data_root: str | None,
+    references: str | Path | None,
+) -> tuple[str, Path | None, Path, bool]:  # fmt: skip
+    """The recipe's key, its reference checkpoint (``None`` when there is none), its file in
+    ``folder``, and whether that file is to be trained (no reference, no file of the key)."""
     key = checkpoint_key(recipe, dataset_fingerprint(recipe["dataset"], data_root), code)
     references = os.environ.get(REFERENCE_ENV) if references is None else references
-    return key, find_reference(recipe, Path(references)) if references else None
+    source = find_reference(recipe, Path(references)) if references else None
+    path = Path(folder) / (_file_name(recipe, key) if source is None else source.name)
+    stale = source is None and not (path.exists() and _key_of(path) == key)
+    return key, source, path, stale
 
 
 def train_many(
@@ -171,12 +176,7 @@ def train_many(
     Returns the errors of the trainings that failed (``train_or_reuse`` meets them again
     where the report prepares their setting, and records them there)."""
     unique = list({json.dumps(r, sort_keys=True): r for r in recipes}.values())
-    todo = []
-    for recipe in unique:
-        key, source = _locate(recipe, code, data_root, references)
-        path = Path(folder) / _file_name(recipe, key)
-        if source is None and not (path.exists() and _key_of(path) == key):
-            todo.append(recipe)
+    todo = [r for r in unique if _locate(r, folder, code, data_root, references)[3]]
     if not todo:
         return []
     import multiprocessing
@@ -226,10 +226,9 @@ def train_or_reuse(
     from symmerge.io import load_checkpoint, read_checkpoint_metadata, save_checkpoint
     from symmerge.train import train_model
 
-    key, source = _locate(recipe, code, data_root, references)
+    key, source, path, stale = _locate(recipe, folder, code, data_root, references)
     reference = None
     if source is not None:
-        path = Path(folder) / source.name
         sha = file_sha256(source)
         if not path.exists() or file_sha256(path) != sha:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,11 +237,8 @@ def train_or_reuse(
         reference = {"file": source.name, "sha256": sha, "trained": meta.get("date"),
                      "symmerge_version": meta.get("symmerge_version"),
                      "torch_version": meta.get("torch_version")}  # fmt: skip
-        reused = True
-    else:
-        path = Path(folder) / _file_name(recipe, key)
-        reused = path.exists() and _key_of(path) == key
-    if not reused:
+    reused = not stale
+    if stale:
         kwargs = {k: v for k, v in recipe.items() if k not in ("model", "dataset")}
         if recipe.get("split") is None:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("part", "n_parts", "split_seed")}
