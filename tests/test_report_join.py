@@ -1,4 +1,4 @@
-"""``benchmarks/report_join.py``: chunks run side by side in two folders join into the
+"""``symmerge report --join``: chunks run side by side in two folders join into the
 document one folder would hold, and folders of other code or with other runs are refused."""
 
 from __future__ import annotations
@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner
+from test_report import _numbers, needs_data
 
+from symmerge.cli import main
 from symmerge.report import ReportError, load_results, render_markdown, run_report
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import report_join  # noqa: E402
-from test_report import _numbers, needs_data  # noqa: E402
+from symmerge.report.join import join, join_reports
 
 METHODS = ["naive", "weight"]
 
@@ -35,7 +34,9 @@ def test_chunks_of_two_folders_join_into_one_report(tmp_path: Path) -> None:
     shutil.copytree(tmp_path / "a", tmp_path / "b")  # the second folder starts as a copy
     second = _chunk(tmp_path / "b", "disjoint-classes", resume=True)
     before = (tmp_path / "a" / "results.json").read_text()
-    assert report_join.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = CliRunner().invoke(main, ["report", "-o", str(tmp_path / "a"), "--join",
+                                    str(tmp_path / "b")])  # fmt: skip
+    assert out.exit_code == 0, out.output
     joined = load_results(tmp_path / "a" / "results.json")
     meta = joined["meta"]
     assert meta["settings_done"] == ["same-task", "disjoint-classes"]
@@ -48,14 +49,17 @@ def test_chunks_of_two_folders_join_into_one_report(tmp_path: Path) -> None:
     assert md == render_markdown(joined) and "disjoint-classes ran in another folder" in md
     # nothing new, other code, or other runs of a setting both finished: refused, unchanged
     after = (tmp_path / "a" / "results.json").read_text()
-    with pytest.raises(SystemExit, match="2"):
-        report_join.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    out = CliRunner().invoke(main, ["report", "-o", str(tmp_path / "a"), "--join",
+                                    str(tmp_path / "b")])  # fmt: skip
+    assert out.exit_code != 0 and "nothing to join" in out.output
+    with pytest.raises(ReportError, match="into itself"):
+        join_reports(tmp_path / "a", [tmp_path / "a"])
     other = json.loads(json.dumps(second))
     other["meta"]["code_version"] = "0" * 64
     with pytest.raises(ReportError, match="differ in code_version"):
-        report_join.join(json.loads(before), other, "test")
+        join(json.loads(before), other, "test")
     other = json.loads(json.dumps(second))
     other["runs"][0]["metrics"]["accuracy"] += 0.01
     with pytest.raises(ReportError, match="both folders finished same-task seed 0"):
-        report_join.join(json.loads(before), other, "test")
+        join(json.loads(before), other, "test")
     assert (tmp_path / "a" / "results.json").read_text() == after

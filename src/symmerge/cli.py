@@ -1730,6 +1730,15 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--peer-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               envvar="SYMMERGE_PEERS", help="Folder of the peers' packages (default "
               "~/.cache/symmerge/peers; rebasin in its rebasin/ subfolder).")  # fmt: skip
+@click.option(
+    "--join",
+    "join",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Join the settings and seeds this report folder finished "
+    "into OUTPUT, as if they had run there (chunks run side by side, each in a copy "
+    "of the folder), and redraw it; repeatable. Runs nothing.",
+)
 @click.option("--train-jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train the source checkpoints the call needs this many at a time, in "
               "separate processes sharing the torch threads (the same files, sooner).")  # fmt: skip
@@ -1745,6 +1754,7 @@ def report_cmd(
     render_only: bool,
     peers: bool,
     peer_root: Path | None,
+    join: tuple[Path, ...],
     train_jobs: int,
     data_root: Path | None,
     progress: bool,
@@ -1756,10 +1766,12 @@ def report_cmd(
     checkpoints in $SYMMERGE_CHECKPOINTS made with the same recipe (`symmerge train`) are
     used instead of training, and the report says so.
     """
-    from symmerge.report import ReportError, load_results, run_report, write_report
+    from symmerge.report import ReportError, join_reports, load_results, run_report, write_report
 
     try:
-        if render_only:
+        if join:
+            doc = join_reports(output, join)
+        elif render_only:
             doc = load_results(output)
         else:
             try:

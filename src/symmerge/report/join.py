@@ -1,32 +1,30 @@
 """Join report folders whose chunks ran side by side (two processes or machines at once) into
 one results document, as if the chunks had run one after another in one folder.
 
-``symmerge report --resume`` writes its whole document after each setting and seed, so two
-calls must not share a folder; each runs in a copy of the report folder instead, and this
-script joins them: ``python benchmarks/report_join.py BASE OTHER`` adds to ``BASE`` the setting
-and seeds that ``OTHER`` finished and ``BASE`` lacks (runs, endpoints and peer runs, with the
-calls that made them), then redraws ``BASE``'s report. It refuses folders of another scale,
-methods, seeds, code or training code, settings whose definitions differ, and a setting and
-seed finished in both with other runs: a joined document never mixes code or configurations.
-A setting and seed ``OTHER`` did not finish is left out. Not part of the symmerge package: it
-changes no numbers, so it stays outside the runs' code version.
+:func:`symmerge.report.run_report` writes its whole document after each setting and seed, so
+two calls must not share a folder; each runs in a copy of the report folder instead, and
+``symmerge report -o BASE --join OTHER`` adds to ``BASE`` the settings and seeds that
+``OTHER`` finished and ``BASE`` lacks (runs, endpoints and peer runs, with the calls that
+made them). Folders of another scale, methods, seeds, code or training code, settings whose
+definitions differ, and a setting and seed finished in both with other runs are refused: a
+joined document never mixes code or configurations. A setting and seed ``OTHER`` did not
+finish is left out. Joining copies runs as they are, so this module stays outside the runs'
+code version (:data:`symmerge.report.provenance.MERGE_CODE_EXCLUDED`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import display_path
-
 from symmerge.report.provenance import command_line, git_commit, now
-from symmerge.report.render import write_report
-from symmerge.report.runner import CONFIG_KEYS, _finished, _save
+from symmerge.report.runner import CONFIG_KEYS, finished_settings, save_in_order
 from symmerge.report.schema import RESULTS_FILE, ReportError, load_results
 from symmerge.report.settings import DESCRIPTION_FIELDS
+
+__all__ = ["join", "join_reports"]
 
 #: What both folders must share (beside the configuration, :data:`CONFIG_KEYS`).
 SAME_META = ("code_version", "training_code_version", "device")
@@ -77,13 +75,15 @@ def join(base: dict[str, Any], other: dict[str, Any], command: str) -> dict[str,
     meta = doc["meta"]
     for key in ("command", "git_commit", "date", "hardware", "threads", "versions"):
         meta[key] = latest[key]
-    names = [n for n in a["scale_settings"] if n in a["settings"] or n in b["settings"]]
+    order = dict.fromkeys([*latest.get("scale_settings", []), *a["settings"], *b["settings"]])
+    names = [n for n in order if n in a["settings"] or n in b["settings"]]
+    meta["scale_settings"] = list(latest.get("scale_settings", names))
     meta["settings"] = {n: (a["settings"] | b["settings"])[n] for n in names}
     meta["config"]["settings"] = names
     meta["not_run"] = {n: (a["not_run"] | b["not_run"])[n] for n in names}
     meta["seeds_done"] = {n: sorted({*a["seeds_done"].get(n, []), *b["seeds_done"].get(n, [])})
                           for n in names}  # fmt: skip
-    meta["settings_done"] = _finished(meta)
+    meta["settings_done"] = finished_settings(meta)
     calls = {json.dumps(c, sort_keys=True): c for c in a["calls"] + b["calls"]}
     meta["calls"] = sorted(calls.values(), key=lambda c: c["date"])
     meta["complete"] = a.get("complete", True) and b.get("complete", True)
@@ -96,7 +96,7 @@ def join(base: dict[str, Any], other: dict[str, Any], command: str) -> dict[str,
     for part in PARTS:
         doc[part] = [e for e in doc[part] if (e["setting"], e["seed"]) not in added]
         doc[part] += _of(other[part], added)
-        doc[part].sort(key=lambda e: e["seed"])  # then by setting (stable), as _save does
+        doc[part].sort(key=lambda e: e["seed"])  # then by setting (stable): save_in_order
     peers = [e for e in doc["peers"]["runs"] if (e["setting"], e["seed"]) not in added]
     doc["peers"]["runs"] = peers + _of(other["peers"]["runs"], added)
     made = len((other if latest is b else base)["runs"]) - latest.get("kept_runs", 0)
@@ -106,23 +106,22 @@ def join(base: dict[str, Any], other: dict[str, Any], command: str) -> dict[str,
     return doc
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("base", type=Path, help="the report folder to join into")
-    parser.add_argument("other", type=Path, nargs="+", help="folders whose chunks it gains")
-    args = parser.parse_args(argv)
-    command = command_line(None if argv is None else ["report_join.py", *argv])
-    doc = load_results(args.base / RESULTS_FILE)
-    try:
-        for other in args.other:
-            doc = join(doc, load_results(other / RESULTS_FILE), command)
-    except ReportError as exc:
-        parser.exit(2, f"report_join: {exc}\n")
-    _save(doc, doc["meta"]["config"]["settings"], args.base / RESULTS_FILE)
-    write_report(doc, args.base)
-    print(f"joined into {display_path(args.base / RESULTS_FILE)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def join_reports(
+    base: str | Path, others: Sequence[str | Path], command: str | None = None
+) -> dict[str, Any]:
+    """Join the report folders ``others`` into the report folder ``base`` (:func:`join`, one
+    after another), write ``base``'s ``results.json`` and return it; nothing is written when
+    a join is refused."""
+    path = Path(base) / RESULTS_FILE
+    if not path.exists():
+        raise ReportError(f"cannot join into {base}: it has no {RESULTS_FILE}")
+    doc = load_results(path)
+    command = command if command is not None else command_line()
+    for other in others:
+        if Path(other).resolve() == Path(base).resolve():
+            raise ReportError(f"cannot join {other} into itself")
+        if not (Path(other) / RESULTS_FILE).exists():
+            raise ReportError(f"cannot join {other}: it has no {RESULTS_FILE}")
+        doc = join(doc, load_results(Path(other) / RESULTS_FILE), command)
+    save_in_order(doc, path)
+    return load_results(path)

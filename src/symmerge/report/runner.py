@@ -247,7 +247,7 @@ def run_report(
         doc["runs"] = [r for r in before["runs"] if kept_run(r)]
         doc["endpoints"] = [e for e in before["endpoints"] if kept_run(e)]
         meta["kept_runs"] = len(doc["runs"])
-    meta["settings_done"] = _finished(meta)
+    meta["settings_done"] = finished_settings(meta)
     results = out / RESULTS_FILE
     bar = progress_bar(total=len(plan), desc=f"report ({scale})", unit="run", enabled=progress)
     try:
@@ -284,19 +284,19 @@ def run_report(
                         bar.set_postfix(run=f"{name} peer {PEERS[name].name}")
                         doc["peers"]["runs"].append(_peer_run(setting, seed, ctx, doc, peer_root))
                 meta["seeds_done"][name] = sorted({*meta["seeds_done"][name], seed})
-                meta["settings_done"] = _finished(meta)
-                _save(doc, names, results)
+                meta["settings_done"] = finished_settings(meta)
+                save_in_order(doc, results)
     finally:
         bar.close()
     meta["complete"] = True
-    _save(doc, names, results)
+    save_in_order(doc, results)
     return load_results(results)
 
 
-def _save(doc: dict[str, Any], names: Sequence[str], path: Path) -> None:
+def save_in_order(doc: dict[str, Any], path: Path) -> None:
     """Write ``doc`` with its runs and endpoints in setting order (kept settings first come
     from the earlier document; a chunked report reads like one made in a single call)."""
-    order = {n: k for k, n in enumerate(names)}
+    order = {n: k for k, n in enumerate(doc["meta"]["config"]["settings"])}
     doc["meta"]["settings_done"].sort(key=order.__getitem__)
     for part in ("runs", "endpoints"):
         doc[part].sort(key=lambda r: order[r["setting"]])
@@ -316,7 +316,7 @@ def _seeds_done(meta: dict[str, Any]) -> dict[str, list[int]]:
     return {n: list(meta["config"]["seeds"]) for n in done}
 
 
-def _finished(meta: dict[str, Any]) -> list[str]:
+def finished_settings(meta: dict[str, Any]) -> list[str]:
     """The settings every seed of the folder ran for, in the document's order."""
     want = set(meta["config"]["seeds"])
     return [n for n in meta["config"]["settings"] if want <= set(meta["seeds_done"].get(n, []))]
