@@ -345,8 +345,10 @@ CPU_PARAMS: dict[str, dict[str, Any]] = {
 #: ViT-Tiny epochs on MNIST (the MLP's budget; two epochs reached 92.8 % in a trial).
 CPU_VIT_EPOCHS = 10
 #: The cpu scale's settings beyond :data:`SETTING_NAMES`.
-CPU_EXTRA = ("n-models-5", "resnet20", "resnet20-ln", "resnet20-ln-3", "resnet20-disjoint",
-             "vit-tiny")  # fmt: skip
+CPU_EXTRA = ("n-models-5", "cross-dataset-coreset", "resnet20", "resnet20-ln", "resnet20-ln-3",
+             "resnet20-disjoint", "vit-tiny")  # fmt: skip
+#: The small merge set of cross-dataset-coreset: images per class of each dataset.
+CPU_CORESET = "coreset:herding:10"
 
 
 def _cpu() -> dict[str, Setting]:
@@ -421,6 +423,12 @@ def _cpu() -> dict[str, Setting]:
                 tuple(mlp("mnist", k) for k in range(5)), mnist, "mnist", repair=True,
                 stand_in="C2M3's scaling in the number of models (their Figure 7); "
                 f"here 5 MNIST MLPs 784-512x3-10, {trained}", **common),
+        Setting("cross-dataset-coreset", "the cross-dataset pair merged with 10 images per "
+                "class of each dataset", cross, both, CPU_CORESET, repair=True,
+                stand_in="Yamada et al.'s small merge sets: DM/DC condensed sets of 10 images "
+                "per class; here a herding coreset of 10 per class of each dataset (200 "
+                "images; condensed sets need a condensation run first), STE for 100 steps at "
+                "lr 0.5, every data-using method and REPAIR on the same 200 images", **common),
         Setting("resnet20", "two CIFAR-10 ResNet-20s with BatchNorm (different seeds)",
                 (resnet(0), resnet(1)), cifar, "cifar10", reset_bn=True,
                 stand_in="same-task CIFAR-10 ResNet-20 pairs with BatchNorm (the merging "
