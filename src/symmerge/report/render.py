@@ -286,9 +286,11 @@ def _endpoints(doc: dict[str, Any], name: str, setting: dict[str, Any]) -> list[
                   for seed, ref in refs if ref]  # fmt: skip
     data = entries[0]["data"]
     shas = ", ".join(e["data"]["sha256"][:12] for e in entries)
-    lines += ["", f"Merge data: `{data['spec']}`, {data['samples_per_source']} images of each "
-              f"dataset ({data['n']} in all, batches of {data['batch_size']}; sha256 {shas}).",
-              ""]  # fmt: skip
+    # (samples are drawn from dataset items; a coreset or condensed set is whole)
+    whole = all(i.split(":")[0] in ("coreset", "condensed") for i in data["spec"].split(","))
+    per = "" if whole else f", {data['samples_per_source']} images of each dataset"
+    lines += ["", f"Merge data: `{data['spec']}`{per} ({data['n']} in all, batches of "
+              f"{data['batch_size']}; sha256 {shas}).", ""]  # fmt: skip
     return lines
 
 
