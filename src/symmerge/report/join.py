@@ -22,7 +22,7 @@ from typing import Any
 from symmerge.report.provenance import command_line, git_commit, now
 from symmerge.report.runner import CONFIG_KEYS, finished_settings, save_in_order
 from symmerge.report.schema import RESULTS_FILE, ReportError, load_results
-from symmerge.report.settings import DESCRIPTION_FIELDS
+from symmerge.report.settings import DESCRIPTION_FIELDS, settings_for
 
 __all__ = ["join", "join_reports"]
 
@@ -75,9 +75,10 @@ def join(base: dict[str, Any], other: dict[str, Any], command: str) -> dict[str,
     meta = doc["meta"]
     for key in ("command", "git_commit", "date", "hardware", "threads", "versions"):
         meta[key] = latest[key]
-    order = dict.fromkeys([*latest.get("scale_settings", []), *a["settings"], *b["settings"]])
-    names = [n for n in order if n in a["settings"] or n in b["settings"]]
-    meta["scale_settings"] = list(latest.get("scale_settings", names))
+    scale = list(settings_for(a["scale"]))  # today's order, as the next call would write it
+    names = [n for n in dict.fromkeys([*scale, *a["settings"], *b["settings"]])
+             if n in a["settings"] or n in b["settings"]]  # fmt: skip
+    meta["scale_settings"] = scale
     meta["settings"] = {n: (a["settings"] | b["settings"])[n] for n in names}
     meta["config"]["settings"] = names
     meta["not_run"] = {n: (a["not_run"] | b["not_run"])[n] for n in names}
