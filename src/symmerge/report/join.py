@@ -90,10 +90,14 @@ def join(base: dict[str, Any], other: dict[str, Any], command: str) -> dict[str,
     meta["complete"] = a.get("complete", True) and b.get("complete", True)
     meta["reused_runs"] = latest.get("reused_runs", 0)
     joined = {json.dumps(j, sort_keys=True): j for j in a.get("joined", []) + b.get("joined", [])}
-    meta["joined"] = [*joined.values(), {
-        "command": command, "date": now(), "git_commit": git_commit(),
-        "settings": sorted({n for n, _ in added}, key=names.index),
-    }]  # fmt: skip
+    meta["joined"] = list(joined.values())
+    new = sorted({n for n, _ in added}, key=names.index)
+    if meta["joined"] and meta["joined"][-1]["command"] == command:  # one call, several folders
+        last = meta["joined"][-1]
+        last["settings"] = [n for n in names if n in {*last["settings"], *new}]
+    else:
+        meta["joined"].append({"command": command, "date": now(), "git_commit": git_commit(),
+                               "settings": new})  # fmt: skip
     for part in PARTS:
         doc[part] = [e for e in doc[part] if (e["setting"], e["seed"]) not in added]
         doc[part] += _of(other[part], added)
