@@ -4,6 +4,7 @@ checkpoint round trips (the layers PLeaS partial merges produce, algorithms.md Â
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ from symmerge.io import (
     read_checkpoint_metadata,
     save_checkpoint,
 )
+from symmerge.merging import merge
+from symmerge.methods import list_methods, method_info
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -260,10 +263,6 @@ STRUCTURAL = ("zip", "mudsc", "pleas")
 def _export_pair(name: str, **kwargs: object) -> tuple[Tensor, Tensor, float]:
     """Outputs of the dense and the block-sparse merge of two small MLPs, and the ratio of
     their multiply-adds."""
-    from symmerge.flops import count_compute
-    from symmerge.merging import merge
-    from symmerge.methods import method_info
-
     sources = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -285,16 +284,14 @@ def _export_pair(name: str, **kwargs: object) -> tuple[Tensor, Tensor, float]:
     return outs[0], outs[1], macs[1] / macs[0]
 
 
-@pytest.mark.parametrize("name", sorted(__import__("symmerge.methods").methods.list_methods()))
+@pytest.mark.parametrize("name", list_methods())
 def test_every_method_exports_the_model_it_merged(name: str, one_thread: None) -> None:
     """``merge(..., block_sparse=True)`` computes what the dense merge computes, for every
     method: a block the structure leaves empty but a fitted method filled is kept."""
-    from symmerge.methods import method_info
-
     dense, sparse, _ = _export_pair(name)
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
     if method_info(name).target_width:  # a partial merge (1.5x): private blocks stay empty
-        params = __import__("inspect").signature(method_info(name).fn).parameters
+        params = inspect.signature(method_info(name).fn).parameters
         kwargs = {"budget": 1.5} if "budget" in params else {"width": 24}
         if name == "mudsc":  # its zip variant has the target width
             kwargs["variant"] = "zip"
