@@ -256,6 +256,28 @@ def test_peer_entries_are_validated(report: tuple[Path, dict]) -> None:
 
 
 @needs_data
+def test_peers_draw_the_data_our_runs_got(report: tuple[Path, dict]) -> None:
+    folder, doc = report
+    for end in doc["endpoints"]:
+        files = [folder / s["file"] for s in end["sources"]]
+        batches, record = peers.setting_data(end["setting"], end["seed"], files)
+        assert record == {"n": end["data"]["n"], "sha256": end["data"]["sha256"]}
+        assert sum(len(x) for x, _ in batches) == record["n"]
+    # checkpoints of no scale's setting (a model the setting does not train) are refused
+    with pytest.raises(ValueError, match="cannot tell which scale"):
+        peers.setting_data("n-models", 0, files)
+    # the entry's data record is checked against the endpoints' in the report
+    entry = {**doc["peers"]["runs"][0], "status": "ok", "version": "1", "seconds": 1.0,
+             "metrics": {"accuracy": 0.5}, "data": {"n": 1, "sha256": "0" * 64}}  # fmt: skip
+    odd = {**doc, "peers": {**doc["peers"], "runs": [entry]}}
+    assert "NOT the same as our runs'" in render_markdown(odd)
+    entry["data"] = dict(record, sha256=doc["endpoints"][-1]["data"]["sha256"])
+    entry["setting"] = doc["endpoints"][-1]["setting"]
+    md = render_markdown(odd)
+    assert "the same as our runs'" in md and "NOT the same" not in md
+
+
+@needs_data
 def test_rebasin_peer_runs_beside_weight_matching(report: tuple[Path, dict]) -> None:
     folder, doc = report
     (entry,) = doc["peers"]["runs"]

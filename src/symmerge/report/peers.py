@@ -5,14 +5,17 @@ package folder), so its packages never enter the report's process and a missing 
 peer cannot break the report: it is recorded as ``"not run"`` or ``"failed"`` with the exact
 reason. Packages are never installed from here; the reason names the install command.
 
-Peers so far (:data:`PEERS`, by setting): the official C2M3 code
-(:mod:`symmerge.report.peer_c2m3`, through :func:`run_worker`) and the PyPI ``rebasin``
-package (weight matching, ``PermutationCoordinateDescent``) on the same-task setting's two
-source checkpoints, against our ``weight`` run on the same files. The subprocess loads our
-safetensors with :func:`symmerge.io.load_checkpoint` (the converter: the peer gets ordinary
-``nn.Module`` objects), aligns, averages the aligned state dicts and saves them to a
-temporary file; the report's process evaluates that model with the same function and test
-data as our runs.
+Peers (:data:`PEERS`, one per setting, each against our run of the same method on the
+same files): the PyPI ``rebasin`` package (weight matching) on same-task; the official C2M3
+code (:mod:`symmerge.report.peer_c2m3`) on n-models and n-models-5; the official PLeaS code
+(:mod:`symmerge.report.peer_pleas`) on cross-dataset; the official neuron-interpolation
+fusion code (:mod:`symmerge.report.peer_fusion`) on non-iid; the official ZipIt! code
+(:mod:`symmerge.report.peer_zipit`) on resnet20-disjoint. Each subprocess loads our
+safetensors with :func:`symmerge.io.load_checkpoint` (converted to the peer's model where it
+has its own), merges with the peer's code (the data-reading ones on the report's own merge
+batches, :func:`setting_data`), and saves the merged state dict in our names to a temporary
+file; the report's process evaluates that model with the same function and test data as our
+runs.
 
 Where peer packages live: ``peer_root`` (argument), else ``$SYMMERGE_PEERS``, else
 ``~/.cache/symmerge/peers``; each peer in its own subfolder (``rebasin/``).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import json
 import os
 import re
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from symmerge.report.checkpoints import file_sha256
 
@@ -52,6 +56,9 @@ __all__ = [
     "probe_rebasin",
     "run_rebasin",
     "run_worker",
+    "load_batches",
+    "save_batches",
+    "setting_data",
 ]
 
 #: Environment variable naming the folder of peer packages.
@@ -190,6 +197,59 @@ def run_rebasin(
     return {**entry, **fields, "permutations": result["permutations"]}
 
 
+def setting_data(
+    setting: str, seed: int, checkpoints: Sequence[Path]
+) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Any]]:
+    """The merge batches the report draws for ``setting`` at ``seed`` on these checkpoints,
+    drawn again, and their record (``n``, ``sha256``: the report compares it with the
+    endpoints' record), so a peer that reads data gets exactly what our runs got.
+
+    The setting's scale is the one whose sources are these checkpoints' models on their
+    datasets; the data root is ``$SYMMERGE_DATA`` (or the default), as for a report run
+    without ``--data-root``. Raises ``ValueError`` when no scale or several fit."""
+    from symmerge.io import load_checkpoint
+    from symmerge.report.runner import DATA_BATCH, _batches_sha256
+    from symmerge.report.settings import SCALES, settings_for
+    from symmerge.sources import data_source_batches
+
+    loaded = [load_checkpoint(p) for p in checkpoints]
+    found = [(meta.get("model_name") or (meta.get("recipe") or {}).get("model"),
+              meta.get("dataset")) for _, meta in loaded]  # fmt: skip
+    fits = []
+    for scale in SCALES:
+        try:
+            defined = settings_for(scale).get(setting)
+        except NotImplementedError:
+            continue
+        if defined is not None and [(s.model, s.dataset) for s in defined.sources] == found:
+            fits.append(defined)
+    if len(fits) != 1:
+        raise ValueError(f"cannot tell which scale's {setting!r} these checkpoints ({found}) "
+                         f"belong to: {len(fits)} scales fit")  # fmt: skip
+    data = data_source_batches(fits[0].data, DATA_BATCH, samples=fits[0].samples, seed=seed,
+                               datasets=[d for _, d in found], model=loaded[0][0])  # fmt: skip
+    return data, {"n": sum(len(x) for x, _ in data), "sha256": _batches_sha256(data)}
+
+
+def save_batches(batches: Sequence[tuple[Tensor, Tensor]], path: Path) -> None:
+    """``batches`` in one safetensors file (``x0``, ``y0``, ...) a peer worker reads back
+    with :func:`load_batches`."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for k, (x, y) in enumerate(batches):
+        tensors[f"x{k}"], tensors[f"y{k}"] = x.contiguous(), y.contiguous()
+    save_file(tensors, str(path))
+
+
+def load_batches(path: str | Path) -> list[tuple[Tensor, Tensor]]:
+    """The batches :func:`save_batches` wrote, in order."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    return [(tensors[f"x{k}"], tensors[f"y{k}"]) for k in range(len(tensors) // 2)]
+
+
 def run_worker(
     worker: str,
     job: dict[str, Any],
@@ -198,11 +258,15 @@ def run_worker(
     evaluate: Callable[[nn.Module], dict[str, Any]],
     *,
     timeout: float,
+    data: Sequence[tuple[Tensor, Tensor]] | None = None,
+    num_outputs: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Run a peer's worker (``python -c worker job.json``, in a temporary folder) and score the
-    merged state dict it saves with ``evaluate``, on ``model_file``'s architecture.
+    merged state dict it saves with ``evaluate``, on ``model_file``'s architecture (its
+    output axis resized to ``num_outputs`` when given: per-task heads side by side).
 
-    The job gets ``merged`` and ``result`` paths; the worker writes the merged weights and
+    The job gets ``merged`` and ``result`` paths (and ``data``, the batches' file, when
+    ``data`` is given); the worker writes the merged weights and
     ``{"timings": {"total_s": ..., ...}, ...}`` there. Returns the entry's fields
     (``status``, and ``reason`` or ``metrics``, ``seconds``, ``timings``,
     ``merged_weights_sha256``) and the worker's result (``None`` when it failed: a timeout, a
@@ -215,6 +279,9 @@ def run_worker(
     with tempfile.TemporaryDirectory(prefix="symmerge-peer-") as tmp:
         job = {**job, "merged": str(Path(tmp) / "merged.st"),
                "result": str(Path(tmp) / "result.json")}  # fmt: skip
+        if data is not None:
+            job["data"] = str(Path(tmp) / "data.st")
+            save_batches(data, Path(job["data"]))
         (Path(tmp) / "job.json").write_text(json.dumps(job))
         t0 = time.perf_counter()
         try:
@@ -231,6 +298,11 @@ def run_worker(
         state = load_file(job["merged"])
     model, _ = load_checkpoint(model_file)
     try:
+        if num_outputs is not None:
+            from symmerge.merging import trace_model
+            from symmerge.resize import resize
+
+            model = resize(model, trace_model(model), {}, num_outputs=num_outputs)
         model.load_state_dict(state)
         metrics = evaluate(model.eval())
     except Exception as exc:  # recorded, never raised
@@ -282,10 +354,15 @@ def _rebasin_worker() -> None:
     }))  # fmt: skip
 
 
-def _run_c2m3(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    from symmerge.report.peer_c2m3 import run_c2m3  # (it imports this module)
+def _driver(module: str, function: str, **bound: Any) -> Callable[..., dict[str, Any]]:
+    """``symmerge.report.<module>.<function>`` with ``bound`` keywords, imported when called
+    (the drivers import this module)."""
 
-    return run_c2m3(*args, **kwargs)
+    def run(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        found = getattr(importlib.import_module(f"symmerge.report.{module}"), function)
+        return found(*args, **bound, **kwargs)
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -304,14 +381,34 @@ class Peer:
 
 
 #: The peers, by the setting they run on. The official C2M3 code runs on every seed of the
-#: five-model setting (the speed and accuracy claim) and the first of the three-model one.
+#: five-model setting (the speed and accuracy claim) and the first of the three-model one;
+#: the neuron-interpolation code on the first seed only.
 PEERS = {
     "same-task": Peer("rebasin", "weight", run_rebasin, "rebasin"),
-    "n-models": Peer("c2m3-official", "c2m3", _run_c2m3, "c2m3", first_seed_only=True),
-    "n-models-5": Peer("c2m3-official", "c2m3", _run_c2m3, "c2m3"),
+    "n-models": Peer(
+        "c2m3-official", "c2m3", _driver("peer_c2m3", "run_c2m3"), "c2m3", first_seed_only=True
+    ),
+    "cross-dataset": Peer(
+        "pleas-official",
+        "pleas",
+        _driver("peer_pleas", "run_pleas", setting="cross-dataset"),
+        "pleas",
+    ),
+    "non-iid": Peer(
+        "neuron-interpolation-official",
+        "kf-linear",
+        _driver("peer_fusion", "run_fusion", setting="non-iid"),
+        "neuron-interpolation",
+        first_seed_only=True,  # their K-means fusion takes ten minutes on one core
+    ),
+    "n-models-5": Peer("c2m3-official", "c2m3", _driver("peer_c2m3", "run_c2m3"), "c2m3"),
+    "resnet20-disjoint": Peer(
+        "zipit-official",
+        "zip",
+        _driver("peer_zipit", "run_zipit", setting="resnet20-disjoint"),
+        "zipit",
+    ),
 }
 
-#: The peers not run yet (the top-level ``peers.reason`` of a report).
-PEERS_REASON = (
-    "the official ZipIt!, PLeaS and neuron-interpolation code are not run on these checkpoints yet"
-)
+#: Why a report has no other peers (the top-level ``peers.reason`` of a report).
+PEERS_REASON = "each peer runs on the one setting it is registered for (PEERS)"

@@ -113,7 +113,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines += ["", *_coverage(doc)]
     lines += ["", *_plots_section(doc)]
     lines += ["", *_published_section(published)]
-    lines += ["", *_peers_section(doc["peers"])]
+    lines += ["", *_peers_section(doc)]
     return "\n".join(lines) + "\n"
 
 
@@ -355,9 +355,28 @@ def _model_points(doc: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
     return {k: v for k, v in out.items() if len(v) > 1}
 
 
-def _peers_section(peers: dict[str, Any]) -> list[str]:
-    """The peers' own code beside ours: a table, each entry's call and inputs, and exactly
-    why a peer did not run."""
+def _ours_by_label(doc: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any] | None:
+    """Our run a peer entry is compared with when the entry names none: the registered
+    method's plain row (on settings that reset BatchNorm statistics it is recorded with
+    ``renorm="reset-bn"``, which the runs' own lookup passes over)."""
+    from symmerge.report.peers import PEERS
+
+    peer = PEERS.get(entry["setting"])
+    for r in doc["runs"]:
+        if (peer is not None and r["status"] == "ok" and r["budget"] is None
+                and (r["setting"], r["seed"], r["label"]) == (entry["setting"], entry["seed"],
+                                                              peer.ours)):  # fmt: skip
+            return {"method": peer.ours, "accuracy": r["metrics"]["accuracy"],
+                    "merge_wall_s": r["timings"]["merge_wall_s"]}  # fmt: skip
+    return None
+
+
+def _peers_section(doc: dict[str, Any]) -> list[str]:
+    """The peers' own code beside ours: a table, each entry's call and inputs (a peer that
+    reads data: whether its batches are our runs', by sha256), and exactly why a peer did
+    not run."""
+    peers = doc["peers"]
+    ours_data = {(e["setting"], e["seed"]): e["data"]["sha256"] for e in doc["endpoints"]}
     lines = ["## Peers", ""]
     entries = peers["runs"]
     if not entries:
@@ -375,27 +394,38 @@ def _peers_section(peers: dict[str, Any]) -> list[str]:
     rows, notes = [], []
     for e in entries:
         ok = e["status"] == "ok"
-        ours = e["ours"] or {}
+        ours = e["ours"] or (_ours_by_label(doc, e) if ok else None) or {}
+        ratio = e["ratio"]
+        if ratio is None and ours and ok and ours["merge_wall_s"] > 0:
+            ratio = e["seconds"] / ours["merge_wall_s"]
         rows.append([
             e["peer"], e["setting"], str(e["seed"]), e["version"] or "-", e["status"],
             _pct([e["metrics"]["accuracy"]]) if ok else "-",
             f"{e['seconds']:.3f}" if ok else "-",
             ours.get("method", "-"), _pct([ours["accuracy"]]) if ours else "-",
             f"{ours['merge_wall_s']:.3f}" if ours else "-",
-            f"{e['ratio']:.2f}" if e["ratio"] is not None else "-",
+            f"{ratio:.2f}" if ratio is not None else "-",
         ])  # fmt: skip
         what = f"- {e['peer']} ({e['setting']} seed {e['seed']}): "
         if ok:
             shas = ", ".join(s[:12] for s in e["checkpoints"])
             found = f"{e['permutations']} permutations found; " if e.get("permutations") else ""
             where = e.get("imported_from") or e.get("folder", "?")
-            notes.append(what + f"`{e.get('call', '')}` on checkpoints {shas}; {found}"
+            data = ""
+            if e.get("data"):
+                same = e["data"]["sha256"] == ours_data.get((e["setting"], e["seed"]))
+                data = (f"merge data: {e['data']['n']} examples, sha256 "
+                        f"{e['data']['sha256'][:12]}, "
+                        f"{'the same as' if same else 'NOT the same as'} our runs'; ")  # fmt: skip
+            notes.append(what + f"`{e.get('call', '')}` on checkpoints {shas}; {found}{data}"
                          f"package from {where}.")  # fmt: skip
         else:
             install = f" Install: `{e['install']}`." if e.get("install") else ""
             notes.append(what + f"{e['status']}: {e['reason']}.{install}")
     lines += _table(["peer", "setting", "seed", "version", "status", "accuracy %", "seconds",
                      "ours", "ours accuracy %", "ours s", "ratio"], rows, 5)  # fmt: skip
+    shims = {e["peer"]: e["notes"] for e in entries if e.get("notes")}  # once per peer
+    notes += [f"- {name}, how it was run: {text}." for name, text in shims.items()]
     lines += ["", *notes, "", f"Other peers: {peers['reason']}."]
     return lines
 

@@ -1,0 +1,213 @@
+"""The official-PLeaS peer: without the peer installed (CI never has it), a missing or broken
+peer folder is recorded as "not run" with the reason and how to unpack it, and the state-dict
+converter is exact; with the peer unpacked, one end-to-end run on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from symmerge.io import load_checkpoint, save_checkpoint
+from symmerge.models import create_model
+from symmerge.report import peer_pleas, peers
+from symmerge.report.checkpoints import file_sha256
+
+
+def _checkpoints(tmp_path: Path, n: int = 2, width: int = 8) -> list[Path]:
+    paths = []
+    for k in range(n):
+        torch.manual_seed(k)
+        model, config = create_model("mlp", width=width, depth=2)
+        paths.append(save_checkpoint(tmp_path / f"m{k}.safetensors", model, config, {}))
+    return paths
+
+
+def _never(model: torch.nn.Module) -> dict:
+    raise AssertionError("a peer that did not run has nothing to evaluate")
+
+
+def test_missing_folder_is_not_run_with_the_reason_and_unpack_command(tmp_path: Path) -> None:
+    paths = _checkpoints(tmp_path)
+    folder = tmp_path / "peers" / "pleas"
+    entry = peer_pleas.run_pleas(paths, _never, seed=0, setting="cross-dataset", folder=folder,
+                                 threads=1)  # fmt: skip
+    assert entry["peer"] == "pleas-official" and entry["status"] == "not run"
+    assert entry["reason"] == (f"no official PLeaS source in {folder} (expected "
+                               f"{folder}/src/pleas)")  # fmt: skip
+    assert entry["metrics"] is None and entry["seconds"] is None and entry["version"] is None
+    assert entry["data"] is None and entry["folder"] == str(folder)
+    assert "SewoongLab/PLeaS-Merging" in entry["install"]
+    assert f"archive HEAD | tar -x -C {folder}/src" in entry["install"]
+    assert f"rev-parse HEAD > {folder}/COMMIT" in entry["install"]
+    assert entry["checkpoints"] == [file_sha256(p) for p in paths]
+    assert f"MAX_STEPS={peer_pleas.MAX_STEPS}" in entry["call"]
+    assert (
+        "merging='perm_gradmask'" in entry["call"] and "separate_classifier=False" in entry["call"]
+    )
+    assert entry["stubs"] == ["gurobipy", "sklearn.model_selection", "torchmetrics"]
+    assert all(m in entry["notes"] for m in entry["stubs"]) and "Tensor.cuda" in entry["notes"]
+
+
+def test_default_folder_is_under_the_peer_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    monkeypatch.setenv(peers.PEERS_ENV, str(tmp_path / "root"))
+    entry = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0, setting="cross-dataset")
+    assert entry["status"] == "not run" and entry["folder"] == str(tmp_path / "root" / "pleas")
+
+
+def test_broken_source_is_not_run_with_the_import_error(tmp_path: Path) -> None:
+    folder = tmp_path / "pleas"
+    (folder / "src" / "pleas").mkdir(parents=True)
+    (folder / "src" / "pleas" / "__init__.py").write_text("raise ImportError('broken on purpose')")
+    (folder / "COMMIT").write_text("0123abc\n")
+    entry = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0,
+                                 setting="cross-dataset", folder=folder)  # fmt: skip
+    assert entry["status"] == "not run"
+    assert entry["reason"].startswith(f"cannot import the official PLeaS from {folder}: ")
+    assert "broken on purpose" in entry["reason"]
+    assert entry["package"].endswith("@0123abc") and entry["version"] == "0123abc"
+
+
+def test_settings_at_other_budgets_are_not_run(tmp_path: Path) -> None:
+    entry = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0, setting="budgets",
+                                 folder=tmp_path / "absent")  # fmt: skip
+    assert entry["status"] == "not run"
+    assert entry["reason"].startswith("the official PLeaS runs the full merge (1x) only")
+    assert "[1.0, 1.5, 2.0]" in entry["reason"]
+
+
+def test_state_dict_round_trip_is_exact_on_the_setting_architecture() -> None:
+    torch.manual_seed(0)
+    model, _ = create_model("mlp")  # 784-512-512-512-10, the cross-dataset setting's
+    ours = model.state_dict()
+    theirs = peer_pleas.to_pleas_model(model)
+    assert theirs is not model and not theirs.training
+    assert isinstance(model.layers[0], torch.nn.Flatten)  # ours untouched
+    assert isinstance(theirs.layers[0], torch.nn.Identity)
+    x = torch.randn(5, 1, 28, 28)
+    xp = peer_pleas.to_pleas_inputs(model, x)
+    assert xp.shape == (5, 784)
+    with torch.no_grad():
+        assert torch.equal(theirs(xp), model(x))  # the same function, exactly
+    back = peer_pleas.from_pleas_state_dict(theirs.state_dict(), ours)
+    assert list(back) == list(ours) and back["layers.7.weight"].shape == (10, 512)
+    assert all(torch.equal(back[k], ours[k]) for k in ours)
+    # the way their partial merge stores tensors (new frozen Parameters) converts the same
+    theirs.layers[1].weight = torch.nn.Parameter(ours["layers.1.weight"].clone(),
+                                                 requires_grad=False)  # fmt: skip
+    back = peer_pleas.from_pleas_state_dict(theirs.state_dict(), ours)
+    assert torch.equal(back["layers.1.weight"], ours["layers.1.weight"])
+    assert back["layers.1.weight"].is_contiguous() and not back["layers.1.weight"].requires_grad
+
+
+def test_converter_refuses_other_names_and_shapes() -> None:
+    small, _ = create_model("mlp", width=4, depth=1)
+    wide, _ = create_model("mlp", width=8, depth=1)
+    ours = small.state_dict()
+    with pytest.raises(ValueError, match=r"extra \['extra.weight'\]"):
+        peer_pleas.from_pleas_state_dict({**ours, "extra.weight": torch.zeros(1)}, ours)
+    with pytest.raises(ValueError, match="shapes differ"):
+        peer_pleas.from_pleas_state_dict(wide.state_dict(), ours)
+
+
+def test_cycled_batches_repeat_in_order() -> None:
+    data = [("a", 0), ("b", 1), ("c", 2)]
+    assert peer_pleas._cycled(data, 7) == [data[i % 3] for i in range(7)]
+    assert peer_pleas._cycled(data, 2) == data[:2]
+
+
+def test_shims_stub_only_missing_modules_in_a_subprocess() -> None:
+    code = (
+        "import json, torch; from symmerge.report.peer_pleas import _install_shims; "
+        "s = _install_shims(); import gurobipy, torchmetrics; "
+        "from sklearn.model_selection import train_test_split; t = torch.zeros(2); "
+        "m = torch.nn.Linear(2, 2)\n"
+        "try:\n gurobipy.Model()\n raised = False\n"
+        "except RuntimeError:\n raised = True\n"
+        "print(json.dumps({'stubbed': s, 'raised': raised, 'same': t.cuda() is t, "
+        "'module': m.cuda() is m, 'again': _install_shims()}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=True)  # fmt: skip
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    import importlib.util
+
+    missing = [
+        m for m in peer_pleas.PLEAS_STUBS if importlib.util.find_spec(m.split(".")[0]) is None
+    ]
+    assert out["stubbed"] == missing and out["again"] == missing
+    assert out["same"] and out["module"]
+    assert out["raised"] == ("gurobipy" in missing)
+
+
+def test_peer_entries_name_no_machine_paths(tmp_path: Path) -> None:
+    home = str(Path.home())
+    folder = Path.home() / ".cache" / "symmerge" / "no-such-peer-root" / "pleas"
+    assert not folder.exists()
+    entry = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0,
+                                 setting="cross-dataset", folder=folder)  # fmt: skip
+    assert entry["status"] == "not run"
+    assert entry["folder"] == "~/.cache/symmerge/no-such-peer-root/pleas"
+    texts = [v for v in entry.values() if isinstance(v, str)]
+    assert not any(home + "/" in t or sys.executable in t for t in texts)
+    assert entry["reason"].startswith("no official PLeaS source in ~/.cache/symmerge/")
+
+
+def _peer_folder() -> Path:
+    return peers.default_peer_root() / "pleas"
+
+
+@pytest.mark.skipif(not (_peer_folder() / "src" / "pleas").is_dir(),
+                    reason="the official PLeaS code is not unpacked in the peer root "
+                    "(see peer_pleas.pleas_install_command)")  # fmt: skip
+def test_real_peer_end_to_end_on_tiny_inputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    paths = _checkpoints(tmp_path, width=16)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g))
+               for _ in range(2)]  # fmt: skip
+    record = {"n": 64, "sha256": "tiny"}
+    calls = []
+
+    def fake_data(setting: str, seed: int, checkpoints: list[Path]) -> tuple[list, dict]:
+        calls.append((setting, seed, [Path(p) for p in checkpoints]))
+        return batches, record
+
+    monkeypatch.setattr(peer_pleas, "setting_data", fake_data)
+    seen: list[torch.nn.Module] = []
+
+    def evaluate(model: torch.nn.Module) -> dict:
+        seen.append(model)
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        with torch.no_grad():
+            return {"accuracy": float((model(x).argmax(1) == y).float().mean())}
+
+    entry = peer_pleas.run_pleas(paths, evaluate, seed=0, setting="cross-dataset",
+                                 folder=_peer_folder(), threads=1)  # fmt: skip
+    assert entry["status"] == "ok", entry["reason"]
+    assert calls == [("cross-dataset", 0, paths)] and entry["data"] == record
+    assert entry["version"] and entry["package"].endswith("@" + entry["version"])
+    assert entry["seconds"] == entry["timings"]["total_s"] > 0
+    assert entry["timings"]["adam_s"] > 0 and entry["timings"]["first_call_s"] > 0
+    assert entry["adam_steps"] == peer_pleas.MAX_STEPS + 1
+    assert len(entry["loss"]["every_20_steps"]) == peer_pleas.MAX_STEPS // 20
+    conv = entry["conversion"]
+    assert conv["converted_vs_ours_max_abs_logit_diff"] == 0.0
+    assert conv["self_merge_vs_model_a_max_abs_logit_diff"] == 0.0
+    assert conv["permuted_model_b_vs_model_b_max_abs_logit_diff"] < 1e-5
+    assert sorted(conv["groups"].values()) == [16, 16]  # one group per hidden layer
+    assert 0.0 <= entry["metrics"]["accuracy"] <= 1.0
+    # the merged model is checkpoint 0's architecture with new weights
+    (merged,) = seen
+    a = load_checkpoint(paths[0])[0].state_dict()
+    assert merged.state_dict().keys() == a.keys()
+    assert all(merged.state_dict()[k].shape == v.shape for k, v in a.items())
+    assert not torch.equal(merged.state_dict()["layers.1.weight"], a["layers.1.weight"])
