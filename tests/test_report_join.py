@@ -63,3 +63,16 @@ def test_chunks_of_two_folders_join_into_one_report(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="both folders finished same-task seed 0"):
         join(json.loads(before), other, "test")
     assert (tmp_path / "a" / "results.json").read_text() == after
+    # a folder that re-ran a setting after the copy was made holds the newer runs: they win,
+    # whichever side they are on; both re-running it is refused
+    rerun = json.loads(json.dumps(other))
+    call = {**rerun["meta"]["calls"][-1], "date": "9999", "settings": ["same-task"]}
+    rerun["meta"]["calls"].append(call)
+    taken = join(json.loads(before), rerun, "test")
+    assert _numbers(taken)[0] == _numbers(rerun)[0] != _numbers(json.loads(before))[0]
+    with pytest.raises(ReportError, match="nothing to join"):  # no conflict: the base's win
+        join(rerun, second, "test")
+    both = json.loads(json.dumps(second))
+    both["meta"]["calls"].append({**call, "date": "9998"})
+    with pytest.raises(ReportError, match="both folders finished same-task seed 0"):
+        join(both, rerun, "test")

@@ -6,7 +6,9 @@ two calls must not share a folder; each runs in a copy of the report folder inst
 ``symmerge report -o BASE --join OTHER`` adds to ``BASE`` the settings and seeds that
 ``OTHER`` finished and ``BASE`` lacks (runs, endpoints and peer runs, with the calls that
 made them). Folders of another scale, methods, seeds, code or training code, settings whose
-definitions differ, and a setting and seed finished in both with other runs are refused: a
+definitions differ, and a setting and seed finished in both with other runs are refused
+unless exactly one of the folders ran that setting again after the calls the two share (a copy
+that re-ran it after the copy was made): that folder's runs are the newer ones and are kept. A
 joined document never mixes code or configurations. A setting and seed ``OTHER`` did not
 finish is left out. Joining copies runs as they are, so this module stays outside the runs'
 code version (:data:`symmerge.report.provenance.MERGE_CODE_EXCLUDED`).
@@ -43,7 +45,15 @@ def _done(meta: dict[str, Any]) -> set[tuple[str, int]]:
     return {(n, sd) for n, seeds in meta.get("seeds_done", {}).items() for sd in seeds}
 
 
-def _check(base: dict[str, Any], other: dict[str, Any]) -> None:
+def _rerun(meta: dict[str, Any], shared: set[str]) -> set[str]:
+    """The settings a folder's calls ran after the calls it shares with the other folder."""
+    return {n for c in meta["calls"] if json.dumps(c, sort_keys=True) not in shared
+            for n in c["settings"]}  # fmt: skip
+
+
+def _check(base: dict[str, Any], other: dict[str, Any]) -> set[tuple[str, int]]:
+    """Refuse folders that cannot join; returns the settings and seeds both finished that
+    ``other`` alone ran again since they parted (its runs replace ``base``'s)."""
     a, b = base["meta"], other["meta"]
     differs = [f"{k}: {a['config'][k]} and {b['config'][k]}" for k in CONFIG_KEYS
                if a["config"][k] != b["config"][k]]  # fmt: skip
@@ -52,22 +62,31 @@ def _check(base: dict[str, Any], other: dict[str, Any]) -> None:
                 if _definition(a["settings"][n]) != _definition(b["settings"][n])]  # fmt: skip
     if differs:
         raise ReportError(f"cannot join: the folders differ in {'; '.join(differs)}")
+    shared = {json.dumps(c, sort_keys=True) for c in a["calls"]}
+    shared &= {json.dumps(c, sort_keys=True) for c in b["calls"]}
+    mine_again, theirs_again = _rerun(a, shared), _rerun(b, shared)
+    newer = set()
     for name, seed in sorted(_done(a) & _done(b)):
         for part in (*PARTS, "peers"):
             mine = base[part]["runs"] if part == "peers" else base[part]
             theirs = other[part]["runs"] if part == "peers" else other[part]
-            if _of(mine, {(name, seed)}) != _of(theirs, {(name, seed)}):
-                raise ReportError(
-                    f"cannot join: both folders finished {name} seed {seed} with other {part}; "
-                    "keep one of them (rerun it in one folder with --resume)"
-                )
+            if _of(mine, {(name, seed)}) == _of(theirs, {(name, seed)}):
+                continue
+            if (name in mine_again) != (name in theirs_again):  # one side's runs are newer
+                newer |= {(name, seed)} if name in theirs_again else set()
+                continue
+            raise ReportError(
+                f"cannot join: both folders finished {name} seed {seed} with other {part}; "
+                "keep one of them (rerun it in one folder with --resume)"
+            )
+    return newer
 
 
 def join(base: dict[str, Any], other: dict[str, Any], command: str) -> dict[str, Any]:
     """``base`` with the settings and seeds ``other`` finished and ``base`` lacks."""
-    _check(base, other)
+    newer = _check(base, other)
     a, b = base["meta"], other["meta"]
-    added = _done(b) - _done(a)
+    added = (_done(b) - _done(a)) | newer
     if not added:
         raise ReportError("nothing to join: the other folder finished nothing this one lacks")
     latest = max(a, b, key=lambda m: m["date"])
