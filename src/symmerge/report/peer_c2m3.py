@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import random
 import string
-import subprocess
 import sys
-import tempfile
 import time
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from symmerge.report.checkpoints import file_sha256
-from symmerge.report.peers import _env, _tail, default_peer_root, portable_paths, run_worker
+from symmerge.report.peers import (
+    default_peer_root,
+    peer_commit,
+    peer_env,
+    portable_paths,
+    probe_source,
+    run_worker,
+)
 
 __all__ = [
     "C2M3_CALL",
@@ -91,6 +95,8 @@ C2M3_NOTES = (
     "the git root of the working folder at import)"
 )
 
+#: The subprocess's environment beside :func:`symmerge.report.peers.peer_env`'s.
+ENV = {"GIT_PYTHON_REFRESH": "quiet"}
 _PROBE = "from symmerge.report.peer_c2m3 import _c2m3_probe; _c2m3_probe()"
 _WORKER = "from symmerge.report.peer_c2m3 import _c2m3_worker; _c2m3_worker()"
 _PARAMS = ("weight", "bias")
@@ -126,36 +132,10 @@ def from_c2m3_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {f"layers.{2 * k + 1}.{p}": state[f"layer{k}.{p}"] for k in range(n) for p in _PARAMS}
 
 
-def _peer_env(folder: Path, threads: int) -> dict[str, str]:
-    env = _env(folder / "site", threads)
-    env["PYTHONPATH"] = os.pathsep.join((str(folder / "src"), env["PYTHONPATH"]))
-    env.update(TQDM_DISABLE="1", GIT_PYTHON_REFRESH="quiet", PYTHONFAULTHANDLER="1")
-    return env
-
-
-def _commit(folder: Path) -> str | None:
-    try:
-        return (folder / "COMMIT").read_text().strip() or None
-    except OSError:
-        return None
-
-
 def probe_c2m3(folder: Path) -> tuple[str | None, str | None, str | None]:
     """``(commit, imported_from, None)`` when their merger imports in the peer's environment
-    (with the shims), else ``(None, None, reason)``; a subprocess, so nothing is imported
-    here. ``commit`` is ``folder/COMMIT``'s content (None when absent)."""
-    if not (folder / "src" / "ccmm").is_dir():
-        return None, None, f"no official C2M3 source in {folder} (expected {folder}/src/ccmm)"
-    try:
-        with tempfile.TemporaryDirectory(prefix="symmerge-peer-") as tmp:
-            proc = subprocess.run([sys.executable, "-c", _PROBE], env=_peer_env(folder, 1),
-                                  cwd=tmp, capture_output=True, text=True, timeout=300)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, None, f"probing the official C2M3 failed: {type(exc).__name__}: {exc}"
-    if proc.returncode != 0:
-        why = _tail(proc.stderr, 1)
-        return None, None, f"cannot import the official C2M3 from {folder}: {why}"
-    return _commit(folder), proc.stdout.strip().splitlines()[-1], None
+    (with the shims), else ``(None, None, reason)`` (:func:`symmerge.report.peers.probe_source`)."""
+    return probe_source(folder, "C2M3", "ccmm", _PROBE, **ENV)
 
 
 @portable_paths
@@ -184,7 +164,7 @@ def run_c2m3(
     """
     folder = Path(folder) if folder is not None else default_peer_root() / "c2m3"
     threads = threads or torch.get_num_threads()
-    commit = _commit(folder)
+    commit = peer_commit(folder)
     entry: dict[str, Any] = {
         "peer": "c2m3-official", "package": f"{REPO}@{commit or 'unknown commit'}",
         "version": commit, "status": "not run", "reason": None,
@@ -200,7 +180,7 @@ def run_c2m3(
     entry.update(version=version, imported_from=source)
     job = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints],
            "sha256": entry["checkpoints"], "seed": seed, "threads": threads}  # fmt: skip
-    fields, result = run_worker(_WORKER, job, _peer_env(folder, threads), checkpoints[0],
+    fields, result = run_worker(_WORKER, job, peer_env(folder, threads, **ENV), checkpoints[0],
                                 evaluate, timeout=timeout)  # fmt: skip
     if result is None:
         return {**entry, **fields}

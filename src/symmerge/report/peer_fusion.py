@@ -31,16 +31,11 @@ share of that class's training data. The entry records which head ours used
 from __future__ import annotations
 
 import contextlib
-import importlib.machinery
-import importlib.util
 import io
 import json
 import re
-import subprocess
 import sys
-import tempfile
 import time
-import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,13 +45,17 @@ from torch import Tensor, nn
 
 from symmerge.report.checkpoints import file_sha256
 from symmerge.report.peers import (
-    _env,
-    _tail,
     default_peer_root,
+    find_setting,
+    import_stub,
     load_batches,
+    peer_commit,
+    peer_env,
     portable_paths,
+    probe_source,
     run_worker,
     setting_data,
+    unavailable,
 )
 
 __all__ = [
@@ -239,37 +238,10 @@ def _max_logit_diff(a: nn.Module, b: nn.Module, x: Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _commit(folder: Path) -> str | None:
-    try:
-        return (folder / "COMMIT").read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _peer_env(folder: Path, threads: int) -> dict[str, str]:
-    env = _env(folder / "src", threads)
-    env["PYTHONFAULTHANDLER"] = "1"
-    return env
-
-
 def probe_fusion(folder: Path) -> tuple[str | None, str | None, str | None]:
-    """``(commit, imported_from, None)`` when their ``LSFusion`` imports in the peer's
-    environment, else ``(None, None, reason)``; a subprocess, so nothing is imported here.
-    ``commit`` is ``folder/COMMIT``'s content (None when absent)."""
-    if not (folder / "src" / "fusion_algorithms" / "hf_kf.py").is_file():
-        return None, None, (f"no official neuron-interpolation source in {folder} (expected "
-                            f"{folder}/src/fusion_algorithms/hf_kf.py)")  # fmt: skip
-    try:
-        with tempfile.TemporaryDirectory(prefix="symmerge-peer-") as tmp:
-            proc = subprocess.run([sys.executable, "-c", _PROBE], env=_peer_env(folder, 1),
-                                  cwd=tmp, capture_output=True, text=True, timeout=300)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, None, (f"probing the official neuron-interpolation code failed: "
-                            f"{type(exc).__name__}: {exc}")  # fmt: skip
-    if proc.returncode != 0:
-        why = f"cannot import the official neuron-interpolation code from {folder}: "
-        return None, None, why + _tail(proc.stderr, 1)
-    return _commit(folder), proc.stdout.strip().splitlines()[-1], None
+    """``(commit, imported_from, None)`` when their ``LSFusion`` imports in the peer's environment
+    (with the shims), else ``(None, None, reason)`` (:func:`symmerge.report.peers.probe_source`)."""
+    return probe_source(folder, "neuron-interpolation code", "fusion_algorithms/hf_kf.py", _PROBE)
 
 
 def ours_head(params: Mapping[str, Any], class_counts: Sequence[Any]) -> str:
@@ -284,20 +256,11 @@ def ours_head(params: Mapping[str, Any], class_counts: Sequence[Any]) -> str:
 
 def _kf_linear_params(setting: str, metas: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The setting's keywords for ``kf-linear`` at the scale whose sources are these
-    checkpoints (as :func:`setting_data` finds it; none when no single scale fits)."""
-    from symmerge.report.settings import SCALES, settings_for
-
-    found = [(m.get("model_name") or (m.get("recipe") or {}).get("model"), m.get("dataset"))
-             for m in metas]  # fmt: skip
-    fits = []
-    for scale in SCALES:
-        try:
-            defined = settings_for(scale).get(setting)
-        except NotImplementedError:
-            continue
-        if defined is not None and [(s.model, s.dataset) for s in defined.sources] == found:
-            fits.append(defined)
-    return dict(fits[0].params.get("kf-linear", {})) if len(fits) == 1 else {}
+    checkpoints (:func:`symmerge.report.peers.find_setting`; none when no single scale fits)."""
+    try:
+        return dict(find_setting(setting, metas).params.get("kf-linear", {}))
+    except ValueError:
+        return {}
 
 
 @portable_paths
@@ -331,7 +294,7 @@ def run_fusion(
 
     folder = Path(folder) if folder is not None else default_peer_root() / SUBFOLDER
     threads = threads or torch.get_num_threads()
-    commit = _commit(folder)
+    commit = peer_commit(folder)
     metas = [read_checkpoint_metadata(p) for p in checkpoints]
     head = ours_head(_kf_linear_params(setting, metas), [m.get("class_counts") for m in metas])
     notes = FUSION_NOTES + (
@@ -367,7 +330,7 @@ def run_fusion(
     job = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints],
            "sha256": entry["checkpoints"], "threads": threads,
            "source": str((folder / "src").resolve())}  # fmt: skip
-    fields, result = run_worker(_WORKER, job, _peer_env(folder, threads), checkpoints[0],
+    fields, result = run_worker(_WORKER, job, peer_env(folder, threads), checkpoints[0],
                                 evaluate, timeout=timeout, data=batches)  # fmt: skip
     if result is None:
         return {**entry, **fields}
@@ -381,34 +344,15 @@ def run_fusion(
 # ---------------------------------------------------------------------------------------------
 
 
-def _stub(module: str, attrs: Sequence[str]) -> bool:
-    """Register an import stub for ``module`` when its top package is not installed."""
-    if importlib.util.find_spec(module.split(".")[0]) is not None:
-        return False
-    parts = module.split(".")
-    for i in range(1, len(parts) + 1):
-        name = ".".join(parts[:i])
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = []
-            mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-            sys.modules[name] = mod
-            if i > 1:
-                setattr(sys.modules[".".join(parts[: i - 1])], parts[i - 1], mod)
-
-    def unavailable(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(f"{module} is an import stub of symmerge's fusion peer")
-
-    for a in attrs:
-        setattr(sys.modules[module], a, unavailable)
-    return True
-
-
 def _import_peer(source: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """Their ``LSFusion``, ``BaseModel``, representations and ``set_seed`` (their top-level
     packages ``fusion_algorithms``, ``models``, ``utils``, from ``PYTHONPATH``), and the import
     stubs used. With ``source``, the modules must come from there (not from namesakes)."""
-    stubs = [f"{_CAPTUM[0]} ({', '.join(_CAPTUM[1])})"] if _stub(*_CAPTUM) else []
+    stubs = (
+        [f"{_CAPTUM[0]} ({', '.join(_CAPTUM[1])})"]
+        if import_stub(_CAPTUM[0], {a: unavailable(f"{_CAPTUM[0]}.{a}") for a in _CAPTUM[1]})
+        else []
+    )
     from fusion_algorithms import hf_kf  # type: ignore[import-not-found]
     from models import base_model  # type: ignore[import-not-found]
     from utils import general_utils  # type: ignore[import-not-found]

@@ -31,9 +31,7 @@ import importlib.util
 import io
 import json
 import re
-import subprocess
 import sys
-import tempfile
 import time
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -45,13 +43,16 @@ from torch import Tensor, nn
 
 from symmerge.report.checkpoints import file_sha256
 from symmerge.report.peers import (
-    _env,
-    _tail,
     default_peer_root,
+    import_stub,
     load_batches,
+    peer_commit,
+    peer_env,
     portable_paths,
+    probe_source,
     run_worker,
     setting_data,
+    unavailable,
 )
 
 __all__ = [
@@ -168,35 +169,10 @@ def from_pleas_state_dict(
     return {k: state[k].detach().to(reference[k].dtype).contiguous() for k in reference}
 
 
-def _peer_env(folder: Path, threads: int) -> dict[str, str]:
-    env = _env(folder / "src", threads)
-    env.update(TQDM_DISABLE="1", PYTHONFAULTHANDLER="1")
-    return env
-
-
-def _commit(folder: Path) -> str | None:
-    try:
-        return (folder / "COMMIT").read_text().strip() or None
-    except OSError:
-        return None
-
-
 def probe_pleas(folder: Path) -> tuple[str | None, str | None, str | None]:
     """``(commit, imported_from, None)`` when their package imports in the peer's environment
-    (with the shims), else ``(None, None, reason)``; a subprocess, so nothing is imported
-    here. ``commit`` is ``folder/COMMIT``'s content (None when absent)."""
-    if not (folder / "src" / "pleas").is_dir():
-        return None, None, f"no official PLeaS source in {folder} (expected {folder}/src/pleas)"
-    try:
-        with tempfile.TemporaryDirectory(prefix="symmerge-peer-") as tmp:
-            proc = subprocess.run([sys.executable, "-c", _PROBE], env=_peer_env(folder, 1),
-                                  cwd=tmp, capture_output=True, text=True, timeout=300)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, None, f"probing the official PLeaS failed: {type(exc).__name__}: {exc}"
-    if proc.returncode != 0:
-        why = _tail(proc.stderr, 1)
-        return None, None, f"cannot import the official PLeaS from {folder}: {why}"
-    return _commit(folder), proc.stdout.strip().splitlines()[-1], None
+    (with the shims), else ``(None, None, reason)`` (:func:`symmerge.report.peers.probe_source`)."""
+    return probe_source(folder, "PLeaS", "pleas", _PROBE)
 
 
 def _budgets_reason(setting: str) -> str | None:
@@ -244,7 +220,7 @@ def run_pleas(
     """
     folder = Path(folder) if folder is not None else default_peer_root() / "pleas"
     threads = threads or torch.get_num_threads()
-    commit = _commit(folder)
+    commit = peer_commit(folder)
     entry: dict[str, Any] = {
         "peer": "pleas-official", "package": f"{REPO}@{commit or 'unknown commit'}",
         "version": commit, "status": "not run", "reason": None,
@@ -269,7 +245,7 @@ def run_pleas(
     entry["data"] = record
     job = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints],
            "sha256": entry["checkpoints"], "seed": seed, "threads": threads}  # fmt: skip
-    fields, result = run_worker(_WORKER, job, _peer_env(folder, threads), checkpoints[0],
+    fields, result = run_worker(_WORKER, job, peer_env(folder, threads), checkpoints[0],
                                 evaluate, timeout=timeout, data=data)  # fmt: skip
     if result is None:
         return {**entry, **fields}
@@ -282,45 +258,15 @@ def run_pleas(
 # ---------------------------------------------------------------------------------------------
 
 
-def _unavailable(name: str) -> Callable[..., Any]:
-    def fn(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(f"{name} is an import stub of symmerge's PLeaS peer")
-
-    return fn
-
-
-def _stub(module: str, attrs: dict[str, Any]) -> bool:
-    """Register an import stub for ``module`` (and its parents) when it is not installed;
-    whether it did."""
-    top = module.split(".")[0]
-    ours = getattr(sys.modules.get(top), "_symmerge_stub", False)
-    if not ours and (top in sys.modules or importlib.util.find_spec(top) is not None):
-        return False  # installed: the real module
-    parts = module.split(".")
-    for i in range(1, len(parts) + 1):
-        name = ".".join(parts[:i])
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = []  # type: ignore[attr-defined]  # a package: submodules import
-            mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-            mod._symmerge_stub = True  # type: ignore[attr-defined]
-            sys.modules[name] = mod
-            if i > 1:
-                setattr(sys.modules[".".join(parts[: i - 1])], parts[i - 1], mod)
-    for a, v in attrs.items():
-        setattr(sys.modules[module], a, v)
-    return True
-
-
 def _install_shims() -> list[str]:
     """The shims of :data:`PLEAS_NOTES` (subprocess only); the modules stubbed."""
     grb = types.SimpleNamespace(CONTINUOUS="C", MAXIMIZE=-1)
     attrs = {
-        "gurobipy": {"Model": _unavailable("gurobipy.Model"), "GRB": grb},
-        "sklearn.model_selection": {"train_test_split": _unavailable("train_test_split")},
-        "torchmetrics": {"Accuracy": _unavailable("torchmetrics.Accuracy")},
+        "gurobipy": {"Model": unavailable("gurobipy.Model"), "GRB": grb},
+        "sklearn.model_selection": {"train_test_split": unavailable("train_test_split")},
+        "torchmetrics": {"Accuracy": unavailable("torchmetrics.Accuracy")},
     }
-    stubbed = [m for m in PLEAS_STUBS if _stub(m, attrs[m])]
+    stubbed = [m for m in PLEAS_STUBS if import_stub(m, attrs[m])]
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
     nn.Module.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
     return stubbed

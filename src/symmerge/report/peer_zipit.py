@@ -23,16 +23,10 @@ in the subprocess only (:data:`ZIPIT_NOTES`), never by editing their files.
 from __future__ import annotations
 
 import copy
-import importlib.machinery
-import importlib.util
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
-import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -44,12 +38,15 @@ from torch import Tensor, nn
 from symmerge.report.checkpoints import file_sha256
 from symmerge.report.peers import (
     DEFAULT_TIMEOUT,
-    _env,
-    _tail,
     default_peer_root,
+    import_stub,
+    peer_commit,
+    peer_env,
     portable_paths,
+    probe_source,
     run_worker,
     setting_data,
+    unavailable,
 )
 
 __all__ = [
@@ -109,6 +106,8 @@ ZIPIT_NOTES = (
     "are as loaded, the data are the report's merge batches, the heads each model's own"
 )
 
+#: The subprocess's environment beside :func:`symmerge.report.peers.peer_env`'s.
+ENV = {"MPLBACKEND": "Agg"}
 _PROBE = "from symmerge.report.peer_zipit import _zipit_probe; _zipit_probe()"
 _WORKER = "from symmerge.report.peer_zipit import _zipit_worker; _zipit_worker()"
 #: Our ResNet-20's parameter and buffer names (BatchNorm); anything else is not converted.
@@ -188,38 +187,10 @@ def from_zipit_state_dict(
     return out
 
 
-def _peer_env(folder: Path, threads: int) -> dict[str, str]:
-    env = _env(folder / "src", threads)
-    if (folder / "site").is_dir():
-        env["PYTHONPATH"] = os.pathsep.join((str(folder / "site"), env["PYTHONPATH"]))
-    env.update(TQDM_DISABLE="1", MPLBACKEND="Agg", PYTHONFAULTHANDLER="1")
-    return env
-
-
-def _commit(folder: Path) -> str | None:
-    try:
-        return (folder / "COMMIT").read_text().strip() or None
-    except OSError:
-        return None
-
-
 def probe_zipit(folder: Path) -> tuple[str | None, str | None, str | None]:
-    """``(commit, imported_from, None)`` when their modules import in the peer's environment
-    (with the stubs), else ``(None, None, reason)``; a subprocess, so nothing is imported
-    here. ``commit`` is ``folder/COMMIT``'s content (None when absent)."""
-    if not (folder / "src" / "model_merger.py").is_file():
-        return None, None, f"no official ZipIt! source in {folder} (expected {folder}/src/" \
-                           "model_merger.py)"  # fmt: skip
-    try:
-        with tempfile.TemporaryDirectory(prefix="symmerge-peer-") as tmp:
-            proc = subprocess.run([sys.executable, "-c", _PROBE], env=_peer_env(folder, 1),
-                                  cwd=tmp, capture_output=True, text=True, timeout=300)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, None, f"probing the official ZipIt! failed: {type(exc).__name__}: {exc}"
-    if proc.returncode != 0:
-        why = _tail(proc.stderr, 1)
-        return None, None, f"cannot import the official ZipIt! from {folder}: {why}"
-    return _commit(folder), proc.stdout.strip().splitlines()[-1], None
+    """``(commit, imported_from, None)`` when their modules imports in the peer's environment
+    (with the shims), else ``(None, None, reason)`` (:func:`symmerge.report.peers.probe_source`)."""
+    return probe_source(folder, "ZipIt!", "model_merger.py", _PROBE, **ENV)
 
 
 def _outputs(path: Path) -> int:
@@ -261,7 +232,7 @@ def run_zipit(
     """
     folder = Path(folder) if folder is not None else default_peer_root() / "zipit"
     threads = threads or torch.get_num_threads()
-    commit = _commit(folder)
+    commit = peer_commit(folder)
     entry: dict[str, Any] = {
         "peer": "zipit-official", "package": f"{REPO}@{commit or 'unknown commit'}",
         "version": commit, "status": "not run", "reason": None,
@@ -286,7 +257,7 @@ def run_zipit(
     entry["data"] = record
     job = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints],
            "sha256": entry["checkpoints"], "seed": seed, "threads": threads}  # fmt: skip
-    fields, result = run_worker(_WORKER, job, _peer_env(folder, threads), checkpoints[0],
+    fields, result = run_worker(_WORKER, job, peer_env(folder, threads, **ENV), checkpoints[0],
                                 evaluate, timeout=timeout, data=data,
                                 num_outputs=outputs * len(checkpoints))  # fmt: skip
     if result is None:
@@ -296,42 +267,14 @@ def run_zipit(
         "merge_points", "checks")}}  # fmt: skip
 
 
-def _unavailable(name: str) -> Callable[..., Any]:
-    def fn(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(f"{name} is an import stub of symmerge's ZipIt! peer")
-
-    return fn
-
-
-def _stub(module: str, attrs: Sequence[str]) -> bool:
-    """Register an import stub for ``module`` (and its parents) when it is not installed;
-    True when stubbed."""
-    top = module.split(".")[0]
-    ours = getattr(sys.modules.get(top), "_symmerge_stub", False)
-    if not ours and importlib.util.find_spec(top) is not None:
-        return False
-    parts = module.split(".")
-    for i in range(1, len(parts) + 1):
-        name = ".".join(parts[:i])
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = []  # a package, so its submodules import
-            mod._symmerge_stub = True  # type: ignore[attr-defined]
-            # a spec without origin: importlib.util.find_spec (torch._dynamo asks for sklearn
-            # and einops) then sees a module with no files, not a broken one
-            mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-            sys.modules[name] = mod
-            if i > 1:
-                setattr(sys.modules[".".join(parts[: i - 1])], parts[i - 1], mod)
-    for a in attrs:
-        setattr(sys.modules[module], a, _unavailable(f"{module}.{a}"))
-    return True
-
-
 def _import_zipit() -> tuple[dict[str, Any], list[str]]:
     """Install the stubs of :data:`ZIPIT_STUBS` and import their modules (their ``src`` is on
     ``PYTHONPATH``). Returns the modules by role and the stubbed module names."""
-    stubbed = [m for m, attrs in ZIPIT_STUBS.items() if _stub(m, attrs)]
+    stubbed = [
+        m
+        for m, attrs in ZIPIT_STUBS.items()
+        if import_stub(m, {a: unavailable(f"{m}.{a}") for a in attrs})
+    ]
     warnings.filterwarnings("ignore", message=".*torch.cuda.amp.autocast.*")
     warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
     import graphs.resnet_graph as resnet_graph

@@ -26,6 +26,8 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -33,7 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from symmerge.report.checkpoints import file_sha256
+from symmerge.report.settings import Setting
 
 __all__ = [
     "PEERS",
@@ -56,8 +60,14 @@ __all__ = [
     "probe_rebasin",
     "run_rebasin",
     "run_worker",
+    "import_stub",
     "load_batches",
+    "peer_commit",
+    "peer_env",
+    "probe_source",
+    "unavailable",
     "save_batches",
+    "find_setting",
     "setting_data",
 ]
 
@@ -107,6 +117,85 @@ def _env(folder: Path, threads: int) -> dict[str, str]:
 def _tail(text: str, n: int = 6) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return " | ".join(lines[-n:])[:1000]
+
+
+def peer_commit(folder: Path) -> str | None:
+    """The peer repository's commit, recorded in ``folder/COMMIT`` when it was unpacked."""
+    try:
+        return (folder / "COMMIT").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def peer_env(folder: Path, threads: int, **variables: str) -> dict[str, str]:
+    """The environment of a peer repository's subprocess: its extra packages
+    (``folder/site``, when there) and its tree (``folder/src``) on ``PYTHONPATH``, ``threads``
+    torch threads, no progress bars, a traceback on a crash, and ``variables``."""
+    env = _env(folder / "src", threads)
+    if (folder / "site").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join((str(folder / "site"), env["PYTHONPATH"]))
+    env.update(TQDM_DISABLE="1", PYTHONFAULTHANDLER="1", **variables)
+    return env
+
+
+def probe_source(
+    folder: Path, name: str, marker: str, probe: str, **variables: str
+) -> tuple[str | None, str | None, str | None]:
+    """``(commit, imported_from, None)`` when the peer repository unpacked in ``folder``
+    (``folder/src/marker`` exists) imports in its environment (``probe``, Python code that
+    prints where it imported from last), else ``(None, None, reason)``; a subprocess, so
+    nothing is imported here. ``commit``: :func:`peer_commit`."""
+    if not (folder / "src" / marker).exists():
+        return None, None, f"no official {name} source in {folder} (expected {folder}/src/{marker})"
+    try:
+        with tempfile.TemporaryDirectory(prefix="symmerge-peer-") as tmp:
+            proc = subprocess.run([sys.executable, "-c", probe],
+                                  env=peer_env(folder, 1, **variables), cwd=tmp,
+                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, None, f"probing the official {name} failed: {type(exc).__name__}: {exc}"
+    if proc.returncode != 0:
+        return (
+            None,
+            None,
+            f"cannot import the official {name} from {folder}: " + _tail(proc.stderr, 1),
+        )
+    return peer_commit(folder), proc.stdout.strip().splitlines()[-1], None
+
+
+def unavailable(name: str) -> Callable[..., Any]:
+    """A function of an import stub: it raises if the peer's code ever calls it."""
+
+    def fn(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{name} is an import stub of a symmerge peer run")
+
+    return fn
+
+
+def import_stub(module: str, attrs: Mapping[str, Any]) -> bool:
+    """Register an import stub for ``module`` (and its parent packages) holding ``attrs``,
+    when its top package is not installed (in a peer's subprocess: a package its code imports
+    and never calls on our path); whether it did."""
+    top = module.split(".")[0]
+    ours = getattr(sys.modules.get(top), "_symmerge_stub", False)
+    if not ours and (top in sys.modules or importlib.util.find_spec(top) is not None):
+        return False  # installed: the real module
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__path__ = []  # type: ignore[attr-defined]  # a package: submodules import
+            # a spec without origin: importlib.util.find_spec (torch._dynamo asks for sklearn
+            # and einops) then sees a module with no files, not a broken one
+            mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            mod._symmerge_stub = True  # type: ignore[attr-defined]
+            sys.modules[name] = mod
+            if i > 1:
+                setattr(sys.modules[".".join(parts[: i - 1])], parts[i - 1], mod)
+    for a, v in attrs.items():
+        setattr(sys.modules[module], a, v)
+    return True
 
 
 def probe_rebasin(folder: Path) -> tuple[str | None, str | None, str | None]:
@@ -197,24 +286,13 @@ def run_rebasin(
     return {**entry, **fields, "permutations": result["permutations"]}
 
 
-def setting_data(
-    setting: str, seed: int, checkpoints: Sequence[Path]
-) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Any]]:
-    """The merge batches the report draws for ``setting`` at ``seed`` on these checkpoints,
-    drawn again, and their record (``n``, ``sha256``: the report compares it with the
-    endpoints' record), so a peer that reads data gets exactly what our runs got.
-
-    The setting's scale is the one whose sources are these checkpoints' models on their
-    datasets; the data root is ``$SYMMERGE_DATA`` (or the default), as for a report run
-    without ``--data-root``. Raises ``ValueError`` when no scale or several fit."""
-    from symmerge.io import load_checkpoint
-    from symmerge.report.runner import DATA_BATCH, _batches_sha256
+def find_setting(setting: str, metadata: Sequence[Mapping[str, Any]]) -> Setting:
+    """The definition of ``setting`` at the scale whose sources are the models and datasets
+    these checkpoints' ``metadata`` name. Raises ``ValueError`` when no scale or several fit."""
     from symmerge.report.settings import SCALES, settings_for
-    from symmerge.sources import data_source_batches
 
-    loaded = [load_checkpoint(p) for p in checkpoints]
-    found = [(meta.get("model_name") or (meta.get("recipe") or {}).get("model"),
-              meta.get("dataset")) for _, meta in loaded]  # fmt: skip
+    found = [(m.get("model_name") or (m.get("recipe") or {}).get("model"), m.get("dataset"))
+             for m in metadata]  # fmt: skip
     fits = []
     for scale in SCALES:
         try:
@@ -226,8 +304,28 @@ def setting_data(
     if len(fits) != 1:
         raise ValueError(f"cannot tell which scale's {setting!r} these checkpoints ({found}) "
                          f"belong to: {len(fits)} scales fit")  # fmt: skip
-    data = data_source_batches(fits[0].data, DATA_BATCH, samples=fits[0].samples, seed=seed,
-                               datasets=[d for _, d in found], model=loaded[0][0])  # fmt: skip
+    return fits[0]
+
+
+def setting_data(
+    setting: str, seed: int, checkpoints: Sequence[Path]
+) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Any]]:
+    """The merge batches the report draws for ``setting`` at ``seed`` on these checkpoints,
+    drawn again, and their record (``n``, ``sha256``: the report compares it with the
+    endpoints' record), so a peer that reads data gets exactly what our runs got.
+
+    The setting's scale is the one whose sources are these checkpoints' models on their
+    datasets (:func:`find_setting`); the data root is ``$SYMMERGE_DATA`` (or the default), as
+    for a report run without ``--data-root``."""
+    from symmerge.io import load_checkpoint
+    from symmerge.report.runner import DATA_BATCH, _batches_sha256
+    from symmerge.sources import data_source_batches
+
+    loaded = [load_checkpoint(p) for p in checkpoints]
+    defined = find_setting(setting, [meta for _, meta in loaded])
+    data = data_source_batches(defined.data, DATA_BATCH, samples=defined.samples, seed=seed,
+                               datasets=[meta.get("dataset") for _, meta in loaded],
+                               model=loaded[0][0])  # fmt: skip
     return data, {"n": sum(len(x) for x, _ in data), "sha256": _batches_sha256(data)}
 
 
