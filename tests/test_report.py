@@ -372,6 +372,28 @@ def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_peers_read_the_data_root_the_runs_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Peers redraw the merge data from $SYMMERGE_DATA (peers.setting_data): --data-root
+    must reach them too, not only the runs."""
+    import symmerge.report
+
+    seen = {}
+
+    def fake(output: Any, **kwargs: Any) -> dict:
+        seen.update(root=kwargs["data_root"], env=os.environ.get("SYMMERGE_DATA"))
+        raise ReportError("stopped here")
+
+    monkeypatch.setenv("SYMMERGE_DATA", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(symmerge.report, "run_report", fake)
+    given = tmp_path / "data"
+    result = CliRunner().invoke(main, ["report", "--data-root", str(given), "-o",
+                                       str(tmp_path / "r")])  # fmt: skip
+    assert result.exit_code != 0 and "stopped here" in result.output
+    assert seen == {"root": given, "env": str(given)}
+
+
 def test_results_of_another_schema_version_are_refused(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text(json.dumps({"schema_version": 0, "runs": []}))
     with pytest.raises(ReportError, match="schema_version 0"):
