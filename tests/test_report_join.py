@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from test_report import _numbers, needs_data
 
 from symmerge.cli import main
 from symmerge.report import ReportError, load_results, render_markdown, run_report
-from symmerge.report.join import join, join_reports
+from symmerge.report.join import join, join_reports, recorded_command
 
 METHODS = ["naive", "weight"]
 
@@ -42,6 +43,10 @@ def test_chunks_of_two_folders_join_into_one_report(tmp_path: Path) -> None:
     assert meta["settings_done"] == ["same-task", "disjoint-classes"]
     assert meta["calls"] == second["meta"]["calls"]  # the copy's first call is not repeated
     assert [j["settings"] for j in meta["joined"]] == [["disjoint-classes"]]
+    # the copies joined are named without this machine's temporary folder
+    typed = f"symmerge report -o a --join {tmp_path / 'b'}"
+    assert recorded_command(typed).startswith("symmerge report -o a --join $TMPDIR/")
+    assert tempfile.gettempdir() not in recorded_command(typed)
     assert _numbers(joined) == _numbers(second)  # as if the chunks ran in one folder
     assert [r["key"] for r in joined["runs"]] == [r["key"] for r in second["runs"]]
     assert meta["kept_runs"] == len(first["runs"])

@@ -17,6 +17,8 @@ code version (:data:`symmerge.report.provenance.MERGE_CODE_EXCLUDED`).
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from symmerge.report.runner import CONFIG_KEYS, finished_settings, save_in_order
 from symmerge.report.schema import RESULTS_FILE, ReportError, load_results
 from symmerge.report.settings import DESCRIPTION_FIELDS, settings_for
 
-__all__ = ["join", "join_reports"]
+__all__ = ["join", "join_reports", "recorded_command"]
 
 #: What both folders must share (beside the configuration, :data:`CONFIG_KEYS`).
 SAME_META = ("code_version", "training_code_version", "device")
@@ -73,7 +75,8 @@ def _check(base: dict[str, Any], other: dict[str, Any]) -> set[tuple[str, int]]:
             if _of(mine, {(name, seed)}) == _of(theirs, {(name, seed)}):
                 continue
             if (name in mine_again) != (name in theirs_again):  # one side's runs are newer
-                newer |= {(name, seed)} if name in theirs_again else set()
+                if name in theirs_again:
+                    newer.add((name, seed))
                 continue
             raise ReportError(
                 f"cannot join: both folders finished {name} seed {seed} with other {part}; "
@@ -130,6 +133,13 @@ def join(base: dict[str, Any], other: dict[str, Any], command: str) -> dict[str,
     return doc
 
 
+def recorded_command(command: str) -> str:
+    """``command`` as a results file records it: the folders joined are usually throw-away
+    copies in the temporary folder, named ``$TMPDIR/...`` rather than by this machine's
+    path."""
+    return command.replace(os.path.join(tempfile.gettempdir(), ""), "$TMPDIR/")
+
+
 def join_reports(
     base: str | Path, others: Sequence[str | Path], command: str | None = None
 ) -> dict[str, Any]:
@@ -140,7 +150,7 @@ def join_reports(
     if not path.exists():
         raise ReportError(f"cannot join into {base}: it has no {RESULTS_FILE}")
     doc = load_results(path)
-    command = command if command is not None else command_line()
+    command = recorded_command(command if command is not None else command_line())
     for other in others:
         if Path(other).resolve() == Path(base).resolve():
             raise ReportError(f"cannot join {other} into itself")
