@@ -256,23 +256,39 @@ def test_peer_entries_are_validated(report: tuple[Path, dict]) -> None:
 
 
 @needs_data
-def test_peers_draw_the_data_our_runs_got(report: tuple[Path, dict]) -> None:
-    folder, doc = report
-    for end in doc["endpoints"]:
-        files = [folder / s["file"] for s in end["sources"]]
-        batches, record = peers.setting_data(end["setting"], end["seed"], files)
-        assert record == {"n": end["data"]["n"], "sha256": end["data"]["sha256"]}
-        assert sum(len(x) for x, _ in batches) == record["n"]
-    # checkpoints of no scale's setting (a model the setting does not train) are refused
-    with pytest.raises(ValueError, match="cannot tell which scale"):
-        peers.setting_data("n-models", 0, files)
+def test_peers_get_the_data_our_runs_got(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several peers on one setting each get an entry; one that reads data gets the setting
+    and the very batches our runs got (the endpoint's record), one that does not gets
+    neither."""
+    from symmerge.report.runner import _batches_sha256
+
+    calls: dict[str, dict[str, Any]] = {}
+
+    def fake(name: str) -> Any:
+        def run(checkpoints: list[Path], evaluate: Any, **kwargs: Any) -> dict[str, Any]:
+            calls[name] = kwargs
+            return {"peer": name, "version": "1", "status": "not run", "reason": "a test",
+                    "checkpoints": [], "metrics": None, "seconds": None}  # fmt: skip
+
+        return run
+
+    reader = peers.Peer("reader", "weight", fake("reader"), "r", reads_data=True)
+    blind = peers.Peer("blind", "weight", fake("blind"), "b")
+    monkeypatch.setitem(peers.PEERS, "same-task", (reader, blind))
+    doc = run_report(tmp_path, settings=["same-task"], methods=["naive"], progress=False,
+                     data_root=os.environ["SYMMERGE_DATA"], command="t")  # fmt: skip
+    assert [e["peer"] for e in doc["peers"]["runs"]] == ["reader", "blind"]
+    (end,) = doc["endpoints"]
+    batches, record = calls["reader"]["data"]
+    assert record == end["data"] and _batches_sha256(batches) == end["data"]["sha256"]
+    assert calls["reader"]["setting"].name == "same-task" and calls["reader"]["seed"] == 0
+    assert set(calls["blind"]) == {"seed", "folder"}
     # the entry's data record is checked against the endpoints' in the report
-    entry = {**doc["peers"]["runs"][0], "status": "ok", "version": "1", "seconds": 1.0,
+    entry = {**doc["peers"]["runs"][0], "status": "ok", "seconds": 1.0,
              "metrics": {"accuracy": 0.5}, "data": {"n": 1, "sha256": "0" * 64}}  # fmt: skip
     odd = {**doc, "peers": {**doc["peers"], "runs": [entry]}}
     assert "NOT the same as our runs'" in render_markdown(odd)
-    entry["data"] = dict(record, sha256=doc["endpoints"][-1]["data"]["sha256"])
-    entry["setting"] = doc["endpoints"][-1]["setting"]
+    entry["data"] = record
     md = render_markdown(odd)
     assert "the same as our runs'" in md and "NOT the same" not in md
 
@@ -353,6 +369,37 @@ def test_reference_checkpoints_stand_in_for_training(tmp_path: Path) -> None:
     assert find_reference({**recipe, "split": "shards"}, tmp_path / "refs") is None
 
 
+def test_a_peer_is_compared_with_our_row_of_its_label() -> None:
+    """On a setting that resets BatchNorm statistics our zip row carries renorm="reset-bn";
+    it is still the row the ZipIt! peer is compared with (a budget row never is)."""
+    from symmerge.report.runner import _ours
+
+    def run(label: str, **kw: Any) -> dict[str, Any]:
+        return {"setting": "s", "seed": 0, "method": "zip", "label": label, "budget": None,
+                "renorm": "reset-bn", "status": "ok", "key": label, "metrics": {"accuracy": 0.5},
+                "timings": {"merge_wall_s": 2.0, "method_s": 1.0}, **kw}  # fmt: skip
+
+    doc = {"runs": [run("zip", budget=1.5), run("zip+repair"), run("zip")]}
+    found = _ours(doc, "s", 0, "zip")
+    assert found is not None and found["key"] == "zip" and found["merge_wall_s"] == 2.0
+    assert _ours(doc, "s", 1, "zip") is None
+
+
+def test_class_counts_reach_fusion_only_when_every_checkpoint_has_them() -> None:
+    from types import SimpleNamespace
+
+    from symmerge.methods import method_info
+    from symmerge.report.runner import _class_counts
+
+    def files(*counts: Any) -> list[Any]:
+        return [SimpleNamespace(metadata={} if c is None else {"class_counts": c}) for c in counts]
+
+    kf = method_info("kf-linear").fn
+    assert _class_counts(kf, files([5, 1], [1, 5])) == {"class_counts": [[5, 1], [1, 5]]}
+    assert _class_counts(kf, files(None, [1, 5])) == {}  # a reference file without them
+    assert _class_counts(method_info("weight").fn, files([5, 1], [1, 5])) == {}
+
+
 def test_every_method_runs_in_some_smoke_setting(registered: None) -> None:
     settings = settings_for("smoke")
     assert tuple(settings) == SETTING_NAMES
@@ -370,28 +417,6 @@ def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "'bogus'" in result.output and all(s in result.output for s in SETTING_NAMES)
     assert not out.exists()
-
-
-def test_peers_read_the_data_root_the_runs_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Peers redraw the merge data from $SYMMERGE_DATA (peers.setting_data): --data-root
-    must reach them too, not only the runs."""
-    import symmerge.report
-
-    seen = {}
-
-    def fake(output: Any, **kwargs: Any) -> dict:
-        seen.update(root=kwargs["data_root"], env=os.environ.get("SYMMERGE_DATA"))
-        raise ReportError("stopped here")
-
-    monkeypatch.setenv("SYMMERGE_DATA", str(tmp_path / "elsewhere"))
-    monkeypatch.setattr(symmerge.report, "run_report", fake)
-    given = tmp_path / "data"
-    result = CliRunner().invoke(main, ["report", "--data-root", str(given), "-o",
-                                       str(tmp_path / "r")])  # fmt: skip
-    assert result.exit_code != 0 and "stopped here" in result.output
-    assert seen == {"root": given, "env": str(given)}
 
 
 def test_results_of_another_schema_version_are_refused(tmp_path: Path) -> None:

@@ -52,6 +52,11 @@ def test_chunks_of_two_folders_join_into_one_report(tmp_path: Path) -> None:
     assert meta["kept_runs"] == len(first["runs"])
     md = (tmp_path / "a" / "report.md").read_text()
     assert md == render_markdown(joined) and "disjoint-classes ran in another folder" in md
+    # a later call in the joined folder keeps the record of the join
+    saved = (tmp_path / "a" / "results.json").read_text()
+    again = _chunk(tmp_path / "a", "same-task", resume=True)
+    assert again["meta"]["joined"] == meta["joined"] and _numbers(again) == _numbers(joined)
+    (tmp_path / "a" / "results.json").write_text(saved)
     # nothing new, other code, or other runs of a setting both finished: refused, unchanged
     after = (tmp_path / "a" / "results.json").read_text()
     out = CliRunner().invoke(main, ["report", "-o", str(tmp_path / "a"), "--join",

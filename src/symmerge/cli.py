@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -1780,8 +1779,6 @@ def report_cmd(
             except ValueError:
                 raise click.BadParameter(f"seeds must be integers, got {seeds!r}",
                                          param_hint="--seeds") from None  # fmt: skip
-            if data_root is not None:  # the peers draw the same merge data from $SYMMERGE_DATA
-                os.environ["SYMMERGE_DATA"] = str(data_root)
             doc = run_report(output, scale=scale, settings=_names(settings),
                              methods=_names(methods), seeds=seed_list, data_root=data_root,
                              resume=resume, progress=progress, peers=peers,

@@ -26,17 +26,13 @@ from typing import Any
 from symmerge.report.provenance import command_line, git_commit, now
 from symmerge.report.runner import CONFIG_KEYS, finished_settings, save_in_order
 from symmerge.report.schema import RESULTS_FILE, ReportError, load_results
-from symmerge.report.settings import DESCRIPTION_FIELDS, settings_for
+from symmerge.report.settings import definition_of, settings_for
 
 __all__ = ["join", "join_reports", "recorded_command"]
 
 #: What both folders must share (beside the configuration, :data:`CONFIG_KEYS`).
 SAME_META = ("code_version", "training_code_version", "device")
 PARTS = ("runs", "endpoints")
-
-
-def _definition(setting: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in setting.items() if k not in DESCRIPTION_FIELDS}
 
 
 def _of(entries: Sequence[dict[str, Any]], done: set[tuple[str, int]]) -> list[dict[str, Any]]:
@@ -61,7 +57,7 @@ def _check(base: dict[str, Any], other: dict[str, Any]) -> set[tuple[str, int]]:
                if a["config"][k] != b["config"][k]]  # fmt: skip
     differs += [f"{k}: {a[k]} and {b[k]}" for k in SAME_META if a[k] != b[k]]
     differs += [f"the definition of {n}" for n in set(a["settings"]) & set(b["settings"])
-                if _definition(a["settings"][n]) != _definition(b["settings"][n])]  # fmt: skip
+                if definition_of(a["settings"][n]) != definition_of(b["settings"][n])]  # fmt: skip
     if differs:
         raise ReportError(f"cannot join: the folders differ in {'; '.join(differs)}")
     shared = {json.dumps(c, sort_keys=True) for c in a["calls"]}

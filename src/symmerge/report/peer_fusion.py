@@ -10,7 +10,7 @@ the peer is recorded as ``"not run"`` or ``"failed"`` with the reason, never rai
 What runs is their KF-Linear: ``fusion_algorithms/hf_kf.py``'s ``LSFusion(models).fuse(X, y,
 fusion_method="k_means", ...)`` with the arguments of their driver ``fuse_kf_func``
 (``main_scripts/experiments_code/fusion/fuse_all_utils.py``) at uniform importance, on the
-exact merge batches our runs of the setting get (:func:`symmerge.report.peers.setting_data`),
+exact merge batches our runs of the setting and seed got (the runner hands them over),
 concatenated into one tensor as their interface wants.
 
 Converter. Their models are subclasses of their ``models.base_model.BaseModel`` whose *class*
@@ -46,7 +46,6 @@ from torch import Tensor, nn
 from symmerge.report.checkpoints import file_sha256
 from symmerge.report.peers import (
     default_peer_root,
-    find_setting,
     import_stub,
     load_batches,
     peer_commit,
@@ -54,9 +53,9 @@ from symmerge.report.peers import (
     portable_paths,
     probe_source,
     run_worker,
-    setting_data,
     unavailable,
 )
+from symmerge.report.settings import Setting
 
 __all__ = [
     "FUSION_CALL",
@@ -254,22 +253,14 @@ def ours_head(params: Mapping[str, Any], class_counts: Sequence[Any]) -> str:
     return "class-share" if class_counts and all(c is not None for c in class_counts) else "mean"
 
 
-def _kf_linear_params(setting: str, metas: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The setting's keywords for ``kf-linear`` at the scale whose sources are these
-    checkpoints (:func:`symmerge.report.peers.find_setting`; none when no single scale fits)."""
-    try:
-        return dict(find_setting(setting, metas).params.get("kf-linear", {}))
-    except ValueError:
-        return {}
-
-
 @portable_paths
 def run_fusion(
     checkpoints: Sequence[Path],
     evaluate: Callable[[nn.Module], dict[str, Any]],
     *,
     seed: int,
-    setting: str,
+    setting: Setting,
+    data: tuple[Sequence[tuple[Tensor, Tensor]], dict[str, Any]],
     folder: Path | None = None,
     threads: int | None = None,
     timeout: float = TIMEOUT,
@@ -281,8 +272,9 @@ def run_fusion(
     Args:
         checkpoints: the two source files (our safetensors ``mlp`` checkpoints), model A first.
         evaluate: scores the merged model here (the report's own evaluation and test data).
-        seed: the report seed (it picks the merge data; their own seed is :data:`PEER_SEED`).
-        setting: the setting's name (with the checkpoints, it names the merge data).
+        seed: the report seed (it picked the merge data; their own seed is :data:`PEER_SEED`).
+        setting: the report setting (its ``kf-linear`` keywords name our head target).
+        data: the setting's merge batches and their record (the runner's, as our runs').
         folder: the peer folder (default ``default_peer_root() / SUBFOLDER``).
         threads: torch threads of the subprocess (default: this process's).
         timeout: seconds before the subprocess is stopped (recorded as failed).
@@ -296,7 +288,7 @@ def run_fusion(
     threads = threads or torch.get_num_threads()
     commit = peer_commit(folder)
     metas = [read_checkpoint_metadata(p) for p in checkpoints]
-    head = ours_head(_kf_linear_params(setting, metas), [m.get("class_counts") for m in metas])
+    head = ours_head(setting.params.get("kf-linear", {}), [m.get("class_counts") for m in metas])
     notes = FUSION_NOTES + (
         "; same head target as our kf-linear ('mean')" if head == "mean" else
         f"; NOT the head target of our kf-linear in this report ('{head}': head='auto' with the "
@@ -321,12 +313,7 @@ def run_fusion(
     if reason is not None:
         return {**entry, "reason": reason}
     entry.update(version=version, imported_from=source)
-    try:
-        batches, record = setting_data(setting, seed, checkpoints)
-    except Exception as exc:  # recorded, never raised
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:1000]
-        return {**entry, "status": "failed", "reason": f"drawing the merge data: {message}"}
-    entry["data"] = record
+    batches, entry["data"] = data
     job = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints],
            "sha256": entry["checkpoints"], "threads": threads,
            "source": str((folder / "src").resolve())}  # fmt: skip

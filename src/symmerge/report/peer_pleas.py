@@ -10,10 +10,10 @@ Their code needs almost no conversion of our models: its torch.fx compiler
 our MLP's input ``nn.Flatten`` becomes ``nn.Identity`` with the images flattened beforehand
 (:func:`to_pleas_model`, :func:`to_pleas_inputs`): their flatten handler only squeezes unit
 axes. The subprocess hands their pipeline the two converted checkpoints and the report's
-merge batches (:func:`symmerge.report.peers.setting_data`, the batches our runs of the setting
-and seed got), runs activation matching, the partial merge and their Adam least squares with
-gradient masks (:data:`PLEAS_CALL`) and saves the merged state dict in our names; the report's
-process evaluates it.
+merge batches (those our runs of the setting and seed got, handed over by the runner), runs
+activation matching, the partial merge and their Adam least squares with gradient masks
+(:data:`PLEAS_CALL`) and saves the merged state dict in our names; the report's process
+evaluates it.
 
 Only the full merge (budget 1x: every group's ratio 0, our ``pleas`` default) is run: their
 ratios at other budgets come from a Gurobi QP whose weights are files on the authors' cluster.
@@ -51,9 +51,9 @@ from symmerge.report.peers import (
     portable_paths,
     probe_source,
     run_worker,
-    setting_data,
     unavailable,
 )
+from symmerge.report.settings import Setting
 
 __all__ = [
     "LR",
@@ -175,20 +175,13 @@ def probe_pleas(folder: Path) -> tuple[str | None, str | None, str | None]:
     return probe_source(folder, "PLeaS", "pleas", _PROBE)
 
 
-def _budgets_reason(setting: str) -> str | None:
+def _budgets_reason(setting: Setting) -> str | None:
     """Why the peer does not run on ``setting`` (``None`` when it does): only the full merge."""
-    from symmerge.report.settings import SCALES, settings_for
-
-    for scale in SCALES:
-        try:
-            defined = settings_for(scale).get(setting)
-        except NotImplementedError:
-            continue
-        if defined is not None and defined.budgets:
-            return (f"the official PLeaS runs the full merge (1x) only; {setting!r} merges at "
-                    f"budgets {list(defined.budgets)} (their ratios come from a Gurobi QP over "
-                    "weights on their cluster)")  # fmt: skip
-    return None
+    if not setting.budgets:
+        return None
+    return (f"the official PLeaS runs the full merge (1x) only; {setting.name!r} merges at "
+            f"budgets {list(setting.budgets)} (their ratios come from a Gurobi QP over weights "
+            "on their cluster)")  # fmt: skip
 
 
 @portable_paths
@@ -197,20 +190,22 @@ def run_pleas(
     evaluate: Callable[[nn.Module], dict[str, Any]],
     *,
     seed: int,
-    setting: str,
+    setting: Setting,
+    data: tuple[Sequence[tuple[Tensor, Tensor]], dict[str, Any]],
     folder: Path | None = None,
     threads: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> dict[str, Any]:
-    """Merge two checkpoints with the official PLeaS code in a subprocess, on the report's
-    merge batches of ``setting`` at ``seed``; a peer that is missing or fails is recorded in
+    """Merge two checkpoints with the official PLeaS code in a subprocess, on the merge
+    batches our runs of ``setting`` at ``seed`` got; a peer that is missing or fails is recorded in
     the entry, never raised.
 
     Args:
         checkpoints: the two source files (our safetensors), model A first.
         evaluate: scores the merged model here (the report's own evaluation and test data).
-        seed: the data draw's seed (as our runs') and the subprocess's torch seed.
-        setting: the report setting whose merge batches the peer gets.
+        seed: the report seed (the subprocess's torch seed).
+        setting: the report setting (a setting with budgets is not run).
+        data: the setting's merge batches and their record (the runner's, as our runs').
         folder: the peer folder (default ``default_peer_root() / "pleas"``).
         threads: torch threads of the subprocess (default: this process's).
         timeout: seconds before the subprocess is stopped (recorded as failed).
@@ -237,16 +232,11 @@ def run_pleas(
     if reason is not None:
         return {**entry, "reason": reason}
     entry.update(version=version, imported_from=source)
-    try:
-        data, record = setting_data(setting, seed, checkpoints)
-    except Exception as exc:  # recorded, never raised
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:1000]
-        return {**entry, "status": "failed", "reason": f"drawing the merge data: {message}"}
-    entry["data"] = record
+    batches, entry["data"] = data
     job = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints],
            "sha256": entry["checkpoints"], "seed": seed, "threads": threads}  # fmt: skip
     fields, result = run_worker(_WORKER, job, peer_env(folder, threads), checkpoints[0],
-                                evaluate, timeout=timeout, data=data)  # fmt: skip
+                                evaluate, timeout=timeout, data=batches)  # fmt: skip
     if result is None:
         return {**entry, **fields}
     return {**entry, **fields, "adam_steps": result["adam_steps"], "loss": result["loss"],

@@ -45,9 +45,9 @@ from symmerge.report.peers import (
     portable_paths,
     probe_source,
     run_worker,
-    setting_data,
     unavailable,
 )
+from symmerge.report.settings import Setting
 
 __all__ = [
     "ALPHA",
@@ -207,22 +207,24 @@ def run_zipit(
     evaluate: Callable[[nn.Module], dict[str, Any]],
     *,
     seed: int,
-    setting: str,
+    setting: Setting,
+    data: tuple[Sequence[tuple[Tensor, Tensor]], dict[str, Any]],
     folder: Path | None = None,
     threads: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> dict[str, Any]:
     """Zip two ResNet-20 checkpoints with the official ZipIt! code in a subprocess, on the
-    merge batches the report draws for ``setting`` at ``seed``; a peer that is missing or
+    merge batches our runs of ``setting`` at ``seed`` got; a peer that is missing or
     fails is recorded in the entry, never raised.
 
     Args:
         checkpoints: the two source files (our safetensors ResNet-20, BatchNorm), model A
             first; the merged model has their heads side by side (A's outputs first).
         evaluate: scores the merged model here (the report's own evaluation and test data).
-        seed: the data draw's seed (:func:`symmerge.report.peers.setting_data`) and the torch
-            seed of the subprocess (their zip draws nothing random).
-        setting: the report setting whose merge batches the peer gets (``resnet20-disjoint``).
+        seed: the report seed (it picked the merge data) and the torch seed of the
+            subprocess (their zip draws nothing random).
+        setting: the report setting; one with per-task heads (ZipIt!'s disjoint tasks).
+        data: the setting's merge batches and their record (the runner's, as our runs').
         folder: the peer folder (default ``default_peer_root() / "zipit"``).
         threads: torch threads of the subprocess (default: this process's).
         timeout: seconds before the subprocess is stopped (recorded as failed).
@@ -244,21 +246,19 @@ def run_zipit(
         "conversion_max_abs_logit_diff": None, "shortcut_off_centre_max_abs": None,
         "merge_points": None, "checks": None, "merged_weights_sha256": None,
     }  # fmt: skip
+    if setting.heads != "per-task":
+        return {**entry, "reason": f"the zipit-official run keeps a head per task; "
+                                   f"{setting.name!r} has one shared head"}  # fmt: skip
     version, source, reason = probe_zipit(folder)
     if reason is not None:
         return {**entry, "reason": reason}
     entry.update(version=version, imported_from=source)
-    try:
-        data, record = setting_data(setting, seed, checkpoints)
-        outputs = _outputs(Path(checkpoints[0]))
-    except Exception as exc:  # recorded, never raised
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:1000]
-        return {**entry, "status": "failed", "reason": f"drawing the merge data: {message}"}
-    entry["data"] = record
+    batches, entry["data"] = data
+    outputs = _outputs(Path(checkpoints[0]))
     job = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints],
            "sha256": entry["checkpoints"], "seed": seed, "threads": threads}  # fmt: skip
     fields, result = run_worker(_WORKER, job, peer_env(folder, threads, **ENV), checkpoints[0],
-                                evaluate, timeout=timeout, data=data,
+                                evaluate, timeout=timeout, data=batches,
                                 num_outputs=outputs * len(checkpoints))  # fmt: skip
     if result is None:
         return {**entry, **fields}

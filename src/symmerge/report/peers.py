@@ -5,17 +5,17 @@ package folder), so its packages never enter the report's process and a missing 
 peer cannot break the report: it is recorded as ``"not run"`` or ``"failed"`` with the exact
 reason. Packages are never installed from here; the reason names the install command.
 
-Peers (:data:`PEERS`, one per setting, each against our run of the same method on the
-same files): the PyPI ``rebasin`` package (weight matching) on same-task; the official C2M3
+Peers (:data:`PEERS`, by setting, each against our run of the same method on the same
+files): the PyPI ``rebasin`` package (weight matching) on same-task; the official C2M3
 code (:mod:`symmerge.report.peer_c2m3`) on n-models and n-models-5; the official PLeaS code
 (:mod:`symmerge.report.peer_pleas`) on cross-dataset; the official neuron-interpolation
 fusion code (:mod:`symmerge.report.peer_fusion`) on non-iid; the official ZipIt! code
 (:mod:`symmerge.report.peer_zipit`) on resnet20-disjoint. Each subprocess loads our
 safetensors with :func:`symmerge.io.load_checkpoint` (converted to the peer's model where it
-has its own), merges with the peer's code (the data-reading ones on the report's own merge
-batches, :func:`setting_data`), and saves the merged state dict in our names to a temporary
-file; the report's process evaluates that model with the same function and test data as our
-runs.
+has its own), merges with the peer's code (the data-reading ones on the merge batches the
+runner drew for our runs, handed over in a file), and saves the merged state dict in our
+names to a temporary file; the report's process evaluates that model with the same function
+and test data as our runs.
 
 Where peer packages live: ``peer_root`` (argument), else ``$SYMMERGE_PEERS``, else
 ``~/.cache/symmerge/peers``; each peer in its own subfolder (``rebasin/``).
@@ -24,6 +24,7 @@ Where peer packages live: ``peer_root`` (argument), else ``$SYMMERGE_PEERS``, el
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib
 import importlib.machinery
@@ -37,7 +38,6 @@ import tempfile
 import time
 import types
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ import torch
 from torch import Tensor, nn
 
 from symmerge.report.checkpoints import file_sha256
-from symmerge.report.settings import Setting
 
 __all__ = [
     "PEERS",
@@ -67,8 +66,6 @@ __all__ = [
     "probe_source",
     "unavailable",
     "save_batches",
-    "find_setting",
-    "setting_data",
 ]
 
 #: Environment variable naming the folder of peer packages.
@@ -286,49 +283,6 @@ def run_rebasin(
     return {**entry, **fields, "permutations": result["permutations"]}
 
 
-def find_setting(setting: str, metadata: Sequence[Mapping[str, Any]]) -> Setting:
-    """The definition of ``setting`` at the scale whose sources are the models and datasets
-    these checkpoints' ``metadata`` name. Raises ``ValueError`` when no scale or several fit."""
-    from symmerge.report.settings import SCALES, settings_for
-
-    found = [(m.get("model_name") or (m.get("recipe") or {}).get("model"), m.get("dataset"))
-             for m in metadata]  # fmt: skip
-    fits = []
-    for scale in SCALES:
-        try:
-            defined = settings_for(scale).get(setting)
-        except NotImplementedError:
-            continue
-        if defined is not None and [(s.model, s.dataset) for s in defined.sources] == found:
-            fits.append(defined)
-    if len(fits) != 1:
-        raise ValueError(f"cannot tell which scale's {setting!r} these checkpoints ({found}) "
-                         f"belong to: {len(fits)} scales fit")  # fmt: skip
-    return fits[0]
-
-
-def setting_data(
-    setting: str, seed: int, checkpoints: Sequence[Path]
-) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Any]]:
-    """The merge batches the report draws for ``setting`` at ``seed`` on these checkpoints,
-    drawn again, and their record (``n``, ``sha256``: the report compares it with the
-    endpoints' record), so a peer that reads data gets exactly what our runs got.
-
-    The setting's scale is the one whose sources are these checkpoints' models on their
-    datasets (:func:`find_setting`); the data root is ``$SYMMERGE_DATA`` (or the default), as
-    for a report run without ``--data-root``."""
-    from symmerge.io import load_checkpoint
-    from symmerge.report.runner import DATA_BATCH, _batches_sha256
-    from symmerge.sources import data_source_batches
-
-    loaded = [load_checkpoint(p) for p in checkpoints]
-    defined = find_setting(setting, [meta for _, meta in loaded])
-    data = data_source_batches(defined.data, DATA_BATCH, samples=defined.samples, seed=seed,
-                               datasets=[meta.get("dataset") for _, meta in loaded],
-                               model=loaded[0][0])  # fmt: skip
-    return data, {"n": sum(len(x) for x, _ in data), "sha256": _batches_sha256(data)}
-
-
 def save_batches(batches: Sequence[tuple[Tensor, Tensor]], path: Path) -> None:
     """``batches`` in one safetensors file (``x0``, ``y0``, ...) a peer worker reads back
     with :func:`load_batches`."""
@@ -452,61 +406,57 @@ def _rebasin_worker() -> None:
     }))  # fmt: skip
 
 
-def _driver(module: str, function: str, **bound: Any) -> Callable[..., dict[str, Any]]:
-    """``symmerge.report.<module>.<function>`` with ``bound`` keywords, imported when called
-    (the drivers import this module)."""
+def _driver(module: str, function: str) -> Callable[..., dict[str, Any]]:
+    """``symmerge.report.<module>.<function>``, imported when called (the drivers import
+    this module)."""
 
     def run(*args: Any, **kwargs: Any) -> dict[str, Any]:
         found = getattr(importlib.import_module(f"symmerge.report.{module}"), function)
-        return found(*args, **bound, **kwargs)
+        return found(*args, **kwargs)
 
     return run
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Peer:
     """A peer's own code on a setting's checkpoints, beside our run of ``ours``.
 
     ``run(checkpoints, evaluate, *, seed, folder)`` returns the entry; ``folder`` is the
-    peer's subfolder ``subfolder`` of the peer root. ``first_seed_only`` runs it on the
-    folder's first seed only (where one run takes a quarter of an hour)."""
+    peer's subfolder ``subfolder`` of the peer root. A peer that ``reads_data`` also gets
+    ``setting`` (the :class:`~symmerge.report.settings.Setting`) and ``data`` (the merge
+    batches our runs of that setting and seed got, and their record). ``first_seed_only``
+    runs it on the folder's first seed only (where one run takes a quarter of an hour)."""
 
     name: str
     ours: str
     run: Callable[..., dict[str, Any]]
     subfolder: str
     first_seed_only: bool = False
+    reads_data: bool = False
 
 
-#: The peers, by the setting they run on. The official C2M3 code runs on every seed of the
-#: five-model setting (the speed and accuracy claim) and the first of the three-model one;
-#: the neuron-interpolation code on the first seed only.
-PEERS = {
-    "same-task": Peer("rebasin", "weight", run_rebasin, "rebasin"),
-    "n-models": Peer(
-        "c2m3-official", "c2m3", _driver("peer_c2m3", "run_c2m3"), "c2m3", first_seed_only=True
+#: The peers, by the setting they run on (several may share one). The official C2M3 code runs
+#: on every seed of the five-model setting (the speed and accuracy claim) and the first of the
+#: three-model one; the neuron-interpolation code on the first seed only.
+C2M3 = Peer("c2m3-official", "c2m3", _driver("peer_c2m3", "run_c2m3"), "c2m3")
+PEERS: dict[str, tuple[Peer, ...]] = {
+    "same-task": (Peer("rebasin", "weight", run_rebasin, "rebasin"),),
+    "n-models": (dataclasses.replace(C2M3, first_seed_only=True),),
+    "cross-dataset": (
+        Peer("pleas-official", "pleas", _driver("peer_pleas", "run_pleas"), "pleas",
+             reads_data=True),
     ),
-    "cross-dataset": Peer(
-        "pleas-official",
-        "pleas",
-        _driver("peer_pleas", "run_pleas", setting="cross-dataset"),
-        "pleas",
+    "non-iid": (
+        Peer("neuron-interpolation-official", "kf-linear", _driver("peer_fusion", "run_fusion"),
+             "neuron-interpolation", reads_data=True,
+             first_seed_only=True),  # their K-means fusion takes ten minutes on one core
     ),
-    "non-iid": Peer(
-        "neuron-interpolation-official",
-        "kf-linear",
-        _driver("peer_fusion", "run_fusion", setting="non-iid"),
-        "neuron-interpolation",
-        first_seed_only=True,  # their K-means fusion takes ten minutes on one core
+    "n-models-5": (C2M3,),
+    "resnet20-disjoint": (
+        Peer("zipit-official", "zip", _driver("peer_zipit", "run_zipit"), "zipit",
+             reads_data=True),
     ),
-    "n-models-5": Peer("c2m3-official", "c2m3", _driver("peer_c2m3", "run_c2m3"), "c2m3"),
-    "resnet20-disjoint": Peer(
-        "zipit-official",
-        "zip",
-        _driver("peer_zipit", "run_zipit", setting="resnet20-disjoint"),
-        "zipit",
-    ),
-}
+}  # fmt: skip
 
 #: Why a report has no other peers (the top-level ``peers.reason`` of a report).
-PEERS_REASON = "each peer runs on the one setting it is registered for (PEERS)"
+PEERS_REASON = "each peer runs on the settings it is registered for (PEERS)"

@@ -357,16 +357,16 @@ def _model_points(doc: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
 
 def _ours_by_label(doc: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any] | None:
     """Our run a peer entry is compared with when the entry names none: the registered
-    method's plain row (on settings that reset BatchNorm statistics it is recorded with
-    ``renorm="reset-bn"``, which the runs' own lookup passes over)."""
+    method's plain row, found by label (folders made before the runner looked it up that way
+    missed it on settings that reset BatchNorm statistics, ``renorm="reset-bn"``)."""
     from symmerge.report.peers import PEERS
 
-    peer = PEERS.get(entry["setting"])
+    ours = {p.name: p.ours for ps in PEERS.values() for p in ps}.get(entry["peer"])
     for r in doc["runs"]:
-        if (peer is not None and r["status"] == "ok" and r["budget"] is None
+        if (ours is not None and r["status"] == "ok" and r["budget"] is None
                 and (r["setting"], r["seed"], r["label"]) == (entry["setting"], entry["seed"],
-                                                              peer.ours)):  # fmt: skip
-            return {"method": peer.ours, "accuracy": r["metrics"]["accuracy"],
+                                                              ours)):  # fmt: skip
+            return {"method": ours, "accuracy": r["metrics"]["accuracy"],
                     "merge_wall_s": r["timings"]["merge_wall_s"]}  # fmt: skip
     return None
 

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from symmerge.report import provenance
 from symmerge.report.checkpoints import Checkpoint, train_many, train_or_reuse
-from symmerge.report.peers import PEERS, PEERS_REASON
+from symmerge.report.peers import PEERS, PEERS_REASON, Peer
 from symmerge.report.schema import (
     RESULTS_FILE,
     ReportError,
@@ -60,11 +60,11 @@ from symmerge.report.schema import (
 )
 from symmerge.report.settings import (
     DEFAULT_SEEDS,
-    DESCRIPTION_FIELDS,
     SCALES,
     Job,
     Setting,
     applicability,
+    definition_of,
     jobs,
     settings_for,
 )
@@ -238,6 +238,8 @@ def run_report(
         "reused_runs": 0,
         "kept_runs": 0,
     }
+    if before is not None and before["meta"].get("joined"):  # the folders joined into it
+        meta["joined"] = before["meta"]["joined"]
     published = [e for e in load_published() if e["setting"] in names]
     peer_doc = _peers_header(peers, names)
     if before is not None:  # runs are kept with the setting and seed they ran on
@@ -260,18 +262,17 @@ def run_report(
             setting = defs[name]
             for seed in seeds:
                 todo = [job for s, sd, job in plan if s == name and sd == seed]
-                peer = peers and name in PEERS and (
-                    not PEERS[name].first_seed_only or seed == config["seeds"][0]
-                )  # fmt: skip
-                if not todo and not peer:
+                here = [p for p in PEERS.get(name, ()) if peers and (
+                    not p.first_seed_only or seed == config["seeds"][0])]  # fmt: skip
+                if not todo and not here:
                     continue
                 try:
                     ctx = _prepare(setting, seed, out, root, doc)
                 except Exception as exc:  # every run of the setting and seed fails with it
                     reason = " ".join(f"preparing {name}: {type(exc).__name__}: {exc}".split())
                     doc["runs"] += [_failed(setting, seed, job, reason) for job in todo]
-                    if peer:
-                        doc["peers"]["runs"].append(_peer_not_prepared(name, seed, reason))
+                    doc["peers"]["runs"] += [_peer_not_prepared(p, name, seed, reason)
+                                             for p in here]  # fmt: skip
                     bar.update(len(todo))
                 else:
                     for job in todo:
@@ -280,9 +281,10 @@ def run_report(
                         meta["reused_runs"] += bool(record.pop("_reused", False))
                         doc["runs"].append(record)
                         bar.update(1)
-                    if peer:
-                        bar.set_postfix(run=f"{name} peer {PEERS[name].name}")
-                        doc["peers"]["runs"].append(_peer_run(setting, seed, ctx, doc, peer_root))
+                    for p in here:
+                        bar.set_postfix(run=f"{name} peer {p.name}")
+                        doc["peers"]["runs"].append(_peer_run(p, setting, seed, ctx, doc,
+                                                              peer_root))  # fmt: skip
                 meta["seeds_done"][name] = sorted({*meta["seeds_done"][name], seed})
                 meta["settings_done"] = finished_settings(meta)
                 save_in_order(doc, results)
@@ -336,7 +338,7 @@ def _peers_header(peers: bool, chosen: Sequence[str]) -> dict[str, Any]:
     if not peers:
         reason = "peer runs were switched off (peers=False)"
     else:
-        absent = [f"{p.name} on {s}" for s, p in PEERS.items() if s not in chosen]
+        absent = [f"{p.name} on {s}" for s, ps in PEERS.items() if s not in chosen for p in ps]
         reason = PEERS_REASON + ("; not run because the setting is not in this report: "
                                  + ", ".join(absent) if absent else "")  # fmt: skip
     return {"runs": [], "reason": reason, "enabled": peers}
@@ -344,10 +346,9 @@ def _peers_header(peers: bool, chosen: Sequence[str]) -> dict[str, Any]:
 
 def _ours(doc: dict[str, Any], setting: str, seed: int, method: str) -> dict[str, Any] | None:
     """Our run a peer is compared with: plain ``method`` on the same checkpoints."""
-    for r in doc["runs"]:
-        if (r["setting"], r["seed"], r["method"], r["renorm"], r["budget"]) == (
-            setting, seed, method, None, None,
-        ) and r["status"] == "ok":  # fmt: skip
+    for r in doc["runs"]:  # by label: a BN reset the setting asks for sets its renorm
+        if (r["setting"], r["seed"], r["label"], r["budget"]) == (setting, seed, method, None) \
+                and r["status"] == "ok":  # fmt: skip
             return {"method": method, "label": r["label"], "key": r["key"],
                     "accuracy": r["metrics"]["accuracy"],
                     "merge_wall_s": r["timings"]["merge_wall_s"],
@@ -356,17 +357,20 @@ def _ours(doc: dict[str, Any], setting: str, seed: int, method: str) -> dict[str
 
 
 def _peer_run(
-    setting: Setting, seed: int, ctx: _Context, doc: dict[str, Any], root: str | Path | None
-) -> dict[str, Any]:
-    """The setting's peer (:data:`symmerge.report.peers.PEERS`) on this seed's
-    checkpoints, scored by our evaluation, beside our run of the same method."""
-    peer = PEERS[setting.name]
+    peer: Peer, setting: Setting, seed: int, ctx: _Context, doc: dict[str, Any],
+    root: str | Path | None,
+) -> dict[str, Any]:  # fmt: skip
+    """``peer`` (:data:`symmerge.report.peers.PEERS`) on this seed's checkpoints (and, when
+    it reads data, our runs' merge batches), scored by our evaluation, beside our run of the
+    same method."""
     folder = None if root is None else Path(root) / peer.subfolder
 
     def evaluate(model: nn.Module) -> dict[str, Any]:
         return _evaluate(model, setting, ctx, merged=True)
 
-    entry = peer.run([c.path for c in ctx.checkpoints], evaluate, seed=seed, folder=folder)
+    given = {"setting": setting, "data": (ctx.data, ctx.data_record)} if peer.reads_data else {}
+    entry = peer.run([c.path for c in ctx.checkpoints], evaluate, seed=seed, folder=folder,
+                     **given)  # fmt: skip
     ours = _ours(doc, setting.name, seed, peer.ours)
     ratio = None
     if ours is not None and entry["seconds"] is not None and ours["merge_wall_s"] > 0:
@@ -374,9 +378,9 @@ def _peer_run(
     return {**entry, "setting": setting.name, "seed": seed, "ours": ours, "ratio": ratio}
 
 
-def _peer_not_prepared(setting: str, seed: int, reason: str) -> dict[str, Any]:
+def _peer_not_prepared(peer: Peer, setting: str, seed: int, reason: str) -> dict[str, Any]:
     """The peer entry of a seed whose checkpoints could not be made."""
-    return {"peer": PEERS[setting].name, "version": None, "status": "not run",
+    return {"peer": peer.name, "version": None, "status": "not run",
             "reason": f"no checkpoints to run on ({reason})"[:1000], "setting": setting,
             "seed": seed, "checkpoints": [], "metrics": None, "seconds": None, "ours": None,
             "ratio": None}  # fmt: skip
@@ -437,8 +441,8 @@ def _check_definitions(
         )
     every = set(before["meta"]["config"]["seeds"])
     changed = [n for n, old in recorded.items()
-               if {k: v for k, v in old.items() if k not in DESCRIPTION_FIELDS}
-               != defs[n].definition() and not (n in chosen and every <= set(seeds))]  # fmt: skip
+               if definition_of(old) != defs[n].definition()
+               and not (n in chosen and every <= set(seeds))]  # fmt: skip
     if changed:
         raise ReportError(
             f"cannot resume {out}: the definition of {', '.join(changed)} changed since its "
@@ -557,6 +561,16 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def _class_counts(fn: Any, checkpoints: Sequence[Checkpoint]) -> dict[str, Any]:
+    """``class_counts`` for a method that takes them (fusion weights each parent's logits by
+    its share of every class) when every checkpoint records them, as the command line passes
+    them; none otherwise (reference checkpoints made before they were recorded)."""
+    counts = [c.metadata.get("class_counts") for c in checkpoints]
+    if "class_counts" not in inspect.signature(fn).parameters or None in counts:
+        return {}
+    return {"class_counts": counts}
+
+
 def _run_or_reuse(
     setting: Setting, seed: int, job: Job, ctx: _Context, code: str,
     previous: dict[str, dict[str, Any]],
@@ -571,8 +585,7 @@ def _run_or_reuse(
         return {**previous[key], "_reused": True}
     info = method_info(job.method)
     kwargs = dict(job.params)
-    if "class_counts" in inspect.signature(info.fn).parameters:  # fusion weights the heads
-        kwargs["class_counts"] = [c.metadata.get("class_counts") for c in ctx.checkpoints]
+    kwargs.update(_class_counts(info.fn, ctx.checkpoints))
     uses_data = info.needs_data or job.renorm is not None
     record: dict[str, Any] = {
         "key": key, "setting": setting.name, "method": job.method, "label": job.label,

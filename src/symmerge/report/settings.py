@@ -22,6 +22,7 @@ __all__ = [
     "CPU_PARAMS",
     "DEFAULT_SEEDS",
     "DESCRIPTION_FIELDS",
+    "definition_of",
     "SCALES",
     "SETTING_NAMES",
     "Job",
@@ -156,11 +157,17 @@ class Setting:
         """What the setting's numbers depend on: :meth:`to_dict` less the words
         (``title``, ``stand_in``). Runs are keyed by it; a folder's runs of a setting whose
         definition changed are not reused or kept."""
-        return {k: v for k, v in self.to_dict().items() if k not in DESCRIPTION_FIELDS}
+        return definition_of(self.to_dict())
 
 
 #: Fields of :class:`Setting` that describe it in words and change no number.
 DESCRIPTION_FIELDS = ("title", "stand_in")
+
+
+def definition_of(recorded: dict[str, Any]) -> dict[str, Any]:
+    """The definition (:meth:`Setting.definition`) of a setting as a results file records it
+    (:meth:`Setting.to_dict`)."""
+    return {k: v for k, v in recorded.items() if k not in DESCRIPTION_FIELDS}
 
 
 @dataclass(frozen=True)
