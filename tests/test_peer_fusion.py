@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections import namedtuple
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ from symmerge.io import save_checkpoint
 from symmerge.models import create_model
 from symmerge.report import peer_fusion, peers
 from symmerge.report.checkpoints import file_sha256
+from symmerge.report.settings import Setting, settings_for
+
+#: The setting the peer runs on (two MLPs on non-iid splits of MNIST).
+NON_IID: Setting = settings_for("cpu")["non-iid"]
 
 # stand-ins for their models/base_model.py (BaseModel's constructor, the two NamedTuples)
 WeightRepresentation = namedtuple("WeightRepresentation", "name weight layer")
@@ -43,6 +48,12 @@ def _checkpoints(tmp_path: Path, n: int = 2, counts: bool = False, **kw: Any) ->
     return paths
 
 
+def _data() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """Small valid merge data and its record, for runs that stop before reading it."""
+    return ([(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))],
+            {"n": 2, "sha256": "0" * 64})  # fmt: skip
+
+
 def _never(model: nn.Module) -> dict:
     raise AssertionError("a peer that did not run has nothing to evaluate")
 
@@ -50,8 +61,8 @@ def _never(model: nn.Module) -> dict:
 def test_missing_folder_is_not_run_with_the_reason_and_unpack_command(tmp_path: Path) -> None:
     paths = _checkpoints(tmp_path, counts=True)
     folder = tmp_path / "peers" / "neuron-interpolation"
-    entry = peer_fusion.run_fusion(paths, _never, seed=0, setting="non-iid", folder=folder,
-                                   threads=1)  # fmt: skip
+    entry = peer_fusion.run_fusion(paths, _never, seed=0, setting=NON_IID, data=_data(),
+                                   folder=folder, threads=1)  # fmt: skip
     assert entry["peer"] == "neuron-interpolation-official" and entry["status"] == "not run"
     assert str(folder / "src" / "fusion_algorithms" / "hf_kf.py") in entry["reason"]
     assert entry["folder"] == str(folder) and entry["version"] is None
@@ -69,8 +80,8 @@ def test_missing_folder_is_not_run_with_the_reason_and_unpack_command(tmp_path: 
 
 
 def test_same_head_is_said_when_ours_averages_logits_too(tmp_path: Path) -> None:
-    entry = peer_fusion.run_fusion(_checkpoints(tmp_path), _never, seed=0, setting="non-iid",
-                                   folder=tmp_path / "none")  # fmt: skip
+    entry = peer_fusion.run_fusion(_checkpoints(tmp_path), _never, seed=0, setting=NON_IID,
+                                   data=_data(), folder=tmp_path / "none")  # fmt: skip
     assert entry["ours_head"] == "mean" and "same head target" in entry["notes"]
 
 
@@ -78,43 +89,43 @@ def test_ours_head_follows_kf_linears_auto() -> None:
     assert peer_fusion.ours_head({}, [[1, 2], [3, 4]]) == "class-share"
     assert peer_fusion.ours_head({}, [[1, 2], None]) == "mean"
     assert peer_fusion.ours_head({"head": "mean"}, [[1, 2], [3, 4]]) == "mean"
-    # the report's settings give kf-linear no head option: the cpu non-iid one runs 'auto'
-    metas = [{"model_name": "mlp", "dataset": "mnist"}] * 2
-    assert peer_fusion._kf_linear_params("non-iid", metas) == {}
+    # the report's settings give kf-linear no head option: their non-iid ones run 'auto'
+    for scale in ("smoke", "cpu"):
+        assert "kf-linear" not in settings_for(scale)["non-iid"].params
 
 
-def test_a_head_option_of_the_setting_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dataclasses import replace
-
-    from symmerge.report import settings
-
-    real = settings.settings_for
-
-    def patched(scale: str) -> dict:
-        found = real(scale)
-        if scale == "cpu":
-            found["non-iid"] = replace(found["non-iid"], params={"kf-linear": {"head": "mean"}})
-        return found
-
-    monkeypatch.setattr(settings, "settings_for", patched)
-    metas = [{"recipe": {"model": "mlp"}, "dataset": "mnist"}] * 2
-    params = peer_fusion._kf_linear_params("non-iid", metas)
-    assert params == {"head": "mean"} and peer_fusion.ours_head(params, [[1], [2]]) == "mean"
-    # checkpoints of no scale's setting: no keywords
-    assert peer_fusion._kf_linear_params("non-iid", [{"dataset": "mnist"}] * 2) == {}
+def test_a_head_option_of_the_setting_is_read(tmp_path: Path) -> None:
+    paths = _checkpoints(tmp_path, counts=True)  # 'auto' would be class-share
+    entry = peer_fusion.run_fusion(paths, _never, seed=0, setting=NON_IID, data=_data(),
+                                   folder=tmp_path / "none")  # fmt: skip
+    assert entry["ours_head"] == "class-share"
+    assert "NOT the head target of our kf-linear" in entry["notes"]
+    mean = replace(NON_IID, params={"kf-linear": {"head": "mean"}})
+    entry = peer_fusion.run_fusion(paths, _never, seed=0, setting=mean, data=_data(),
+                                   folder=tmp_path / "none")  # fmt: skip
+    assert entry["ours_head"] == "mean" and "same head target" in entry["notes"]
+    assert entry["peer_head"] == "mean" and entry["status"] == "not run"
+    # another method's keywords are not kf-linear's
+    other = replace(NON_IID, params={"zipit": {"head": "mean"}})
+    entry = peer_fusion.run_fusion(paths, _never, seed=0, setting=other, data=_data(),
+                                   folder=tmp_path / "none")  # fmt: skip
+    assert entry["ours_head"] == "class-share"
 
 
 def test_wrong_number_of_models_fails_with_the_reason(tmp_path: Path) -> None:
     entry = peer_fusion.run_fusion(_checkpoints(tmp_path, 3), _never, seed=0,
-                                   setting="n-models", folder=tmp_path / "x")  # fmt: skip
+                                   setting=settings_for("cpu")["n-models"], data=_data(),
+                                   folder=tmp_path / "x")  # fmt: skip
     assert entry["status"] == "failed" and "got 3" in entry["reason"]
+    assert entry["data"] is None and entry["metrics"] is None
 
 
 def test_default_folder_is_under_the_peer_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # fmt: skip
     monkeypatch.setenv(peers.PEERS_ENV, str(tmp_path / "root"))
-    entry = peer_fusion.run_fusion(_checkpoints(tmp_path), _never, seed=0, setting="non-iid")
+    entry = peer_fusion.run_fusion(_checkpoints(tmp_path), _never, seed=0, setting=NON_IID,
+                                   data=_data())  # fmt: skip
     assert entry["status"] == "not run"
     assert entry["folder"] == str(tmp_path / "root" / "neuron-interpolation")
 
@@ -124,8 +135,8 @@ def test_broken_source_is_not_run_with_the_import_error(tmp_path: Path) -> None:
     (folder / "src" / "fusion_algorithms").mkdir(parents=True)
     (folder / "src" / "fusion_algorithms" / "hf_kf.py").write_text("raise ImportError('no')")
     (folder / "COMMIT").write_text("0123abc\n")
-    entry = peer_fusion.run_fusion(_checkpoints(tmp_path), _never, seed=0, setting="non-iid",
-                                   folder=folder)  # fmt: skip
+    entry = peer_fusion.run_fusion(_checkpoints(tmp_path), _never, seed=0, setting=NON_IID,
+                                   data=_data(), folder=folder)  # fmt: skip
     assert entry["status"] == "not run"
     assert entry["reason"].startswith(
         f"cannot import the official neuron-interpolation code from {folder}: "
@@ -138,7 +149,8 @@ def test_entry_names_no_machine_paths(tmp_path: Path, monkeypatch: pytest.Monkey
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv(peers.PEERS_ENV, raising=False)
-    entry = peer_fusion.run_fusion(_checkpoints(tmp_path), _never, seed=0, setting="non-iid")
+    entry = peer_fusion.run_fusion(_checkpoints(tmp_path), _never, seed=0, setting=NON_IID,
+                                   data=_data())  # fmt: skip
     assert entry["folder"] == "~/.cache/symmerge/peers/neuron-interpolation"
     texts = [v for v in entry.values() if isinstance(v, str)]
     assert not any(str(home) in t or sys.executable in t for t in texts)
@@ -185,9 +197,7 @@ def test_converter_refuses_other_models() -> None:
         peer_fusion.from_peer_state_dict({"fc.weight": torch.zeros(2, 2)})
 
 
-def test_the_real_peer_end_to_end_on_tiny_models(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # fmt: skip
+def test_the_real_peer_end_to_end_on_tiny_models(tmp_path: Path) -> None:
     folder = peers.default_peer_root() / peer_fusion.SUBFOLDER
     if not (folder / "src" / "fusion_algorithms" / "hf_kf.py").is_file():
         pytest.skip(f"the official neuron-interpolation code is not unpacked in {folder}: "
@@ -196,15 +206,14 @@ def test_the_real_peer_end_to_end_on_tiny_models(
     torch.manual_seed(5)
     batches = [(torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))) for _ in range(4)]
     record = {"n": 128, "sha256": "f" * 64}
-    monkeypatch.setattr(peer_fusion, "setting_data", lambda *a: (batches, record))
     seen: list[nn.Module] = []
 
     def evaluate(model: nn.Module) -> dict:
         seen.append(model)
         return {"accuracy": 0.5}
 
-    entry = peer_fusion.run_fusion(paths, evaluate, seed=0, setting="non-iid", folder=folder,
-                                   threads=1)  # fmt: skip
+    entry = peer_fusion.run_fusion(paths, evaluate, seed=0, setting=NON_IID,
+                                   data=(batches, record), folder=folder, threads=1)  # fmt: skip
     assert entry["status"] == "ok", entry["reason"]
     assert entry["version"] == (folder / "COMMIT").read_text().strip()
     assert entry["metrics"] == {"accuracy": 0.5} and entry["data"] == record

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +17,10 @@ from symmerge.io import load_checkpoint, save_checkpoint
 from symmerge.models import create_model
 from symmerge.report import peer_pleas, peers
 from symmerge.report.checkpoints import file_sha256
+from symmerge.report.settings import Setting, settings_for
+
+#: The setting the peer runs on (two MLPs on different datasets, the full merge).
+CROSS: Setting = settings_for("cpu")["cross-dataset"]
 
 
 def _checkpoints(tmp_path: Path, n: int = 2, width: int = 8) -> list[Path]:
@@ -27,6 +32,12 @@ def _checkpoints(tmp_path: Path, n: int = 2, width: int = 8) -> list[Path]:
     return paths
 
 
+def _data() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """Small valid merge data and its record, for runs that stop before reading it."""
+    return ([(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))],
+            {"n": 2, "sha256": "0" * 64})  # fmt: skip
+
+
 def _never(model: torch.nn.Module) -> dict:
     raise AssertionError("a peer that did not run has nothing to evaluate")
 
@@ -34,8 +45,8 @@ def _never(model: torch.nn.Module) -> dict:
 def test_missing_folder_is_not_run_with_the_reason_and_unpack_command(tmp_path: Path) -> None:
     paths = _checkpoints(tmp_path)
     folder = tmp_path / "peers" / "pleas"
-    entry = peer_pleas.run_pleas(paths, _never, seed=0, setting="cross-dataset", folder=folder,
-                                 threads=1)  # fmt: skip
+    entry = peer_pleas.run_pleas(paths, _never, seed=0, setting=CROSS, data=_data(),
+                                 folder=folder, threads=1)  # fmt: skip
     assert entry["peer"] == "pleas-official" and entry["status"] == "not run"
     assert entry["reason"] == (f"no official PLeaS source in {folder} (expected "
                                f"{folder}/src/pleas)")  # fmt: skip
@@ -57,7 +68,8 @@ def test_default_folder_is_under_the_peer_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # fmt: skip
     monkeypatch.setenv(peers.PEERS_ENV, str(tmp_path / "root"))
-    entry = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0, setting="cross-dataset")
+    entry = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0, setting=CROSS,
+                                 data=_data())  # fmt: skip
     assert entry["status"] == "not run" and entry["folder"] == str(tmp_path / "root" / "pleas")
 
 
@@ -66,20 +78,23 @@ def test_broken_source_is_not_run_with_the_import_error(tmp_path: Path) -> None:
     (folder / "src" / "pleas").mkdir(parents=True)
     (folder / "src" / "pleas" / "__init__.py").write_text("raise ImportError('broken on purpose')")
     (folder / "COMMIT").write_text("0123abc\n")
-    entry = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0,
-                                 setting="cross-dataset", folder=folder)  # fmt: skip
+    entry = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0, setting=CROSS,
+                                 data=_data(), folder=folder)  # fmt: skip
     assert entry["status"] == "not run"
     assert entry["reason"].startswith(f"cannot import the official PLeaS from {folder}: ")
     assert "broken on purpose" in entry["reason"]
     assert entry["package"].endswith("@0123abc") and entry["version"] == "0123abc"
 
 
-def test_settings_at_other_budgets_are_not_run(tmp_path: Path) -> None:
-    entry = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0, setting="budgets",
-                                 folder=tmp_path / "absent")  # fmt: skip
-    assert entry["status"] == "not run"
+@pytest.mark.parametrize("scale", ["smoke", "cpu"])
+def test_settings_at_other_budgets_are_not_run(tmp_path: Path, scale: str) -> None:
+    budgets = settings_for(scale)["budgets"]
+    assert budgets.budgets == (1.0, 1.5, 2.0)
+    entry = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0, setting=budgets,
+                                 data=_data(), folder=tmp_path / "absent")  # fmt: skip
+    assert entry["status"] == "not run" and entry["data"] is None
     assert entry["reason"].startswith("the official PLeaS runs the full merge (1x) only")
-    assert "[1.0, 1.5, 2.0]" in entry["reason"]
+    assert "'budgets' merges at budgets [1.0, 1.5, 2.0]" in entry["reason"]
 
 
 def test_state_dict_round_trip_is_exact_on_the_setting_architecture() -> None:
@@ -150,8 +165,8 @@ def test_peer_entries_name_no_machine_paths(tmp_path: Path) -> None:
     home = str(Path.home())
     folder = Path.home() / ".cache" / "symmerge" / "no-such-peer-root" / "pleas"
     assert not folder.exists()
-    entry = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0,
-                                 setting="cross-dataset", folder=folder)  # fmt: skip
+    entry = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0, setting=CROSS,
+                                 data=_data(), folder=folder)  # fmt: skip
     assert entry["status"] == "not run"
     assert entry["folder"] == "~/.cache/symmerge/no-such-peer-root/pleas"
     texts = [v for v in entry.values() if isinstance(v, str)]
@@ -166,21 +181,12 @@ def _peer_folder() -> Path:
 @pytest.mark.skipif(not (_peer_folder() / "src" / "pleas").is_dir(),
                     reason="the official PLeaS code is not unpacked in the peer root "
                     "(see peer_pleas.pleas_install_command)")  # fmt: skip
-def test_real_peer_end_to_end_on_tiny_inputs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # fmt: skip
+def test_real_peer_end_to_end_on_tiny_inputs(tmp_path: Path) -> None:
     paths = _checkpoints(tmp_path, width=16)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g))
                for _ in range(2)]  # fmt: skip
     record = {"n": 64, "sha256": "tiny"}
-    calls = []
-
-    def fake_data(setting: str, seed: int, checkpoints: list[Path]) -> tuple[list, dict]:
-        calls.append((setting, seed, [Path(p) for p in checkpoints]))
-        return batches, record
-
-    monkeypatch.setattr(peer_pleas, "setting_data", fake_data)
     seen: list[torch.nn.Module] = []
 
     def evaluate(model: torch.nn.Module) -> dict:
@@ -190,10 +196,10 @@ def test_real_peer_end_to_end_on_tiny_inputs(
         with torch.no_grad():
             return {"accuracy": float((model(x).argmax(1) == y).float().mean())}
 
-    entry = peer_pleas.run_pleas(paths, evaluate, seed=0, setting="cross-dataset",
+    entry = peer_pleas.run_pleas(paths, evaluate, seed=0, setting=CROSS, data=(batches, record),
                                  folder=_peer_folder(), threads=1)  # fmt: skip
     assert entry["status"] == "ok", entry["reason"]
-    assert calls == [("cross-dataset", 0, paths)] and entry["data"] == record
+    assert entry["data"] == record
     assert entry["version"] and entry["package"].endswith("@" + entry["version"])
     assert entry["seconds"] == entry["timings"]["total_s"] > 0
     assert entry["timings"]["adam_s"] > 0 and entry["timings"]["first_call_s"] > 0

@@ -1,5 +1,6 @@
 """The official-ZipIt! peer without the peer installed (CI never has it): a missing or broken
-peer folder is recorded as "not run" with the reason and how to unpack it, the converter
+peer folder is recorded as "not run" with the reason and how to unpack it (a setting with one
+shared head is not run either), the converter
 between our ResNet-20 and theirs is exact (and their 3x3 shortcut computes our 1x1 one), and
 an entry names no machine paths. One test runs the real peer on tiny random models, skipped
 when its folder is absent."""
@@ -18,6 +19,10 @@ from symmerge.io import save_checkpoint
 from symmerge.models import create_model
 from symmerge.report import peer_zipit, peers
 from symmerge.report.checkpoints import file_sha256
+from symmerge.report.settings import Setting, settings_for
+
+#: The setting the peer runs on (ZipIt!'s disjoint tasks: a head per task).
+DISJOINT: Setting = settings_for("cpu")["resnet20-disjoint"]
 
 
 def _resnet(seed: int, width: int = 1) -> torch.nn.Module:
@@ -40,6 +45,12 @@ def _checkpoints(tmp_path: Path, n: int = 2) -> list[Path]:
     return paths
 
 
+def _data() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """Small valid merge data and its record, for runs that stop before reading it."""
+    return ([(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))],
+            {"n": 2, "sha256": "0" * 64})  # fmt: skip
+
+
 def _never(model: torch.nn.Module) -> dict:
     raise AssertionError("a peer that did not run has nothing to evaluate")
 
@@ -47,7 +58,7 @@ def _never(model: torch.nn.Module) -> dict:
 def test_missing_folder_is_not_run_with_the_reason_and_unpack_command(tmp_path: Path) -> None:
     paths = _checkpoints(tmp_path)
     folder = tmp_path / "peers" / "zipit"
-    entry = peer_zipit.run_zipit(paths, _never, seed=0, setting="resnet20-disjoint",
+    entry = peer_zipit.run_zipit(paths, _never, seed=0, setting=DISJOINT, data=_data(),
                                  folder=folder, threads=1)  # fmt: skip
     assert entry["peer"] == "zipit-official" and entry["status"] == "not run"
     assert entry["reason"] == (f"no official ZipIt! source in {folder} (expected "
@@ -69,7 +80,7 @@ def test_default_folder_is_under_the_peer_root(
 ) -> None:  # fmt: skip
     monkeypatch.setenv(peers.PEERS_ENV, str(tmp_path / "root"))
     entry = peer_zipit.run_zipit(_checkpoints(tmp_path), _never, seed=0,
-                                 setting="resnet20-disjoint", threads=1)  # fmt: skip
+                                 setting=DISJOINT, data=_data(), threads=1)  # fmt: skip
     assert entry["status"] == "not run" and entry["folder"] == str(tmp_path / "root" / "zipit")
 
 
@@ -80,25 +91,30 @@ def test_broken_source_is_not_run_with_the_import_error(tmp_path: Path) -> None:
     (folder / "src" / "graphs" / "__init__.py").write_text("raise ImportError('broken on purpose')")
     (folder / "COMMIT").write_text("0123abc\n")
     entry = peer_zipit.run_zipit(_checkpoints(tmp_path), _never, seed=0,
-                                 setting="resnet20-disjoint", folder=folder)  # fmt: skip
+                                 setting=DISJOINT, data=_data(), folder=folder)  # fmt: skip
     assert entry["status"] == "not run"
     assert entry["reason"].startswith(f"cannot import the official ZipIt! from {folder}: ")
     assert "broken on purpose" in entry["reason"]
     assert entry["package"] == "gstoica27/ZipIt@0123abc" and entry["version"] == "0123abc"
 
 
-def test_data_that_cannot_be_drawn_is_failed_with_the_reason(
+def test_a_setting_with_one_shared_head_is_not_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # fmt: skip
-    def no_data(*args: Any) -> Any:
-        raise ValueError("no scale fits")
+    def no_probe(folder: Path) -> Any:
+        raise AssertionError("a shared-head setting is refused before the peer is looked for")
 
-    monkeypatch.setattr(peer_zipit, "probe_zipit", lambda folder: ("abc", "src", None))
-    monkeypatch.setattr(peer_zipit, "setting_data", no_data)
-    entry = peer_zipit.run_zipit(_checkpoints(tmp_path), _never, seed=0, setting="x",
-                                 folder=tmp_path)  # fmt: skip
-    assert entry["status"] == "failed" and entry["version"] == "abc"
-    assert entry["reason"] == "drawing the merge data: ValueError: no scale fits"
+    monkeypatch.setattr(peer_zipit, "probe_zipit", no_probe)
+    shared = settings_for("smoke")["same-task"]
+    assert shared.heads == "shared"
+    entry = peer_zipit.run_zipit(_checkpoints(tmp_path), _never, seed=0, setting=shared,
+                                 data=_data(), folder=tmp_path)  # fmt: skip
+    assert entry["peer"] == "zipit-official" and entry["status"] == "not run"
+    assert entry["reason"] == ("the zipit-official run keeps a head per task; 'same-task' has "
+                               "one shared head")  # fmt: skip
+    assert "shared head" in entry["reason"]
+    assert entry["metrics"] is None and entry["seconds"] is None and entry["version"] is None
+    assert entry["data"] is None and entry["heads"] == "per-task"
 
 
 @pytest.mark.parametrize("width", [1, 2])
@@ -156,16 +172,14 @@ def test_entry_names_no_machine_paths(tmp_path: Path) -> None:
     folder = Path(home) / ".cache" / "symmerge" / "peers" / "zipit-absent-for-a-test"
     assert not folder.exists()
     entry = peer_zipit.run_zipit(_checkpoints(tmp_path), _never, seed=0,
-                                 setting="resnet20-disjoint", folder=folder)  # fmt: skip
+                                 setting=DISJOINT, data=_data(), folder=folder)  # fmt: skip
     texts = [v for v in entry.values() if isinstance(v, str)]
     assert entry["folder"] == "~/.cache/symmerge/peers/zipit-absent-for-a-test"
     assert not any(home + "/" in t or sys.executable in t for t in texts)
     assert "~/.cache/symmerge/peers/zipit-absent-for-a-test/src" in entry["install"]
 
 
-def test_real_peer_end_to_end_on_tiny_models(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # fmt: skip
+def test_real_peer_end_to_end_on_tiny_models(tmp_path: Path) -> None:
     folder = peers.default_peer_root() / "zipit"
     if not (folder / "src" / "model_merger.py").is_file():
         pytest.skip(f"the official ZipIt! code is not unpacked in {folder} "
@@ -174,8 +188,7 @@ def test_real_peer_end_to_end_on_tiny_models(
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(8, 3, 32, 32, generator=gen), torch.zeros(8, dtype=torch.long))
             for _ in range(2)]  # fmt: skip
-    monkeypatch.setattr(peer_zipit, "setting_data",
-                        lambda *a: (data, {"n": 16, "sha256": "tiny"}))  # fmt: skip
+    record = {"n": 16, "sha256": "tiny"}
     x = torch.randn(4, 3, 32, 32, generator=gen)
     seen: list[torch.Tensor] = []
 
@@ -184,10 +197,10 @@ def test_real_peer_end_to_end_on_tiny_models(
             seen.append(model(x))
         return {"accuracy": 0.5}
 
-    entry = peer_zipit.run_zipit(paths, evaluate, seed=0, setting="resnet20-disjoint",
-                                 folder=folder, threads=1)  # fmt: skip
+    entry = peer_zipit.run_zipit(paths, evaluate, seed=0, setting=DISJOINT,
+                                 data=(data, record), folder=folder, threads=1)  # fmt: skip
     assert entry["status"] == "ok", entry["reason"]
-    assert entry["metrics"] == {"accuracy": 0.5} and entry["data"] == {"n": 16, "sha256": "tiny"}
+    assert entry["metrics"] == {"accuracy": 0.5} and entry["data"] == record
     assert seen[0].shape == (4, 20) and torch.isfinite(seen[0]).all()  # both 10-way heads
     assert entry["seconds"] == entry["timings"]["total_s"] > 0
     assert 0 <= entry["timings"]["matching_s"] <= entry["timings"]["transform_s"]
@@ -200,3 +213,15 @@ def test_real_peer_end_to_end_on_tiny_models(
     assert set(entry["stubs"]) <= set(peer_zipit.ZIPIT_STUBS)
     assert entry["version"] == (folder / "COMMIT").read_text().strip()
     assert len(entry["merged_weights_sha256"]) == 64
+
+
+def test_a_checkpoint_that_does_not_load_is_failed_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    monkeypatch.setattr(peer_zipit, "probe_zipit", lambda folder: ("abc", "src", None))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    entry = peer_zipit.run_zipit([bad, bad], _never, seed=0, setting=DISJOINT, data=_data(),
+                                 folder=tmp_path)  # fmt: skip
+    assert entry["status"] == "failed" and entry["version"] == "abc"
+    assert entry["reason"].startswith("reading the checkpoint: ")

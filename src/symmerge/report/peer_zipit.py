@@ -254,7 +254,11 @@ def run_zipit(
         return {**entry, "reason": reason}
     entry.update(version=version, imported_from=source)
     batches, entry["data"] = data
-    outputs = _outputs(Path(checkpoints[0]))
+    try:
+        outputs = _outputs(Path(checkpoints[0]))
+    except Exception as exc:  # recorded, never raised
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:1000]
+        return {**entry, "status": "failed", "reason": f"reading the checkpoint: {message}"}
     job = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints],
            "sha256": entry["checkpoints"], "seed": seed, "threads": threads}  # fmt: skip
     fields, result = run_worker(_WORKER, job, peer_env(folder, threads, **ENV), checkpoints[0],
