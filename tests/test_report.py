@@ -730,20 +730,32 @@ def test_committed_reports_render_byte_for_byte(results: Path) -> None:
 def test_code_version_covers_what_numbers_depend_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # fmt: skip
-    """An edit to a module runs depend on changes the runs' code version; an edit to the
-    drawing, the command line, the settings' data, a peer's driver (one added later too) or
-    the join leaves it."""
+    """An edit to what a module runs depend on executes changes the runs' code version; an
+    edit to its words (docstrings, comments, layout), or to the drawing, the command line,
+    the settings' data, a peer's driver (one added later too) or the join leaves it."""
     files = ["merging.py", "cli.py", "report/runner.py", "report/render.py",
              "report/peers.py", "report/peer_c2m3.py", "report/settings.py"]  # fmt: skip
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(f"# {name}\n")
+        (tmp_path / name).write_text(f'"""{name}."""\n\n\ndef f(x):\n    return x + 1\n')
     monkeypatch.setattr(provenance, "PACKAGE", tmp_path)
     before = provenance.merge_code_version()
     for name in [*files[1:2], *files[3:], "report/peer_zipit.py", "report/join.py"]:
-        (tmp_path / name).write_text("# edited\n")
+        (tmp_path / name).write_text("x = 1\n")
         assert provenance.merge_code_version() == before, name
+    (tmp_path / "merging.py").write_text(
+        '"""Other words."""\n\n# a comment\ndef f(x):  # another\n    """What f does."""\n'
+        "    return (x\n            + 1)\n"
+    )
+    assert provenance.merge_code_version() == before  # the same statements
     for name in ["merging.py", "report/runner.py", "report/checkpoints.py"]:
-        (tmp_path / name).write_text("# edited\n")
+        (tmp_path / name).write_text("def f(x):\n    return x + 2\n")
         assert provenance.merge_code_version() != before, name
         before = provenance.merge_code_version()
+    # the training code is keyed by its bytes (the checkpoints trained so far carry that key)
+    for name in ["train.py", "data.py", "io.py", "models/mlp.py"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    trained = provenance.training_code_version()
+    (tmp_path / "train.py").write_text("x = 1  # a comment\n")
+    assert provenance.training_code_version() != trained

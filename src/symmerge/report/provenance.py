@@ -8,6 +8,7 @@ misses uncommitted changes).
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import fnmatch
 import hashlib
@@ -16,7 +17,7 @@ import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "TRAINING_CODE",
     "code_version",
     "command_line",
+    "executable_code",
     "cpu_name",
     "git_commit",
     "hardware",
@@ -69,29 +71,46 @@ def _files(parts: Iterable[str]) -> list[Path]:
     return out
 
 
-def code_version(files: Sequence[Path]) -> str:
-    """sha256 over the package-relative names and contents of ``files``."""
+def code_version(files: Sequence[Path], read: Callable[[Path], bytes] = Path.read_bytes) -> str:
+    """sha256 over the package-relative names and contents (as ``read`` gives them) of
+    ``files``."""
     digest = hashlib.sha256()
     for path in sorted(files):
         digest.update(str(path.relative_to(PACKAGE)).encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
+        digest.update(read(path) + b"\0")
     return digest.hexdigest()
 
 
+def executable_code(path: Path) -> bytes:
+    """The statements of a Python file without what never runs: comments, layout, and
+    string statements (docstrings). An edit to the words of a module leaves its runs valid;
+    any edit to what it executes does not."""
+
+    def words(n: ast.AST) -> bool:
+        return isinstance(n, ast.Expr) and isinstance(getattr(n.value, "value", None), str)
+
+    tree = ast.parse(path.read_bytes())
+    for node in ast.walk(tree):
+        if isinstance(getattr(node, "body", None), list):
+            node.body = [n for n in node.body if not words(n)] or [ast.Pass()]  # type: ignore[attr-defined]
+    return ast.unparse(tree).encode()
+
+
 def training_code_version() -> str:
-    """Code version of what trains a checkpoint (:data:`TRAINING_CODE`)."""
+    """Code version of what trains a checkpoint (:data:`TRAINING_CODE`): the files' bytes
+    (the checkpoints trained so far are keyed by it; a change to its words retrains)."""
     return code_version(_files(TRAINING_CODE))
 
 
 def merge_code_version() -> str:
-    """Code version of everything a run's numbers depend on: the package's Python files
-    less :data:`MERGE_CODE_EXCLUDED`."""
+    """Code version of everything a run's numbers depend on: what the package's Python files
+    less :data:`MERGE_CODE_EXCLUDED` execute (:func:`executable_code`)."""
 
     def excluded(path: Path) -> bool:
         name = path.relative_to(PACKAGE).as_posix()
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in MERGE_CODE_EXCLUDED)
 
-    return code_version([p for p in _files(["."]) if not excluded(p)])
+    return code_version([p for p in _files(["."]) if not excluded(p)], executable_code)
 
 
 def git_commit() -> str | None:
