@@ -229,10 +229,8 @@ def frank_wolfe_matching(
         max_iter: Frank-Wolfe iterations at most (the paper's merger: 200).
         tol, patience: stop when F grew by less than ``tol * |F|`` in ``patience`` consecutive
             iterations, or when the line search stays at t = 0 (a stationary point). The
-            paper stops on an absolute gain below 1e-6, which on MNIST MLPs (F ~ 1e3) means
-            ``tol=1e-6`` here in practice (about 80 iterations for 5 models); the default
-            1e-4 stopped after about 40 with F 0.05 % lower and the same merged accuracy
-            (benchmarks/results/c2m3.md).
+            paper stops on an absolute gain below 1e-6; the relative default stops sooner
+            (the report's n-models settings run it beside the paper's own code).
         init: ``"weight"`` (default: every model weight-matched to model 0, so the search
             starts from the pairwise-to-reference solution and can only improve on it),
             ``"sinkhorn"`` (the paper's merger: the barycenter plus U(0, 0.01/n) noise, made
