@@ -86,3 +86,20 @@ def test_chunks_of_two_folders_join_into_one_report(tmp_path: Path) -> None:
     both["meta"]["calls"].append({**call, "date": "9998"})
     with pytest.raises(ReportError, match="both folders finished same-task seed 0"):
         join(both, rerun, "test")
+
+
+@needs_data
+def test_a_chunk_of_some_seeds_joins_a_folder_of_all_of_them(tmp_path: Path) -> None:
+    """A copy whose first call named one seed (a ResNet chunk: ``--seeds 0``) joins a folder
+    configured for more seeds; a folder of fewer seeds cannot take in one of more."""
+    _chunk(tmp_path / "all", "same-task", seeds=[0, 1])
+    part = _chunk(tmp_path / "part", "disjoint-classes", seeds=[0])
+    joined = join_reports(tmp_path / "all", [tmp_path / "part"], command="join")
+    meta = joined["meta"]
+    assert meta["config"]["seeds"] == [0, 1]
+    assert meta["seeds_done"] == {"same-task": [0, 1], "disjoint-classes": [0]}
+    assert meta["settings_done"] == ["same-task"]  # disjoint-classes still lacks seed 1
+    taken = [r["key"] for r in joined["runs"] if r["setting"] == "disjoint-classes"]
+    assert taken == [r["key"] for r in part["runs"]] and taken
+    with pytest.raises(ReportError, match=r"seeds: \[0, 1\] are not among \[0\]"):
+        join_reports(tmp_path / "part", [tmp_path / "all"], command="join")

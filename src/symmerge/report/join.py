@@ -5,13 +5,14 @@ one results document, as if the chunks had run one after another in one folder.
 two calls must not share a folder; each runs in a copy of the report folder instead, and
 ``symmerge report -o BASE --join OTHER`` adds to ``BASE`` the settings and seeds that
 ``OTHER`` finished and ``BASE`` lacks (runs, endpoints and peer runs, with the calls that
-made them). Folders of another scale, methods, seeds, code or training code, settings whose
-definitions differ, and a setting and seed finished in both with other runs are refused
-unless exactly one of the folders ran that setting again after the calls the two share (a copy
-that re-ran it after the copy was made): that folder's runs are the newer ones and are kept. A
-joined document never mixes code or configurations. A setting and seed ``OTHER`` did not
-finish is left out. Joining copies runs as they are, so this module stays outside the runs'
-code version (:data:`symmerge.report.provenance.MERGE_CODE_EXCLUDED`).
+made them). Folders of another scale, methods, code or training code, with seeds that are not
+among ``BASE``'s (a copy whose first call named some seeds, ``--seeds 0``, joins a folder of
+all of them), settings whose definitions differ, and a setting and seed finished in both with
+other runs are refused unless exactly one of the folders ran that setting again after the
+calls the two share (a copy that re-ran it after the copy was made): that folder's runs are
+the newer ones and are kept. A joined document never mixes code or configurations. A setting
+and seed ``OTHER`` did not finish is left out. Joining copies runs as they are, so this module
+stays outside the runs' code version (:data:`symmerge.report.provenance.MERGE_CODE_EXCLUDED`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def _check(base: dict[str, Any], other: dict[str, Any]) -> set[tuple[str, int]]:
     ``other`` alone ran again since they parted (its runs replace ``base``'s)."""
     a, b = base["meta"], other["meta"]
     differs = [f"{k}: {a['config'][k]} and {b['config'][k]}" for k in CONFIG_KEYS
-               if a["config"][k] != b["config"][k]]  # fmt: skip
+               if k != "seeds" and a["config"][k] != b["config"][k]]  # fmt: skip
+    if not set(b["config"]["seeds"]) <= set(a["config"]["seeds"]):  # a chunk of some seeds joins
+        differs.append(f"seeds: {b['config']['seeds']} are not among {a['config']['seeds']}")
     differs += [f"{k}: {a[k]} and {b[k]}" for k in SAME_META if a[k] != b[k]]
     differs += [f"the definition of {n}" for n in set(a["settings"]) & set(b["settings"])
                 if definition_of(a["settings"][n]) != definition_of(b["settings"][n])]  # fmt: skip
