@@ -419,6 +419,27 @@ def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_a_new_folder_of_fewer_seeds_than_the_scale_is_noted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """A folder's first call fixes its seeds, so a first call with --seeds 0 at the cpu scale
+    says so (it cannot take seeds 1-2 later); a call into an existing folder does not."""
+    import symmerge.report
+
+    def stop(output: Any, **kwargs: Any) -> dict:
+        raise ReportError("stopped here")
+
+    monkeypatch.setattr(symmerge.report, "run_report", stop)
+    args = ["report", "--scale", "cpu", "--seeds", "0", "-o", str(tmp_path / "r")]
+    out = CliRunner().invoke(main, args)
+    assert "stopped here" in out.output
+    assert "this new folder holds seeds 0 only" in out.output and "0, 1, 2" in out.output
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.json").write_text("{}")
+    assert "note:" not in CliRunner().invoke(main, [*args, "--resume"]).output
+    assert "note:" not in CliRunner().invoke(main, args[:3] + args[5:]).output  # every seed
+
+
 def test_results_of_another_schema_version_are_refused(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text(json.dumps({"schema_version": 0, "runs": []}))
     with pytest.raises(ReportError, match="schema_version 0"):

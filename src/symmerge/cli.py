@@ -1779,6 +1779,7 @@ def report_cmd(
             except ValueError:
                 raise click.BadParameter(f"seeds must be integers, got {seeds!r}",
                                          param_hint="--seeds") from None  # fmt: skip
+            _warn_fixed_seeds(output, scale, seed_list)
             doc = run_report(output, scale=scale, settings=_names(settings),
                              methods=_names(methods), seeds=seed_list, data_root=data_root,
                              resume=resume, progress=progress, peers=peers,
@@ -1790,6 +1791,20 @@ def report_cmd(
     written = files if render_only else [output / "results.json", *files]
     click.echo(f"{len(doc['runs'])} runs ({failed} failed); wrote "
                + ", ".join(str(f) for f in written))  # fmt: skip
+
+
+def _warn_fixed_seeds(output: Path, scale: str, seeds: list[int] | None) -> None:
+    """A folder's first call fixes its seeds: say so when it names fewer than the scale's."""
+    from symmerge.report.settings import DEFAULT_SEEDS
+
+    every = DEFAULT_SEEDS.get(scale, ())
+    if seeds is not None and not (Path(output) / "results.json").exists() \
+            and set(every) - set(seeds):  # fmt: skip
+        click.echo(f"note: this new folder holds seeds {', '.join(map(str, seeds))} only: a "
+                   f"folder's first call fixes its seeds (the {scale} scale's are "
+                   f"{', '.join(map(str, every))}); to run one seed of a folder of all of them, "
+                   "make that folder first, or join this one into it later (--join)",
+                   err=True)  # fmt: skip
 
 
 if __name__ == "__main__":  # pragma: no cover
