@@ -4,6 +4,7 @@ converter is exact; with the peer unpacked, one end-to-end run on tiny inputs.""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -217,3 +218,214 @@ def test_real_peer_end_to_end_on_tiny_inputs(tmp_path: Path) -> None:
     assert merged.state_dict().keys() == a.keys()
     assert all(merged.state_dict()[k].shape == v.shape for k, v in a.items())
     assert not torch.equal(merged.state_dict()["layers.1.weight"], a["layers.1.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the ResNet path: resnet20-disjoint (two CIFAR-10 ResNet-20x1 with BatchNorm, a head per task)
+# ---------------------------------------------------------------------------------------------
+
+#: The ResNet setting the peer runs on (classes 0-4 and 5-9, heads per task, BN reset).
+DISJOINT: Setting = settings_for("cpu")["resnet20-disjoint"]
+
+
+def _resnet(seed: int, name: str = "resnet20") -> torch.nn.Module:
+    """A ResNet-20x1 with random weights and non-trivial running statistics."""
+    torch.manual_seed(seed)
+    model, _ = create_model(name, width=1)
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(8, 3, 32, 32))
+    return model.eval()
+
+
+def _resnet_checkpoints(tmp_path: Path, name: str = "resnet20") -> list[Path]:
+    paths = []
+    for k in range(2):
+        _, config = create_model(name, width=1)
+        meta = {"dataset": "cifar10", "model_name": name,
+                "classes": [5 * k + c for c in range(5)]}  # fmt: skip
+        paths.append(save_checkpoint(tmp_path / f"r{k}.safetensors", _resnet(k, name), config,
+                                     meta))  # fmt: skip
+    return paths
+
+
+def _images() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    return ([(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))],
+            {"n": 2, "sha256": "0" * 64})  # fmt: skip
+
+
+def test_the_setting_is_registered_beside_zipit() -> None:
+    names = [p.name for p in peers.PEERS["resnet20-disjoint"]]
+    assert names == ["zipit-official", "pleas-official"]
+    peer = peers.PEERS["resnet20-disjoint"][1]
+    assert peer.ours == "pleas" and peer.subfolder == "pleas" and peer.reads_data
+    assert not peer.first_seed_only
+    assert DISJOINT.heads == "per-task" and DISJOINT.reset_bn and not DISJOINT.budgets
+
+
+def test_model_kinds() -> None:
+    mlp, _ = create_model("mlp", width=4, depth=1)
+    assert peer_pleas.model_kind(mlp) == "mlp" and peer_pleas.head_name(mlp) == "layers.3"
+    assert peer_pleas.model_kind(_resnet(0)) == "resnet"
+    assert peer_pleas.head_name(_resnet(0)) == "fc"
+    assert peer_pleas.model_kind(_resnet(0, "resnet20-ln")) is None
+    assert peer_pleas.model_kind(create_model("vgg11", width=0.25)[0]) is None
+
+
+def test_resnet_conversion_round_trip_is_exact() -> None:
+    model = _resnet(0)
+    ours = model.state_dict()
+    theirs = peer_pleas.to_pleas_model(model)
+    assert theirs is not model and not theirs.training
+    assert type(theirs) is type(model) and isinstance(theirs.flatten, torch.nn.Flatten)
+    x = torch.randn(5, 3, 32, 32)
+    assert peer_pleas.to_pleas_inputs(model, x) is x  # images as they are
+    with torch.no_grad():
+        assert torch.equal(theirs(x), model(x))  # the same function, exactly
+    back = peer_pleas.from_pleas_state_dict(theirs.state_dict(), ours)
+    assert list(back) == list(ours)
+    assert all(torch.equal(back[k], ours[k]) and back[k].dtype == ours[k].dtype for k in ours)
+    # their partial merge makes the BatchNorm statistics parameters: the same names and values
+    stats = ours["layer2.0.norm1.running_var"].clone()
+    theirs.layer2[0].norm1.running_var = torch.nn.Parameter(stats, requires_grad=False)
+    assert "layer2.0.norm1.running_var" in dict(theirs.named_parameters())
+    back = peer_pleas.from_pleas_state_dict(theirs.state_dict(), ours)
+    assert list(back) == list(ours) and torch.equal(back["layer2.0.norm1.running_var"], stats)
+    assert back["layer1.0.norm1.num_batches_tracked"].dtype == torch.long
+
+
+def test_per_task_heads_are_stacked_in_order() -> None:
+    ours = _resnet(0).state_dict()
+    heads = [(torch.randn(10, 64), torch.randn(10)) for _ in range(2)]
+    back = peer_pleas.from_pleas_state_dict(ours, ours, heads, "fc")
+    assert back["fc.weight"].shape == (20, 64) and back["fc.bias"].shape == (20,)
+    assert torch.equal(back["fc.weight"][:10], heads[0][0])
+    assert torch.equal(back["fc.weight"][10:], heads[1][0])
+    assert torch.equal(back["fc.bias"][10:], heads[1][1])
+    assert all(torch.equal(back[k], v) for k, v in ours.items() if not k.startswith("fc."))
+    with pytest.raises(ValueError, match="do not read the merged features"):
+        peer_pleas.from_pleas_state_dict(ours, ours, [(torch.randn(10, 32), torch.randn(10))])
+    with pytest.raises(ValueError, match="no head 'head'"):
+        peer_pleas.from_pleas_state_dict(ours, ours, heads, "head")
+
+
+def test_resnet_entry_without_the_peer(tmp_path: Path) -> None:
+    paths = _resnet_checkpoints(tmp_path)
+    folder = tmp_path / "absent"
+    entry = peer_pleas.run_pleas(paths, _never, seed=0, setting=DISJOINT, data=_images(),
+                                 folder=folder, threads=1)  # fmt: skip
+    assert entry["peer"] == "pleas-official" and entry["status"] == "not run"
+    assert entry["reason"].startswith(f"no official PLeaS source in {folder}")
+    assert entry["model"] == "resnet" and entry["heads"] == "per-task"
+    assert entry["renorm"] == "reset-bn (ours: symmerge.renorm.reset_bn on the merge batches)"
+    assert entry["call"] == (peer_pleas.PLEAS_CALL + peer_pleas.PLEAS_PER_TASK_CALL
+                             + peer_pleas.PLEAS_RESET_CALL)  # fmt: skip
+    assert "permute_final_features" in entry["call"]
+    assert "reset_bn(model3, batches)" in entry["call"]
+    assert peer_pleas.BN_NOTES[True] in entry["notes"] and "reset_running_stats" in entry["notes"]
+    assert peer_pleas.PER_TASK_NOTE in entry["notes"] and "Tensor.cuda" in entry["notes"]
+    assert "our MLPs have none" not in entry["notes"]
+    assert entry["environment"] == peer_pleas.RESNET_ENV
+    assert peer_pleas.RESNET_NOTE in entry["notes"]
+    assert entry["checkpoints"] == [file_sha256(p) for p in paths]
+    assert entry["metrics"] is None and entry["conversion"] is None and entry["bn_reset"] is None
+    # the MLP setting's entry keeps its call and notes
+    mlp = peer_pleas.run_pleas(_checkpoints(tmp_path), _never, seed=0, setting=CROSS,
+                               data=_data(), folder=folder)  # fmt: skip
+    assert mlp["model"] == "mlp" and mlp["heads"] == "shared" and mlp["renorm"] is None
+    assert mlp["call"] == peer_pleas.PLEAS_CALL and mlp["environment"] == {}
+    assert mlp["notes"] == peer_pleas.PLEAS_NOTES + "; no BatchNorm reset (our MLPs have none)"
+
+
+def test_models_the_driver_does_not_run_are_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    def no_probe(folder: Path) -> Any:
+        raise AssertionError("models the driver cannot run are refused before the probe")
+
+    monkeypatch.setattr(peer_pleas, "probe_pleas", no_probe)
+    entry = peer_pleas.run_pleas(_resnet_checkpoints(tmp_path, "resnet20-ln"), _never, seed=0,
+                                 setting=DISJOINT, data=_images(), folder=tmp_path)  # fmt: skip
+    assert entry["status"] == "not run" and entry["model"] is None
+    assert entry["reason"] == ("the pleas-official driver runs our MLP and our BatchNorm ResNet; "
+                               "checkpoint 0 is a ResNet (norm 'ln')")  # fmt: skip
+    assert entry["metrics"] is None and entry["version"] is None and entry["renorm"] is None
+    # models whose heads differ in size cannot share their least squares' averaged logits
+    a, config = create_model("mlp", width=4, depth=1)
+    b, config_b = create_model("mlp", width=4, depth=1, num_classes=5)
+    paths = [save_checkpoint(tmp_path / "a.safetensors", a, config, {}),
+             save_checkpoint(tmp_path / "b.safetensors", b, config_b, {})]  # fmt: skip
+    entry = peer_pleas.run_pleas(paths, _never, seed=0, setting=CROSS, data=_data(),
+                                 folder=tmp_path)  # fmt: skip
+    assert entry["status"] == "not run" and entry["model"] == "mlp"
+    assert entry["reason"].endswith("the outputs differ in size: [10, 5]")
+
+
+def test_a_checkpoint_that_does_not_load_is_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    monkeypatch.setattr(peer_pleas, "probe_pleas", lambda folder: ("abc", "src", None))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    entry = peer_pleas.run_pleas([bad, bad], _never, seed=0, setting=DISJOINT, data=_images(),
+                                 folder=tmp_path)  # fmt: skip
+    assert entry["status"] == "failed" and entry["reason"].startswith("reading the checkpoints: ")
+    assert entry["metrics"] is None
+
+
+def test_real_peer_end_to_end_on_tiny_resnets(tmp_path: Path) -> None:
+    from symmerge.renorm import reset_bn
+
+    folder = _peer_folder()
+    if not (folder / "src" / "pleas").is_dir():
+        pytest.skip(f"the official PLeaS code is not unpacked in {folder} "
+                    f"({peer_pleas.pleas_install_command(folder)})")  # fmt: skip
+    paths = _resnet_checkpoints(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 32, 32, generator=gen), torch.zeros(8, dtype=torch.long))
+               for _ in range(2)]  # fmt: skip
+    record = {"n": 16, "sha256": "tiny"}
+    x = torch.randn(4, 3, 32, 32, generator=gen)
+    seen: list[torch.nn.Module] = []
+
+    def evaluate(model: torch.nn.Module) -> dict[str, Any]:
+        seen.append(model)
+        return {"accuracy": 0.5}
+
+    entry = peer_pleas.run_pleas(paths, evaluate, seed=0, setting=DISJOINT,
+                                 data=(batches, record), folder=folder, threads=1)  # fmt: skip
+    assert entry["status"] == "ok", entry["reason"]
+    assert entry["metrics"] == {"accuracy": 0.5} and entry["data"] == record
+    assert entry["version"] == (folder / "COMMIT").read_text().strip()
+    assert entry["environment"] == peer_pleas.RESNET_ENV
+    assert entry["seconds"] == entry["timings"]["total_s"] > 0
+    assert {"adam_s", "bn_reset_s", "heads_s", "first_call_s"} <= entry["timings"].keys()
+    assert entry["adam_steps"] == peer_pleas.MAX_STEPS + 1
+    conv = entry["conversion"]
+    assert conv["converted_vs_ours_max_abs_logit_diff"] == 0.0
+    assert conv["self_merge_vs_model_a_max_abs_logit_diff"] == 0.0
+    assert conv["permuted_model_b_vs_model_b_max_abs_logit_diff"] < 1e-5
+    assert conv["merged_vs_their_model_max_abs_logit_diff"] < 1e-5
+    # their 12 groups: the three residual streams and the nine block insides
+    assert sorted(conv["groups"].values()) == [16] * 4 + [32] * 4 + [64] * 4
+    assert entry["bn_reset"] == {"batchnorms": 21, "batches": 2, "examples": 16,
+                                 "by": "symmerge.renorm.reset_bn"}  # fmt: skip
+    assert len(entry["merged_weights_sha256"]) == 64
+    (merged,) = seen
+    with torch.no_grad():
+        out = merged(x)
+    assert out.shape == (4, 20) and torch.isfinite(out).all()  # both 10-way heads
+    # each model's own head, its columns in the merged features' order, its bias as trained
+    sources = [load_checkpoint(p)[0] for p in paths]
+    fc = merged.state_dict()
+    for k, s in enumerate(sources):
+        w, b = fc["fc.weight"][10 * k : 10 * (k + 1)], fc["fc.bias"][10 * k : 10 * (k + 1)]
+        assert torch.equal(b, s.fc.bias)
+        cols = sorted(map(tuple, w.T.tolist()))
+        assert cols == sorted(map(tuple, s.fc.weight.detach().T.tolist()))
+    # the BatchNorm statistics are the merge batches' (our reset_bn on the same weights)
+    again = reset_bn(copy.deepcopy(merged), batches).state_dict()
+    for key, v in merged.state_dict().items():
+        if key.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(v, again[key], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(fc["conv1.weight"], sources[0].state_dict()["conv1.weight"])

@@ -8,14 +8,14 @@ reason. Packages are never installed from here; the reason names the install com
 Peers (:data:`PEERS`, by setting, each against our run of the same method on the same
 files): the PyPI ``rebasin`` package (weight matching) on same-task; the official C2M3
 code (:mod:`symmerge.report.peer_c2m3`) on n-models and n-models-5; the official PLeaS code
-(:mod:`symmerge.report.peer_pleas`) on cross-dataset; the official neuron-interpolation
-fusion code (:mod:`symmerge.report.peer_fusion`) on non-iid; the official ZipIt! code
-(:mod:`symmerge.report.peer_zipit`) on resnet20-disjoint. Each subprocess loads our
-safetensors with :func:`symmerge.io.load_checkpoint` (converted to the peer's model where it
-has its own), merges with the peer's code (the data-reading ones on the merge batches the
-runner drew for our runs, handed over in a file), and saves the merged state dict in our
-names to a temporary file; the report's process evaluates that model with the same function
-and test data as our runs.
+(:mod:`symmerge.report.peer_pleas`) on cross-dataset and resnet20-disjoint; the official
+neuron-interpolation fusion code (:mod:`symmerge.report.peer_fusion`) on non-iid; the
+official ZipIt! code (:mod:`symmerge.report.peer_zipit`) on resnet20-disjoint. Each
+subprocess loads our safetensors with :func:`symmerge.io.load_checkpoint` (converted to the
+peer's model where it has its own), merges with the peer's code (the data-reading ones on the
+merge batches the runner drew for our runs, handed over in a file), and saves the merged
+state dict in our names to a temporary file; the report's process evaluates that model with
+the same function and test data as our runs.
 
 Where peer packages live: ``peer_root`` (argument), else ``$SYMMERGE_PEERS``, else
 ``~/.cache/symmerge/peers``; each peer in its own subfolder (``rebasin/``).
@@ -455,6 +455,8 @@ PEERS: dict[str, tuple[Peer, ...]] = {
     "resnet20-disjoint": (
         Peer("zipit-official", "zip", _driver("peer_zipit", "run_zipit"), "zipit",
              reads_data=True),
+        Peer("pleas-official", "pleas", _driver("peer_pleas", "run_pleas"), "pleas",
+             reads_data=True, first_seed_only=True),  # Adam on a ResNet: most of an hour
     ),
 }  # fmt: skip
 
