@@ -98,8 +98,9 @@ MAX_STEPS = 400
 LR = 5e-4
 #: Fraction of every group kept apart: 0 = the full merge (budget 1x).
 RATIO = 0.0
-#: The subprocess's time limit, seconds: the ResNet-20 run (401 Adam steps on batches of 500
-#: CIFAR-10 images, every conv's least squares) takes most of an hour on one busy CPU core.
+#: The subprocess's time limit, seconds: the resnet20-disjoint run (401 Adam steps on batches
+#: of 500 CIFAR-10 images, every conv's least squares) took 3,575 s on one thread of a busy
+#: 2-core CPU (8.7 s a step).
 DEFAULT_TIMEOUT = 7200.0
 #: Modules their ``pleas`` package imports at module level and this run never calls; stubbed
 #: in the subprocess when not installed (none of them is in our environment).
@@ -171,8 +172,8 @@ BN_NOTES = {
 #: glibc's heap otherwise grows by most of a GB every Adam step (their least squares allocates
 #: and frees hundreds of 33 MB activation tensors per step at batch 500; freed, they are not
 #: reused) until the process is killed (18 GB after about 20 of its 401 steps); mmapped from
-#: 1 MiB up (with PyTorch's huge pages for large tensors), the memory stays flat at about
-#: 2.3 GB and a step takes about 1.5x as long.
+#: 1 MiB up (with PyTorch's huge pages for large tensors), the memory stays flat (2.5 GB at
+#: most on resnet20-disjoint) and a step takes about 1.5x as long.
 RESNET_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "THP_MEM_ALLOC_ENABLE": "1"}
 #: The note on a ResNet run (our model as it is; its subprocess's allocator settings).
 RESNET_NOTE = (
