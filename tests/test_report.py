@@ -735,6 +735,29 @@ def test_repair_rows_skip_the_ensemble_which_repair_leaves_unchanged() -> None:
     assert "ensemble + REPAIR" not in labels
 
 
+def test_a_budget_becomes_a_target_width_only_for_an_mlp() -> None:
+    """A method with a target width gets budget x the MLP's hidden width; a ResNet's layers
+    differ in width (its ``x<K>`` is a multiplier), so its budget rows fail with the reason
+    instead of merging at a wrong width."""
+    import dataclasses
+
+    from symmerge.methods import list_methods
+    from symmerge.report.settings import Source, settings_for
+
+    setting = settings_for("cpu")["budgets"]
+    rows = {j.label: j for j in jobs(setting, list_methods())}
+    assert rows["zip @1.5x"].params["width"] == 768 and rows["zip @1.5x"].error is None
+    narrow = dataclasses.replace(setting, sources=tuple(
+        dataclasses.replace(s, model="mlp-w256") for s in setting.sources))  # fmt: skip
+    assert {j.label: j for j in jobs(narrow, ["zip"])}["zip @2x"].params["width"] == 512
+    resnet = dataclasses.replace(setting, sources=(Source("cifar10", "resnet20x4", 0),) * 2)
+    budget_rows = [j for j in jobs(resnet, list_methods()) if j.method == "zip"]
+    assert budget_rows and all("width" not in j.params and "no single hidden width" in j.error
+                               for j in budget_rows)  # fmt: skip
+    pleas = jobs(resnet, ["pleas"])
+    assert len(pleas) == 3 and all(j.error is None and j.params["budget"] for j in pleas)
+
+
 COMMITTED = sorted(
     (Path(__file__).resolve().parent.parent / "benchmarks" / "report").glob("*/results.json")
 )

@@ -224,23 +224,29 @@ def jobs(setting: Setting, methods: Sequence[str]) -> list[Job]:
 
 
 def _budget_params(
-    info: MethodInfo, budget: float, width: int
+    info: MethodInfo, budget: float, width: int | None
 ) -> tuple[dict[str, Any], str | None]:
     taken = inspect.signature(info.fn).parameters
     if "budget" in taken:
         return {"budget": budget}, None
-    if "width" in taken:
+    if "width" in taken and width is not None:
         return {"width": round(budget * width)}, None
+    if "width" in taken:
+        return {}, (f"'{info.name}' takes a target width, not a budget, and this setting's "
+                    "model has no single hidden width to scale")  # fmt: skip
     return {}, f"'{info.name}' has a target width but takes neither budget= nor width="
 
 
-def _hidden_width(model: str) -> int:
+def _hidden_width(model: str) -> int | None:
+    """The hidden width of an MLP, which a budget scales into a target width; ``None`` for
+    models whose layers differ in width (a ResNet's ``width`` is a multiplier)."""
     from symmerge.models import parse_model_name
+    from symmerge.models.mlp import MLP
 
     arch, kwargs = parse_model_name(model)
-    if "width" in kwargs:
-        return int(kwargs["width"])
-    return 512 if arch == "mlp" else 1
+    if arch != "mlp":
+        return None
+    return int(kwargs.get("width", inspect.signature(MLP).parameters["width"].default))
 
 
 def _jsonable(value: Any) -> Any:
