@@ -45,3 +45,15 @@ class Attention(nn.Module):
         att = (q @ k.transpose(-2, -1)).softmax(-1)
         x = x + self.proj((att @ v).transpose(1, 2).reshape(b, n, d))
         return self.head(x.mean(1))
+
+
+def cifar_noise(
+    batches: int = 2, size: int = 8
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, object], torch.Tensor]:
+    """Merge batches of CIFAR-shaped noise, their record and a probe batch: what a peer's
+    end-to-end test on tiny ResNets hands the peer in place of a report's data."""
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(size, 3, 32, 32, generator=gen), torch.zeros(size, dtype=torch.long))
+            for _ in range(batches)]  # fmt: skip
+    record: dict[str, object] = {"n": batches * size, "sha256": "tiny"}
+    return data, record, torch.randn(4, 3, 32, 32, generator=gen)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from _toy_models import cifar_noise
 
 from symmerge.io import load_checkpoint, save_checkpoint
 from symmerge.models import create_model
@@ -381,11 +382,7 @@ def test_real_peer_end_to_end_on_tiny_resnets(tmp_path: Path) -> None:
         pytest.skip(f"the official PLeaS code is not unpacked in {folder} "
                     f"({peer_pleas.pleas_install_command(folder)})")  # fmt: skip
     paths = _resnet_checkpoints(tmp_path)
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 3, 32, 32, generator=gen), torch.zeros(8, dtype=torch.long))
-               for _ in range(2)]  # fmt: skip
-    record = {"n": 16, "sha256": "tiny"}
-    x = torch.randn(4, 3, 32, 32, generator=gen)
+    batches, record, x = cifar_noise()
     seen: list[torch.nn.Module] = []
 
     def evaluate(model: torch.nn.Module) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _toy_models import cifar_noise
 
 from symmerge.io import save_checkpoint
 from symmerge.models import create_model
@@ -185,11 +186,7 @@ def test_real_peer_end_to_end_on_tiny_models(tmp_path: Path) -> None:
         pytest.skip(f"the official ZipIt! code is not unpacked in {folder} "
                     f"({peer_zipit.zipit_install_command(folder)})")  # fmt: skip
     paths = _checkpoints(tmp_path)
-    gen = torch.Generator().manual_seed(0)
-    data = [(torch.randn(8, 3, 32, 32, generator=gen), torch.zeros(8, dtype=torch.long))
-            for _ in range(2)]  # fmt: skip
-    record = {"n": 16, "sha256": "tiny"}
-    x = torch.randn(4, 3, 32, 32, generator=gen)
+    data, record, x = cifar_noise()
     seen: list[torch.Tensor] = []
 
     def evaluate(model: torch.nn.Module) -> dict[str, Any]:
