@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -756,6 +757,45 @@ def test_a_budget_becomes_a_target_width_only_for_an_mlp() -> None:
                                for j in budget_rows)  # fmt: skip
     pleas = jobs(resnet, ["pleas"])
     assert len(pleas) == 3 and all(j.error is None and j.params["budget"] for j in pleas)
+
+
+def test_published_gains_are_compared_in_direction_and_size(report: tuple[Path, dict]) -> None:
+    """A published gain (stated, or the difference of two accuracies of one table) is set
+    beside ours in a "vs published" column: direction by sign, size within a factor of 2."""
+    from symmerge.report import render
+
+    assert render._verdict(4.4, 3) == "direction and size agree"
+    assert render._verdict(1.1, 19) == "direction agrees, size differs"
+    assert render._verdict(-0.2, [8, 15]) == "direction disagrees"
+    assert render._verdict(30, [8, 15]) == "direction and size agree"
+    assert render._verdict(31, [8, 15]) == "direction agrees, size differs"
+    assert render._verdict(3.9, [8, 15]) == "direction agrees, size differs"
+    assert render._verdict(-5, -4) == "direction and size agree"
+    assert render._verdict(1, 0) == "no published direction"
+    _, doc = report
+    doc = json.loads(json.dumps(doc))
+    source = {"tag": "paper", "source": "a table", "differs": "-"}
+    doc["published"] = [
+        {"setting": "same-task", "method": "weight", "baseline": "naive", "metric": "accuracy",
+         "value": 0.9, **source},
+        {"setting": "same-task", "method": "naive", "metric": "accuracy", "value": 0.4, **source},
+    ]  # fmt: skip
+
+    def acc(label: str) -> float:
+        return 100 * statistics.fmean(
+            r["metrics"]["accuracy"]
+            for r in doc["runs"]
+            if r["setting"] == "same-task" and r["label"] == label
+        )
+
+    gain = acc("weight") - acc("naive")
+    md = render.render_markdown(doc)
+    cell = f"{gain:+.2f} vs +50 over naive: {render._verdict(gain, 50)} [p1]"
+    row = next(line for line in md.splitlines() if line.startswith("| weight |"))
+    assert row.endswith(f"| {cell} |") and "| vs published |" in md
+    assert f"over naive: +50 points; ours: {gain:+.2f} points" in md
+    assert "| naive |" in md and "over naive" not in next(
+        line for line in md.splitlines() if line.startswith("| naive |"))  # fmt: skip
 
 
 COMMITTED = sorted(

@@ -18,6 +18,7 @@ from test_report import _numbers, needs_data
 from symmerge.cli import main
 from symmerge.report import ReportError, load_results, render_markdown, run_report
 from symmerge.report.join import join, join_reports, recorded_command
+from symmerge.report.schema import load_published
 
 METHODS = ["naive", "weight"]
 
@@ -50,6 +51,12 @@ def test_chunks_of_two_folders_join_into_one_report(tmp_path: Path) -> None:
     assert _numbers(joined) == _numbers(second)  # as if the chunks ran in one folder
     assert [r["key"] for r in joined["runs"]] == [r["key"] for r in second["runs"]]
     assert meta["kept_runs"] == len(first["runs"])
+    # the published numbers are today's file's, as a call would write them
+    today = [e for e in load_published() if e["setting"] in ("same-task", "disjoint-classes")]
+    assert today and joined["published"] == today
+    stale = json.loads(before)
+    stale["published"] = [{**e, "value": 0.5} for e in today]
+    assert join(stale, second, "test")["published"] == today
     md = (tmp_path / "a" / "report.md").read_text()
     assert md == render_markdown(joined) and "disjoint-classes ran in another folder" in md
     # a later call in the joined folder keeps the record of the join

@@ -11,7 +11,8 @@ all of them), settings whose definitions differ, and a setting and seed finished
 other runs are refused unless exactly one of the folders ran that setting again after the
 calls the two share (a copy that re-ran it after the copy was made): that folder's runs are
 the newer ones and are kept. A joined document never mixes code or configurations. A setting
-and seed ``OTHER`` did not finish is left out. Joining copies runs as they are, so this module
+and seed ``OTHER`` did not finish is left out. The published numbers are today's
+(``report/published.json``), as a call writes them. Joining copies runs as they are, so this module
 stays outside the runs' code version (:data:`symmerge.report.provenance.MERGE_CODE_EXCLUDED`).
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 
 from symmerge.report.provenance import command_line, git_commit, now
 from symmerge.report.runner import CONFIG_KEYS, finished_settings, save_in_order
-from symmerge.report.schema import RESULTS_FILE, ReportError, load_results
+from symmerge.report.schema import RESULTS_FILE, ReportError, load_published, load_results
 from symmerge.report.settings import definition_of, settings_for
 
 __all__ = ["join", "join_reports", "recorded_command"]
@@ -127,8 +128,7 @@ def join(base: dict[str, Any], other: dict[str, Any], command: str) -> dict[str,
     doc["peers"]["runs"] = peers + _of(other["peers"]["runs"], added)
     made = len((other if latest is b else base)["runs"]) - latest.get("kept_runs", 0)
     meta["kept_runs"] = len(doc["runs"]) - made  # all but what the latest call made or reused
-    published = {json.dumps(e, sort_keys=True): e for e in base["published"] + other["published"]}
-    doc["published"] = [e for e in published.values() if e["setting"] in names]
+    doc["published"] = [e for e in load_published() if e["setting"] in names]  # as a call does
     return doc
 
 

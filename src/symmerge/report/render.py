@@ -105,7 +105,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "a method's first call in a process also compiles its solvers (numba), so the first "
         "setting's times run high. "
         "Published numbers carry a tag: paper, code, or secondary (a third party quoting "
-        "the paper); their settings differ from ours as noted.",
+        "the paper); their settings differ from ours as noted. `vs published`: our gain "
+        "over the published baseline (accuracy points, mean over seeds) against the "
+        "published gain; the direction agrees when both have one sign, the size when ours is "
+        f"within a factor of {SIZE_FACTOR:g} of theirs.",
     ]
     published = doc["published"]
     for name in meta["config"]["settings"]:
@@ -205,6 +208,8 @@ def _setting_section(doc: dict[str, Any], name: str, published: list[dict]) -> l
               "published"]  # fmt: skip
     marks = {}
     mine = [e for e in published if e["setting"] == name]
+    gains = any(_agreement(e, runs, mine) is not None for e in mine)
+    header += ["vs published"] if gains else []
     for k, e in enumerate(mine, 1):
         marks.setdefault(e["method"], []).append((k, e))
     rows, failures = [], []
@@ -227,6 +232,8 @@ def _setting_section(doc: dict[str, Any], name: str, published: list[dict]) -> l
             _mean_std([m["macs_ratio"] for m in ok]) + ("x" if ok else ""),
             _mean_std([t["method_s"] for t in times], digits=3),
             _mean_std([t["merge_wall_s"] for t in times], digits=3), pub or "",
+            *(["; ".join(f"{cell} [p{k}]" for k, e in marks.get(label, [])
+                         if (cell := _agreement(e, runs, mine)) is not None)] if gains else []),
         ])  # fmt: skip
     lines += _table(header, rows)
     if failures:
@@ -234,32 +241,91 @@ def _setting_section(doc: dict[str, Any], name: str, published: list[dict]) -> l
     if mine:
         lines += ["", "Published:", ""]
         for k, e in enumerate(mine, 1):
-            lines.append(f"- [p{k}] {e['method']}" + _claim(e, runs) + f" ({e['tag']}): "
+            lines.append(f"- [p{k}] {e['method']}" + _claim(e, runs, mine) + f" ({e['tag']}): "
                          f"{e['source']}. Differs: {e['differs']}.")  # fmt: skip
     return lines
 
 
-def _claim(entry: dict[str, Any], runs: Sequence[dict[str, Any]]) -> str:
+#: How far our gain may be from a published one and still agree in rough size: within this
+#: factor of it (or of its range), either way.
+SIZE_FACTOR = 2.0
+
+
+def _claim(
+    entry: dict[str, Any], runs: Sequence[dict[str, Any]], published: Sequence[dict[str, Any]]
+) -> str:  # fmt: skip
     """A published entry's value, and for a gain over a baseline, ours beside it."""
-    if entry["metric"] == "accuracy":
-        return f": {_value(entry['value'], 'accuracy')}"
-    base = entry.get("baseline")
-    text = f" over {base}: {_value(entry['value'], entry['metric'])}" if base else ""
-    if entry["metric"] != "gain_points" or not base:
+    text = f": {_value(entry['value'], 'accuracy')}" if entry["metric"] == "accuracy" else ""
+    theirs = _their_gain(entry, published)
+    if theirs is None:
         return text
+    text += f"{';' if text else ''} over {entry['baseline']}: {_value(theirs, 'gain_points')}"
+    gain = _gain_of(entry, runs)
+    if gain is None:
+        return text + "; ours: not run"
+    return text + f"; ours: {gain:+.2f} points ({_verdict(gain, theirs)})"
+
+
+def _their_gain(
+    entry: dict[str, Any], published: Sequence[dict[str, Any]]
+) -> float | list[float] | None:  # fmt: skip
+    """A published entry's gain in accuracy points over its ``baseline``: its value for a
+    ``gain_points`` entry; for an accuracy with a baseline, the difference from the
+    baseline's published accuracy in the setting (the one of the same source where there
+    are several); else ``None``."""
+    base = entry.get("baseline")
+    if not base:
+        return None
+    if entry["metric"] == "gain_points":
+        return entry["value"]
+    found = [o for o in published if (o["setting"], o["method"], o["metric"]) == (
+        entry["setting"], base, "accuracy")]  # fmt: skip
+    same = [o for o in found if o["source"] == entry["source"]]
+    if len(same or found) != 1:
+        return None
+    return round(100 * (entry["value"] - (same or found)[0]["value"]), 6)
+
+
+def _gain_of(entry: dict[str, Any], runs: Sequence[dict[str, Any]]) -> float | None:
+    """Our gain in accuracy points of ``entry``'s method over its baseline (mean over seeds);
+    ``None`` for an entry without a baseline or where either row did not run."""
+    if not entry.get("baseline"):
+        return None
 
     def acc(label: str) -> float | None:
         vals = [r["metrics"]["accuracy"] for r in runs
                 if r["label"] == label and r["status"] == "ok"]  # fmt: skip
         return statistics.fmean(vals) if vals else None
 
-    ours, theirs = acc(entry["method"]), acc(base)
-    if ours is None or theirs is None:
-        return text + "; ours: not run"
-    gain = 100 * (ours - theirs)
-    low = entry["value"][0] if isinstance(entry["value"], list) else entry["value"]
-    agrees = "agrees" if (gain > 0) == (low > 0) else "disagrees"
-    return text + f"; ours: {gain:+.2f} points (direction {agrees})"
+    ours, theirs = acc(entry["method"]), acc(entry["baseline"])
+    return None if ours is None or theirs is None else 100 * (ours - theirs)
+
+
+def _verdict(gain: float, published: float | list[float]) -> str:
+    """Whether our gain agrees with a published one (a number or a [low, high] range of one
+    sign) in direction, and in rough size: within :data:`SIZE_FACTOR` of it."""
+    low, high = published if isinstance(published, list) else (published, published)
+    if low * high <= 0:
+        return "no published direction"
+    if (gain > 0) != (low > 0) or gain == 0:
+        return "direction disagrees"
+    low, high = sorted((abs(low), abs(high)))
+    if low / SIZE_FACTOR <= abs(gain) <= high * SIZE_FACTOR:
+        return "direction and size agree"
+    return "direction agrees, size differs"
+
+
+def _agreement(
+    entry: dict[str, Any], runs: Sequence[dict[str, Any]], published: Sequence[dict[str, Any]]
+) -> str | None:  # fmt: skip
+    """The table's cell for a published gain: ours against theirs and the verdict (``None``
+    for an entry that states no gain or whose rows did not run)."""
+    gain, theirs = _gain_of(entry, runs), _their_gain(entry, published)
+    if gain is None or theirs is None:
+        return None
+    shown = (f"{theirs[0]:+g} to {theirs[1]:+g}" if isinstance(theirs, list)
+             else f"{theirs:+g}")  # fmt: skip
+    return f"{gain:+.2f} vs {shown} over {entry['baseline']}: {_verdict(gain, theirs)}"
 
 
 def _endpoints(doc: dict[str, Any], name: str, setting: dict[str, Any]) -> list[str]:
