@@ -444,7 +444,8 @@ def _peers_section(doc: dict[str, Any]) -> list[str]:
     peers = doc["peers"]
     ours_data = {(e["setting"], e["seed"]): e["data"]["sha256"] for e in doc["endpoints"]}
     lines = ["## Peers", ""]
-    entries = peers["runs"]
+    order = {n: k for k, n in enumerate(doc["meta"]["config"]["settings"])}
+    entries = sorted(peers["runs"], key=lambda e: (order.get(e["setting"], len(order)), e["seed"]))
     if not entries:
         return lines + [f"No peer runs: {peers['reason']}."]
     lines += [
