@@ -1767,6 +1767,7 @@ def report_cmd(
     used instead of training, and the report says so.
     """
     from symmerge.report import ReportError, join_reports, load_results, run_report, write_report
+    from symmerge.report.schema import RESULTS_FILE
 
     try:
         if join:
@@ -1788,17 +1789,18 @@ def report_cmd(
         raise click.ClickException(str(exc)) from None
     files = write_report(doc, output)
     failed = sum(r["status"] != "ok" for r in doc["runs"])
-    written = files if render_only else [output / "results.json", *files]
+    written = files if render_only else [output / RESULTS_FILE, *files]
     click.echo(f"{len(doc['runs'])} runs ({failed} failed); wrote "
                + ", ".join(str(f) for f in written))  # fmt: skip
 
 
 def _warn_fixed_seeds(output: Path, scale: str, seeds: list[int] | None) -> None:
     """A folder's first call fixes its seeds: say so when it names fewer than the scale's."""
+    from symmerge.report.schema import RESULTS_FILE
     from symmerge.report.settings import DEFAULT_SEEDS
 
     every = DEFAULT_SEEDS.get(scale, ())
-    if seeds is not None and not (Path(output) / "results.json").exists() \
+    if seeds is not None and not (Path(output) / RESULTS_FILE).exists() \
             and set(every) - set(seeds):  # fmt: skip
         click.echo(f"note: this new folder holds seeds {', '.join(map(str, seeds))} only: a "
                    f"folder's first call fixes its seeds (the {scale} scale's are "
