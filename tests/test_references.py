@@ -303,3 +303,68 @@ def test_malformed_references_and_non_models(tmp_path: Path) -> None:
     assert code == 2 and "not a Hugging Face model" in text
     code, text = _run("eval", tmp_path / "missing.pth")
     assert code == 2 and "does not exist" in text
+
+
+#: A user's module that checks its state-dict format version on load, as torchvision's MNASNet
+#: does: a state dict that records no version (safetensors, or one rebuilt tensor by tensor) is
+#: refused unless the loader supplies the model's own.
+VERSIONED_MODULE = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(784, 16)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2, not {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+        self.head = nn.Linear(16, 10)
+        self.input_shape = (1, 28, 28)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.block.fc(x.flatten(1))))
+"""
+
+
+@needs_data
+def test_a_module_that_checks_its_version_loads_permutes_and_merges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "versioned_arch.py").write_text(VERSIONED_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "versioned_arch", raising=False)
+    importlib.invalidate_caches()
+    net = importlib.import_module("versioned_arch").Net()
+    with pytest.raises(ValueError, match="version should be 2"):  # the check is live
+        net.load_state_dict(dict(net.state_dict()))
+    files = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        files.append(tmp_path / f"v{seed}.safetensors")
+        _save_state(importlib.import_module("versioned_arch").Net(), files[-1])
+    refs = [f"module:versioned_arch:Net={f}" for f in files]
+    code, text = _run("check-symmetry", refs[0])  # a permuted copy, checked
+    assert code == 0 and "function preserved" in text, text
+    out = tmp_path / "merged.safetensors"
+    code, text = _run("merge", *refs, "-m", "weight", "-o", out)
+    assert code == 0, text
+    merged, _ = load_checkpoint(out)
+    code, text = _run("interpolate", *refs, "--steps", "2", "--eval-dataset", "mnist",
+                      "--eval-limit", "50")  # fmt: skip
+    assert code == 0 and "loss barrier" in text, text
+    # the merge reloads from its own file, and it differs from both inputs
+    x = torch.randn(3, 1, 28, 28)
+    first = resolve_model(refs[0]).model
+    assert not torch.allclose(merged(x), first(x))

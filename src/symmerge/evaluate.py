@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from symmerge.io import load_state
 from symmerge.train import evaluate as _evaluate_tensors
 
 __all__ = [
@@ -607,7 +608,7 @@ def interpolation_curve(
     for lam in lambdas:
         lam = float(lam)
         model = copy.deepcopy(model_a)  # fresh each time: renorm may change the architecture
-        model.load_state_dict(interpolate_state_dicts(sd_a, sd_b, lam))
+        load_state(model, interpolate_state_dicts(sd_a, sd_b, lam))
         if renorm is not None:
             out = renorm(model, lam)
             model = out if out is not None else model

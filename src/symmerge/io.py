@@ -50,6 +50,7 @@ import pickle
 import platform
 import re
 import struct
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ __all__ = [
     "build_architecture",
     "FORMAT_VERSION",
     "load_checkpoint",
+    "load_state",
     "load_state_dict_file",
     "REFERENCE_FORMS",
     "read_checkpoint_metadata",
@@ -294,6 +296,16 @@ def _read_document(path: Path) -> dict[str, Any]:
     )
 
 
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """``model.load_state_dict(state)``, with the model's own state-dict format versions when
+    ``state`` records none: safetensors files and dicts built tensor by tensor record none, and
+    a module that checks its version on load (torchvision's MNASNet) refuses them."""
+    if getattr(state, "_metadata", None) is None:
+        state = OrderedDict(state)
+        state._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=strict)
+
+
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     """Metadata of a checkpoint without loading weights; ``{}`` for a torch.save'd module.
 
@@ -368,7 +380,7 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: tied tensor {alias!r} refers to missing {target!r}")
         state[alias] = state[target]
     _check_state_dict(model, state, path)
-    model.load_state_dict(state, strict=True)
+    load_state(model, state)
     model.to(device).eval()
     return model, {**doc.get("metadata", {}), "config": config}
 

@@ -262,7 +262,7 @@ def _load_weights(
 ) -> None:
     """Load strictly; a misfit names the first missing and unexpected keys and shapes, so
     the user sees whether the file or the architecture is wrong."""
-    from symmerge.io import CheckpointError
+    from symmerge.io import CheckpointError, load_state
 
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -284,7 +284,7 @@ def _load_weights(
             + "; ".join(parts)
             + ". Check that the reference names the architecture the weights were saved from."
         )
-    model.load_state_dict(state, strict=True)
+    load_state(model, state)
 
 
 # --------------------------------------------------------------------------------------

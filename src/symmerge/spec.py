@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from symmerge import _rules
 from symmerge._axes import AtomTable, Term, atom
+from symmerge.io import load_state
 
 __all__ = [
     "ActivationSite", "Factor", "FrozenAxis", "Group", "Member", "Segment", "SymmetrySpec",
@@ -251,7 +252,7 @@ class SymmetrySpec:
     def permuted(self, model: nn.Module, perms: Mapping[str, torch.Tensor]) -> nn.Module:
         """A permuted copy of ``model`` (the model itself is not modified)."""
         new = copy.deepcopy(model)
-        new.load_state_dict(self.permute_state_dict(model.state_dict(), perms))
+        load_state(new, self.permute_state_dict(model.state_dict(), perms))
         return new
 
     def verify(

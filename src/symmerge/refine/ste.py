@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
+from symmerge.io import load_state
 from symmerge.similarity import DEFAULT_IGNORE
 from symmerge.solvers.coordinate import weight_matching
 from symmerge.solvers.warm import FullMatcher, Matcher, WarmMatcher
@@ -442,7 +443,7 @@ class _Midpoint:
         if self.bns:
             if self.scratch is not None:
                 if self.bn_stats is None:  # the midpoint's values changed with the perms
-                    self.scratch.load_state_dict(self.const)
+                    load_state(self.scratch, self.const)
                     self.reset_bn(self.scratch, self.feed.epoch(0))
                     buffers = dict(self.scratch.named_buffers())
                     self.bn_stats = {k: buffers[k] for k in self.stats_keys if k in buffers}
