@@ -68,13 +68,13 @@ def make_inputs(size: str, work: Path) -> dict:
     code = f"""
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from symmerge.resolve import _IdsOnly
+from symmerge.resolve import HFModel
 from symmerge.spec import trace
 torch.manual_seed(0)
 cfg = LlamaConfig(**{dict(SIZES[size], **COMMON)!r})
 a = LlamaForCausalLM(cfg).eval()
 a.save_pretrained({str(work / "a")!r})
-w = _IdsOnly(a)
+w = HFModel(a)
 spec = trace(w, (torch.randint(0, 32000, (2, 8)),))
 state = spec.permute_state_dict(w.state_dict(), spec.random_permutations(seed=1))
 a.load_state_dict({{k[len("model."):]: v for k, v in state.items()}})

@@ -368,3 +368,52 @@ def test_a_module_that_checks_its_version_loads_permutes_and_merges(
     x = torch.randn(3, 1, 28, 28)
     first = resolve_model(refs[0]).model
     assert not torch.allclose(merged(x), first(x))
+
+
+def test_a_hugging_face_image_model_merges_on_its_own_images(tmp_path: Path) -> None:
+    """An ``hf:DIR`` image classifier is called on pixel values: a permuted copy is matched
+    back (weight and activation matching, the latter on an image folder preprocessed by the
+    directory's image processor), and the merge reloads with ``from_pretrained``."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    from symmerge.spec import trace
+
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8, num_labels=3,
+    )  # fmt: skip
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    torch.manual_seed(0)
+    original = transformers.ViTForImageClassification(config).eval()
+    a, b = tmp_path / "vit-a", tmp_path / "vit-b"
+    original.save_pretrained(a)
+    resolved = resolve_model(f"hf:{a}")
+    assert resolved.example_inputs[0].shape == (2, 3, 32, 32)
+    spec = trace(resolved.model, resolved.example_inputs)
+    permuted = spec.permuted(resolved.model, spec.random_permutations(1))
+    permuted.model.save_pretrained(b)
+    for folder in (a, b):
+        processor.save_pretrained(folder)
+    for label, colour in (("cat", (200, 120, 40)), ("dog", (40, 90, 200))):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        for i in range(4):
+            shade = tuple(c + 9 * i for c in colour)
+            Image.new("RGB", (40, 48), shade).save(tmp_path / "photos" / label / f"{i}.png")
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = original(pixel_values=pixels).logits
+        same = permuted.model(pixel_values=pixels).logits  # a permutation keeps the function
+    torch.testing.assert_close(same, expected, rtol=1e-4, atol=1e-4)
+    theirs, ours = original.state_dict(), permuted.model.state_dict()
+    assert any(not torch.equal(theirs[k], ours[k]) for k in theirs)  # its weights differ
+    photos = f"imagefolder:{tmp_path / 'photos'}"
+    for method, extra in (("weight", []), ("activation", ["--data", photos])):
+        out = tmp_path / f"merged-{method}"
+        code, text = _run("merge", f"hf:{a}", f"hf:{b}", "-m", method, *extra, "-o", out)
+        assert code == 0, text
+        assert (out / "preprocessor_config.json").is_file()
+        merged = transformers.ViTForImageClassification.from_pretrained(out).eval()
+        with torch.no_grad():
+            got = merged(pixel_values=pixels).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

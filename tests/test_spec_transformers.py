@@ -19,7 +19,9 @@ pytest.importorskip("transformers", reason="transformers is installed by the tes
 pytest.importorskip("timm", reason="timm is installed by the test set-up")
 
 
-@pytest.mark.parametrize("ref", ["vit-tiny", "timm:vit_tiny_patch16_224", "hf:bert", "hf:gpt2"])
+@pytest.mark.parametrize(
+    "ref", ["vit-tiny", "timm:vit_tiny_patch16_224", "hf:bert", "hf:gpt2", "hf:vit", "hf:t5"]
+)
 def test_check_symmetry_on_transformers(ref: str) -> None:
     result = CliRunner().invoke(main, ["check-symmetry", ref, "--show"])
     assert result.exit_code == 0, result.output

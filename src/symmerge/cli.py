@@ -963,7 +963,7 @@ def _load_models(
 ) -> tuple[list[Any], list[dict[str, Any]], tuple[Any, ...] | None]:
     """The models that ``refs`` name (:func:`symmerge.resolve.resolve_model`), their
     metadata, and example inputs for tracing when the first model records no input shape
-    (token ids for Hugging Face models; ``None`` keeps ``merge``'s own default)."""
+    (token ids for Hugging Face text models; ``None`` keeps ``merge``'s own default)."""
     from symmerge.resolve import resolve_model
 
     shape = _parse_shape(input_shape)

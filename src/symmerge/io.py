@@ -16,7 +16,7 @@ tensors). Its header metadata has one key, ``"symmerge"``, whose value is a JSON
 (``timm.create_model(NAME, **kwargs)``), ``torchvision:NAME``
 (``torchvision.models.get_model(NAME, weights=None, **kwargs)``, less an ``input_shape``
 kwarg), ``hf:CLASS`` (a Hugging Face ``transformers.CLASS`` built from the config dict in
-``kwargs["config"]``, called on token ids: :func:`symmerge.resolve.hf_from_config`) or
+``kwargs["config"]``, called on its main input: :func:`symmerge.resolve.hf_from_config`) or
 ``module:package.module:factory`` (the user's own architecture: ``factory(**kwargs)``; a
 resized one also needs ``input_shape`` in the kwargs or as an attribute of the model).
 ``resize`` is present for a model whose widths differ from that architecture's (a zip,

@@ -333,7 +333,7 @@ def _trace_on_meta(dirs: Sequence[Path]) -> tuple[Any, _Names]:
     """The spec and names of the first directory's architecture (built on the meta device);
     the other directories must have the same model type and sizes."""
     from symmerge.export import hf_config_dict
-    from symmerge.resolve import _IdsOnly, _token_ids, _transformers
+    from symmerge.resolve import HFModel, _transformers, hf_example_input
     from symmerge.spec import trace
 
     transformers = _transformers(f"hf:{dirs[0]}")
@@ -355,9 +355,8 @@ def _trace_on_meta(dirs: Sequence[Path]) -> tuple[Any, _Names]:
             model = cls._from_config(config, attn_implementation="sdpa")
         except ValueError:
             model = cls._from_config(config)
-    wrapped = _IdsOnly(model.eval())
-    ids = _token_ids(config, 0).to("meta")
-    spec = trace(wrapped, (ids,))
+    wrapped = HFModel(model.eval())
+    spec = trace(wrapped, (hf_example_input(wrapped, 0).to("meta"),))
     keys = list(wrapped.state_dict(keep_vars=True))
     by_param: dict[int, list[str]] = {}
     for name, t in wrapped.state_dict(keep_vars=True).items():

@@ -231,13 +231,6 @@ def _image_source(
             f"{item!r} gives images but the models take token ids (a text model); give "
             "text with text:FILE"
         )
-    from symmerge.resolve import _IdsOnly  # how hf: models are called
-
-    if isinstance(model, _IdsOnly):
-        raise DataSourceError(
-            f"{item!r}: symmerge calls hf: models on token ids (input_ids) only, so an hf: "
-            "image model cannot take images yet"
-        )
     files, labels = _image_files(item, folder)
     keep = _draw(len(files), samples, seed)
     files, labels = [files[i] for i in keep], [labels[i] for i in keep]

@@ -24,6 +24,8 @@ as a symmerge checkpoint and reloaded.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -137,9 +139,10 @@ def resolve_model(
 
     Image models get ``input_shape`` (else the model's own: timm's ``pretrained_cfg``,
     torchvision's 3x224x224, a checkpoint's record); Hugging Face models a batch of token
-    ids from their vocabulary. Raises ValueError with the accepted forms when ``ref`` is
-    none of them, and :class:`symmerge.io.CheckpointError` (a ValueError) for a file that
-    cannot be used as asked.
+    ids from their vocabulary, or of pixel values for an image model. Raises ValueError with
+    the accepted forms when ``ref`` is none of them, and
+    :class:`symmerge.io.CheckpointError` (a ValueError) for a file that cannot be used as
+    asked.
     """
     loaded = load_model(ref, trust_pickle=trust_pickle, input_shape=input_shape, seed=seed)
     inputs = _example_inputs(ref, loaded, input_shape, seed)
@@ -184,8 +187,8 @@ def _example_inputs(
     ref: str, loaded: LoadedModel, input_shape: tuple[int, ...] | None, seed: int
 ) -> tuple[Any, ...]:
     model = loaded.model
-    if isinstance(model, _IdsOnly):
-        return (_token_ids(model.model.config, seed),)
+    if isinstance(model, HFModel):
+        return (hf_example_input(model, seed),)
     shape = input_shape or getattr(model, "input_shape", None)
     if shape is None:
         shape = (loaded.metadata.get("config", {}).get("kwargs", {}) or {}).get("input_shape")
@@ -353,7 +356,7 @@ def _hf_pretrained(source: str, where: str, files: tuple[Path, ...]) -> LoadedMo
     model.eval()
     dtype = _dtype_name(stored_dtype(list(stored_dtypes.values()))) if stored_dtypes else None
     meta = {"config": _hf_checkpoint_config(model), "source": where, "dtype": dtype}
-    return LoadedModel(_IdsOnly(model), meta, f"hf {type(model).__name__} from {source}", files)
+    return LoadedModel(HFModel(model), meta, f"hf {type(model).__name__} from {source}", files)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -367,8 +370,8 @@ def _hf_checkpoint_config(model: nn.Module) -> dict[str, Any]:
 
 
 def hf_from_config(class_name: str, config: Mapping[str, Any]) -> nn.Module:
-    """``transformers.<class_name>`` built from a config dict (random weights), called on
-    token ids as :func:`resolve_model` calls it; rebuilds an ``hf:`` checkpoint."""
+    """``transformers.<class_name>`` built from a config dict (random weights), wrapped as
+    :func:`resolve_model` wraps it; rebuilds an ``hf:`` checkpoint."""
     transformers = _transformers(f"hf:{class_name}")
     cls = getattr(transformers, class_name, None)
     if cls is None or "model_type" not in config:
@@ -382,7 +385,14 @@ def hf_from_config(class_name: str, config: Mapping[str, Any]) -> nn.Module:
     except ValueError:  # no sdpa path: the model's own attention
         cfg._attn_implementation = None
         model = cls(cfg)
-    return _IdsOnly(model.eval())
+    return HFModel(model.eval())
+
+
+def hf_example_input(model: HFModel, seed: int) -> torch.Tensor:
+    """A batch of 2 of what ``model`` takes: pixel values (its ``input_shape``) or token ids."""
+    if hasattr(model, "input_shape"):
+        return example_input(model.input_shape, seed=seed)
+    return _token_ids(model.model.config, seed)
 
 
 def _token_ids(config: Any, seed: int) -> torch.Tensor:
@@ -415,7 +425,7 @@ def _transformers(where: str) -> Any:
 HF_SMALL = {
     "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
     "intermediate_size": 128, "vocab_size": 128, "max_position_embeddings": 64,
-    "num_key_value_heads": 2, "head_dim": 16, "use_cache": False,
+    "num_key_value_heads": 2, "head_dim": 16, "use_cache": False, "image_size": 32,
 }  # fmt: skip
 
 
@@ -432,8 +442,11 @@ def hf_small_config(model_type: str, **overrides: Any) -> Any:
             f"transformers has no model type '{model_type}' (and no directory of that name "
             f"exists; hf:PATH loads a save_pretrained directory): {e}"
         ) from e
-    optional = {"num_key_value_heads", "head_dim"}  # set only where the config has them
+    optional = {"num_key_value_heads", "head_dim", "image_size"}  # only where the config has them
+    staged = hasattr(config, "depths")  # sizes per stage (Swin, ConvNeXt): the type's own
     for key, value in {**HF_SMALL, **overrides}.items():
+        if staged and key not in overrides:
+            continue
         if key not in optional or hasattr(config, key):
             setattr(config, key, value)
     if getattr(config, "is_encoder_decoder", False) and (
@@ -443,33 +456,59 @@ def hf_small_config(model_type: str, **overrides: Any) -> Any:
     return config
 
 
-def _hf_model(model_type: str, seed: int) -> _IdsOnly:
+def _hf_model(model_type: str, seed: int) -> HFModel:
     import transformers
 
     config = hf_small_config(model_type)
     torch.manual_seed(seed)
     model = None
     # a model with its head, so the residual stream is hidden (logits are the output)
-    for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM",
-                 "AutoModelForSequenceClassification", "AutoModel"):  # fmt: skip
-        try:
-            model = getattr(transformers, auto).from_config(config, attn_implementation="sdpa")
+    for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM",
+                 "AutoModelForImageClassification", "AutoModelForSequenceClassification",
+                 "AutoModel"):  # fmt: skip
+        for attention in ({"attn_implementation": "sdpa"}, {}):  # sdpa, else the model's own
+            try:
+                fresh = copy.deepcopy(config)  # a failed try may leave its attention set
+                model = getattr(transformers, auto).from_config(fresh, **attention)
+                break
+            except (ValueError, TypeError):  # no such head (or attention) for this type
+                continue
+        if model is not None:
             break
-        except ValueError:
-            continue
-    assert model is not None
-    return _IdsOnly(model.eval())
+    if model is None:
+        raise ValueError(f"cannot build a random hf:{model_type} model with transformers")
+    return HFModel(model.eval())
 
 
-class _IdsOnly(nn.Module):
-    """Calls a Hugging Face model on token ids alone, with caches off, returning tensors."""
+class HFModel(nn.Module):
+    """A Hugging Face model called on its main input alone (token ids, or pixel values for an
+    image model), caches off, returning tensors; an encoder-decoder's decoder reads the same
+    ids. An image model has an ``input_shape`` (C, H, W), as the zoo's models do."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.main_input = getattr(model, "main_input_name", "input_ids")
+        config = model.config
+        if self.main_input == "pixel_values":
+            size = getattr(config, "image_size", 224)
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            self.input_shape = (int(getattr(config, "num_channels", 3)), int(h), int(w))
+        elif self.main_input != "input_ids":
+            raise ValueError(
+                f"{type(model).__name__} takes {self.main_input}; symmerge calls Hugging Face "
+                "models on token ids or pixel values"
+            )
+        takes = inspect.signature(model.forward).parameters
+        caches = self.main_input == "input_ids" or "use_cache" in takes
+        self.fixed = {"return_dict": True, **({"use_cache": False} if caches else {})}
+        self.decoder = bool(getattr(config, "is_encoder_decoder", False)) and (
+            "decoder_input_ids" in takes
+        )
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(input_ids=input_ids, use_cache=False, return_dict=True)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = {self.main_input: x, **({"decoder_input_ids": x} if self.decoder else {})}
+        out = self.model(**inputs, **self.fixed)
         if torch.is_tensor(out.get("logits")):
             return (out["logits"],)
         return tuple(v for v in out.values() if torch.is_tensor(v))
