@@ -111,6 +111,28 @@ def test_a_permuted_copy_merges_into_the_same_function(ratio: float) -> None:
         _close(fitted(data[0]), model(data[0]), 1e-3)
 
 
+class _WithAuxHead(nn.Module):
+    """An auxiliary head the forward never calls (GoogLeNet's in eval mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.aux = nn.Linear(12, 24), nn.Linear(24, 5), nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("method", ["pleas", "kf-linear"])
+def test_a_layer_the_forward_never_calls_is_left_out_of_the_refit(method: str) -> None:
+    torch.manual_seed(0)
+    model, x = _WithAuxHead().eval(), torch.randn(64, 12)
+    spec = symmerge.trace(model, (x[:2],))
+    other = spec.permuted(model, spec.random_permutations(seed=3))
+    merged, _ = merge([model, other], method, data=[x[:32], x[32:]], spec=spec)
+    with torch.no_grad():
+        _close(merged(x), model(x), 1e-3)
+
+
 def _residual(spec, models, maps, layers, data, state) -> tuple[float, float]:  # noqa: ANN001
     """Summed teacher-forced mean squared error of ``state``'s layers, and of zero weights."""
     from symmerge.refine.lstsq import _teacher

@@ -69,7 +69,9 @@ def _layers(model: nn.Module, spec: SymmetrySpec) -> tuple[list[str], dict[str, 
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             continue
-        if f"{name}.weight" in tied:
+        if f"{name}.weight" not in spec.shapes:
+            skipped[name] = "the forward does not call it (an auxiliary head in eval mode)"
+        elif f"{name}.weight" in tied:
             skipped[name] = "its weight is tied to another tensor"
         elif isinstance(mod, nn.Conv2d) and mod.groups != 1:
             skipped[name] = f"grouped conv (groups={mod.groups})"
