@@ -417,3 +417,16 @@ def test_a_hugging_face_image_model_merges_on_its_own_images(tmp_path: Path) -> 
         with torch.no_grad():
             got = merged(pixel_values=pixels).logits
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # eval on the same folder: the accuracy of the merge's argmax on the processor's pixels
+    from symmerge.sources import data_source_batches
+
+    ref = f"hf:{tmp_path / 'merged-weight'}"
+    wrapped = resolve_model(ref).model
+    ((x, y),) = data_source_batches(photos, model=wrapped, reference=ref)
+    with torch.no_grad():
+        accuracy = (wrapped(x)[0].argmax(1) == y).double().mean().item()
+    code, text = _run("eval", ref, "--data", photos)
+    assert code == 0, text
+    assert f"{accuracy:.2%}" in text and " 8 " in text, text
+    code, text = _run("eval", ref, "--data", photos, "--dataset", "mnist")
+    assert code != 0 and "--data takes no --dataset" in text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -509,6 +510,13 @@ def train(
     "fit time.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe.")
+@click.option(
+    "--data",
+    "data_spec",
+    default=None,
+    help="Your own labelled examples instead of a named dataset: imagefolder:DIR (a folder per "
+    "class, preprocessed as merge's --data preprocesses it) or text:FILE (LABEL<TAB>text lines).",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=None, hidden=True)
 @trust_pickle_option
 def eval_(
@@ -523,6 +531,7 @@ def eval_(
     json_out: Path | None,
     probe_steps: int | None,
     seed: int,
+    data_spec: str | None,
     limit: int | None,
     trust_pickle: bool,
 ) -> None:
@@ -531,6 +540,7 @@ def eval_(
     Without --dataset, the checkpoint's training dataset and class subset are used. With
     --task (or a checkpoint recording several tasks): per-task accuracy (argmax within the
     task's classes and logits) and joint accuracy (all tasks' classes compete, no task id).
+    With --data: accuracy and loss on your own labelled examples.
     """
     from symmerge.resolve import load_model
     from symmerge.train import evaluate, resolve_device
@@ -543,14 +553,25 @@ def eval_(
     model, meta = loaded.model.to(resolve_device(device)), loaded.metadata
     phases.lap("load")
     trained_on = meta.get("dataset")
-    if not datasets:
+    if data_spec is not None:
+        if datasets or task_specs or classes is not None or probe_steps is not None:
+            raise click.UsageError("--data takes no --dataset, --classes, --task or --probe")
+        if not data_spec.startswith(("imagefolder:", "text:")):
+            raise click.BadParameter(
+                "eval reads imagefolder:DIR or text:FILE; a named dataset is --dataset",
+                param_hint="'--data'",
+            )
+    if not datasets and data_spec is None:
         if not trained_on:
             raise click.UsageError(
                 f"{checkpoint} does not record a training dataset; pass --dataset"
             )
         datasets = (trained_on,)
-    plan = _eval_task_plan(task_specs, classes, meta)
+    plan = None if data_spec is not None else _eval_task_plan(task_specs, classes, meta)
     results = []
+    if data_spec is not None:
+        results.append(_eval_on_data(model, data_spec, checkpoint, data_root, device, batch_size,
+                                     limit))  # fmt: skip
     for name in datasets:
         name = str(_dataset_info(name)["name"])  # canonical spelling
         if plan is not None:
@@ -604,6 +625,26 @@ def eval_(
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(text + "\n")
             click.echo(f"wrote {json_out}")
+
+
+def _eval_on_data(
+    model: Any, spec: str, reference: str, root: Path | None, device: str | None,
+    batch_size: int, limit: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """``eval --data``: accuracy and loss on every example of a labelled ``imagefolder:`` or
+    ``text:`` source, preprocessed for ``model`` as ``merge --data`` preprocesses it."""
+    import torch
+
+    from symmerge.train import evaluate
+
+    batches = _data_batches(spec, root, sys.maxsize, batch_size, 0, models=[model],
+                            reference=reference) or []  # fmt: skip
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    try:
+        res = evaluate(model, (x, y), device=device, batch_size=batch_size, limit=limit)
+    except (ValueError, RuntimeError, IndexError) as exc:
+        raise click.ClickException(f"evaluating on {spec}: {exc}") from None
+    return {**res, "dataset": spec, "split": "-"}
 
 
 def _eval_table(results: Sequence[dict[str, Any]]) -> str:

@@ -231,8 +231,8 @@ def evaluate(
         with torch.inference_mode():
             for xb, yb in iterate_batches((x, y), batch_size, shuffle=False, device=dev):
                 with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                    logits = model(xb)
-                logits = logits.float()
+                    out = model(xb)
+                logits = (out[0] if isinstance(out, tuple) else out).float()  # a wrapper's tuple
                 total_loss += F.cross_entropy(logits, yb, reduction="sum").double()
                 correct += (logits.argmax(1) == yb).sum()
                 if cls_index is not None:
