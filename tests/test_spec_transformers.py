@@ -149,3 +149,10 @@ def test_embeddings_join_the_residual_stream_and_logits_stay_put() -> None:
     for f in spec.frozen:  # vocabulary rows: indexed by token ids and producing logits
         if f.tensor.endswith(("wte.weight", "lm_head.weight")):
             assert f.axis == 0 and "model output" in f.reasons
+
+
+def test_a_hugging_face_model_of_another_modality_is_refused_clearly() -> None:
+    """An audio model takes neither token ids nor pixel values: a usage error, no traceback."""
+    result = CliRunner().invoke(main, ["check-symmetry", "hf:wav2vec2"])
+    assert result.exit_code == 2, result.output
+    assert "takes input_values" in result.output and "token ids or pixel values" in result.output

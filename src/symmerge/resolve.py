@@ -447,6 +447,8 @@ def hf_small_config(model_type: str, **overrides: Any) -> Any:
     for key, value in {**HF_SMALL, **overrides}.items():
         if staged and key not in overrides:
             continue
+        if key == "vocab_size" and (getattr(config, "pad_token_id", None) or 0) >= value:
+            continue  # its padding token would fall outside a small vocabulary (Whisper's)
         if key not in optional or hasattr(config, key):
             setattr(config, key, value)
     if getattr(config, "is_encoder_decoder", False) and (
