@@ -421,22 +421,6 @@ def _model_points(doc: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
     return {k: v for k, v in out.items() if len(v) > 1}
 
 
-def _ours_by_label(doc: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any] | None:
-    """Our run a peer entry is compared with when the entry names none: the registered
-    method's plain row, found by label (folders made before the runner looked it up that way
-    missed it on settings that reset BatchNorm statistics, ``renorm="reset-bn"``)."""
-    from symmerge.report.peers import PEERS
-
-    ours = {p.name: p.ours for ps in PEERS.values() for p in ps}.get(entry["peer"])
-    for r in doc["runs"]:
-        if (ours is not None and r["status"] == "ok" and r["budget"] is None
-                and (r["setting"], r["seed"], r["label"]) == (entry["setting"], entry["seed"],
-                                                              ours)):  # fmt: skip
-            return {"method": ours, "accuracy": r["metrics"]["accuracy"],
-                    "merge_wall_s": r["timings"]["merge_wall_s"]}  # fmt: skip
-    return None
-
-
 def _peers_section(doc: dict[str, Any]) -> list[str]:
     """The peers' own code beside ours: a table, each entry's call and inputs (a peer that
     reads data: whether its batches are our runs', by sha256), and exactly why a peer did
@@ -461,7 +445,7 @@ def _peers_section(doc: dict[str, Any]) -> list[str]:
     rows, notes = [], []
     for e in entries:
         ok = e["status"] == "ok"
-        ours = e["ours"] or (_ours_by_label(doc, e) if ok else None) or {}
+        ours = e["ours"] or {}
         ratio = e["ratio"]
         if ratio is None and ours and ok and ours["merge_wall_s"] > 0:
             ratio = e["seconds"] / ours["merge_wall_s"]
