@@ -6,15 +6,18 @@ matching (Git Re-Basin's coordinate descent, groups in a random order per sweep)
 permutation, the objective ``sum <W_A, P(W_B)>`` each found against the true permutation's,
 and the merged model's largest output difference from A (relative to A's output scale).
 A miss is a local optimum of the coordinate descent (every found objective is below the
-truth's), not a wrong cost: the best of the orders often reaches the truth.
+truth's), not a wrong cost: the best of the orders often reaches the truth. ``--checkpoints
+DIR`` (default ``$SYMMERGE_CHECKPOINTS``) adds every trained symmerge checkpoint in DIR.
 
-    .venv/bin/python benchmarks/permuted_copy.py [--orders 5]
+    .venv/bin/python benchmarks/permuted_copy.py [--orders 5] [--checkpoints DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -36,17 +39,26 @@ def _bottleneck_mlp() -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def _models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+def _models(trained: Path | None) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
     import torchvision
+
+    from symmerge.io import load_checkpoint
 
     tv = torchvision.models
     zoo = {f"mlp 20-64-16-64-16-64-10 (init seed {k})": (_bottleneck_mlp, (20,)) for k in range(4)}
+    files = sorted(trained.glob("*.safetensors")) if trained is not None else []
     return {
         **zoo,
         "torchvision squeezenet1_0": (lambda: tv.squeezenet1_0(num_classes=10), (3, 64, 64)),
         "torchvision mobilenet_v2": (lambda: tv.mobilenet_v2(num_classes=10), (3, 64, 64)),
         "torchvision resnet18": (lambda: tv.resnet18(num_classes=10), (3, 64, 64)),
-    }
+        **{f"trained {f.name} (sha256 {_sha256(f)[:12]})": (lambda f=f: load_checkpoint(f)[0],
+                                 tuple(load_checkpoint(f)[0].input_shape)) for f in files},
+    }  # fmt: skip
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _objective(spec: symmerge.SymmetrySpec, sa: dict, sb: dict, perms: dict) -> float:
@@ -54,9 +66,9 @@ def _objective(spec: symmerge.SymmetrySpec, sa: dict, sb: dict, perms: dict) -> 
     return float(sum((sa[k].double() * pb[k].double()).sum() for k in sa if k in spec.shapes))
 
 
-def run(orders: int) -> list[dict]:
+def run(orders: int, trained: Path | None) -> list[dict]:
     rows = []
-    for i, (name, (make, shape)) in enumerate(_models().items()):
+    for i, (name, (make, shape)) in enumerate(_models(trained).items()):
         torch.manual_seed(i)
         a = make().eval()
         x = torch.randn(8, *shape)
@@ -86,11 +98,13 @@ def run(orders: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=5, help="order seeds per model")
+    parser.add_argument("--checkpoints", default=os.environ.get("SYMMERGE_CHECKPOINTS"),
+                        help="a folder of trained symmerge checkpoints to add")  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    rows = run(args.orders)
+    rows = run(args.orders, Path(args.checkpoints) if args.checkpoints else None)
     meta = provenance({"init": "model index i", "permutation": "i + 1", "orders": "0..K-1"})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
