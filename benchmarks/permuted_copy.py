@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import RESULTS, md_table, provenance, provenance_md
+from _common import RESULTS, md_table, portable, provenance, provenance_md
 from torch import nn
 
 import symmerge
@@ -105,7 +105,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     rows = run(args.orders, Path(args.checkpoints) if args.checkpoints else None)
-    meta = provenance({"init": "model index i", "permutation": "i + 1", "orders": "0..K-1"})
+    trained = "none" if not args.checkpoints else f"every *.safetensors in {args.checkpoints}"
+    seeds = {"init": "model index i", "permutation": "i + 1", "orders": "0..K-1"}
+    meta = provenance(seeds, {"trained_checkpoints": portable(trained)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "permuted_copy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -116,7 +118,8 @@ def main() -> None:
           f"{r['objective_truth']:.2f}", ", ".join(f"{v:.2f}" for v in r["objective_found"]),
           ", ".join(f"{v:.1e}" for v in r["relative_output_diff"])] for r in rows],
     )  # fmt: skip
-    lines = ["# Weight matching on a permuted copy", "", *provenance_md(meta), "", *table]
+    lines = ["# Weight matching on a permuted copy", "", *provenance_md(meta),
+             f"- Trained checkpoints: {meta['trained_checkpoints']}", "", *table]  # fmt: skip
     (out / "permuted_copy.md").write_text("\n".join(lines) + "\n")
 
 
