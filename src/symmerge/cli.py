@@ -638,7 +638,8 @@ def _eval_on_data(
     from symmerge.train import evaluate
 
     batches = _data_batches(spec, root, sys.maxsize, batch_size, 0, models=[model],
-                            reference=reference) or []  # fmt: skip
+                            reference=reference)  # fmt: skip
+    assert batches is not None  # a spec was given
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     try:
         res = evaluate(model, (x, y), device=device, batch_size=batch_size, limit=limit)

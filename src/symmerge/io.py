@@ -299,10 +299,14 @@ def _read_document(path: Path) -> dict[str, Any]:
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
     """``model.load_state_dict(state)``, with the model's own state-dict format versions when
     ``state`` records none: safetensors files and dicts built tensor by tensor record none, and
-    a module that checks its version on load (torchvision's MNASNet) refuses them."""
+    a module that checks its version on load (torchvision's MNASNet) refuses them. The
+    versions come from the modules themselves (no state dict is built: STE reloads per step)."""
     if getattr(state, "_metadata", None) is None:
         state = OrderedDict(state)
-        state._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+        state._metadata = {  # type: ignore[attr-defined]
+            name: {"version": mod._version}
+            for name, mod in model.named_modules(remove_duplicate=False)
+        }
     model.load_state_dict(state, strict=strict)
 
 
