@@ -22,7 +22,8 @@ per-batch accumulator (``collect_statistics(..., batch_distances=True)``) instea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,7 @@ class _Occurrence:
     load: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     perms: list[tuple[int, Callable[[Mapping[str, torch.Tensor]], torch.Tensor | None]]]
     keys: tuple[str, ...]  # the groups whose permutations ``perms`` read
+    size: int  # elements of A's unfolded tensor
     held: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +147,8 @@ class WeightSimilarity:
                     pair = _holder(wa.to(dtype), wb.to(dtype))
                 else:
                     pair = _reader(state_a, state_b, mem.tensor, dtype)
-                found = _occurrences(g, mem, axes, pair, axes_b)
+                shape = spec.shapes.get(mem.tensor) or tuple(state_a[mem.tensor].shape)
+                found = _occurrences(g, mem, axes, pair, axes_b, shape)
                 for occ in found:
                     if cache:
                         occ.held = occ.load()
@@ -154,10 +157,20 @@ class WeightSimilarity:
             if kind != "inner" and occs:
                 self._norms[g] = _unit_norms(occs, kind)
 
-    def __call__(self, group: str, perms: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        group: str,
+        perms: Mapping[str, torch.Tensor] | None = None,
+        *,
+        known: Collection[str] | None = None,
+    ) -> torch.Tensor:
+        """``C`` of ``group``; with ``known``, only from the tensors whose other permuted
+        axes all belong to groups in ``known``."""
         perms = perms or {}
         total = None
         for i, occ in enumerate(self._occ[group]):
+            if known is not None and not set(occ.keys) <= set(known):
+                continue
             c = self._contribution(group, i, occ, perms)
             total = c.clone() if total is None else total + c  # never hand out the cache
         if total is None:
@@ -169,6 +182,15 @@ class WeightSimilarity:
         if self.kind == "corr":
             total = total - torch.outer(sa, sb) / length
         return total / torch.outer(na, nb)
+
+    def known_share(self, group: str, known: Collection[str]) -> float:
+        """The share of ``group``'s weight elements that ``self(group, perms, known=known)``
+        reads (1.0 for a group with no tensor)."""
+        occs = self._occ[group]
+        total = sum(o.size for o in occs)
+        if not total:
+            return 1.0 if not occs else sum(set(o.keys) <= set(known) for o in occs) / len(occs)
+        return sum(o.size for o in occs if set(o.keys) <= set(known)) / total
 
     def _contribution(
         self, group: str, i: int, occ: _Occurrence, perms: Mapping[str, torch.Tensor]
@@ -228,9 +250,11 @@ def _occurrences(
     axes: Mapping[int, Member],
     pair: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     axes_b: Mapping[int, Member] | None = None,
+    shape: Sequence[int] = (),
 ) -> list[_Occurrence]:
-    """Unfoldings of A's and B's tensor (``pair()`` reads both) at each place ``group`` sits
-    on ``mem``'s axis; B is read with its own layouts ``axes_b`` (default A's)."""
+    """Unfoldings of A's and B's tensor (``pair()`` reads both; ``shape`` is A's) at each
+    place ``group`` sits on ``mem``'s axis; B is read with its own layouts ``axes_b``
+    (default A's)."""
     out = []
     ax = mem.axis
     axes_b = axes if axes_b is None else axes_b
@@ -265,7 +289,8 @@ def _occurrences(
                 pos = ax + j + (1 if ax + j < ax + k else 0)
                 perms.append((pos, lambda p, name=fa.group: p.get(name)))
                 keys.append(fa.group)
-            out.append(_Occurrence(load, perms, tuple(sorted(set(keys)))))
+            size = math.prod(shape) // max(1, shape[ax]) * seg.size if shape else 0
+            out.append(_Occurrence(load, perms, tuple(sorted(set(keys))), size))
     return out
 
 

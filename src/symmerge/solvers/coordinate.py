@@ -2,9 +2,11 @@
 
 Weight matching maximizes ``sum_params <W_A, P(W_B)>`` over one permutation per group. With
 all other groups fixed the objective is linear in one group's permutation, so each step is a
-LAP on that group's weight similarity (:class:`symmerge.similarity.WeightSimilarity`). Groups
-are visited in a random order each sweep; the search stops after a sweep in which no group
-improved, or after ``max_sweeps``. MuDSC runs the same loop on a dual-space similarity (weight
+LAP on that group's weight similarity (:class:`symmerge.similarity.WeightSimilarity`). The
+search starts from one sweep in dependency order (:func:`dependency_sweep`) rather than the
+identity, so that a permuted copy is recovered exactly. Groups are then visited in a random
+order each sweep; the search stops after a sweep in which no group improved, or after
+``max_sweeps``. MuDSC runs the same loop on a dual-space similarity (weight
 similarity mixed with a fixed activation similarity) and keeps the best sweep (``patience``).
 
 MergeMany (Git Re-Basin, N models) repeatedly matches each model to the weighted mean of the
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +31,7 @@ __all__ = [
     "MatchResult",
     "coordinate_descent",
     "coordinates",
+    "dependency_sweep",
     "merge_many",
     "narrow_identity",
     "relative_to_first",
@@ -252,13 +255,13 @@ def weight_matching(
     ``result.perms[g]`` follows :meth:`SymmetrySpec.permute_state_dict`
     (``new[i] = old[perm[i]]``), so ``spec.permute_state_dict(state_b, result.perms)`` is B in
     A's unit order. Groups with ``blocks`` are solved block to block, and attention heads
-    (``block_group``) share one head permutation. ``init`` warm-starts the search (groups it
-    leaves out start at the identity).
+    (``block_group``) share one head permutation. ``init`` warm-starts the search; the groups it
+    leaves out (all without ``init``) are first solved by :func:`dependency_sweep`.
 
     A narrower B: pass its own ``spec_b`` (``spec`` is A's; every group at least as wide in A,
     blocked groups with as many blocks). Each step is then a rectangular assignment
     ``(n_A x n_B)``, and ``perms[g]`` has length ``n_A``: the B unit matched to each A unit, or
-    -1 (the identity start matches B's unit i to A's unit i).
+    -1.
 
     Dual-space steps (MuDSC): with ``mixed_with`` (a fixed ``(n, n)`` matrix per group, e.g.
     activation correlations), every step solves ``alpha * C_w + (1 - alpha) * mixed_with[g]``
@@ -282,16 +285,59 @@ def weight_matching(
     def solve(coord: Sequence[str], sims: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return solve_coordinate(spec, coord, sims, backend=backend)
 
-    def mixed(g: str, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return mix(alpha, sim(g, perms).double(), mixed_with[g])  # type: ignore[index]
+    def similarity(
+        g: str, perms: Mapping[str, torch.Tensor], known: Collection[str] | None = None
+    ) -> torch.Tensor:
+        c = sim(g, perms, known=known)
+        return c if mixed_with is None else mix(alpha, c.double(), mixed_with[g])
 
     setup = time.perf_counter() - t0
+    start, first = dependency_sweep(coords, sim.known_share, similarity, solve, start, init or {})
     res = coordinate_descent(
-        coords, sim if mixed_with is None else mixed, solve, start, max_sweeps=max_sweeps,
-        seed=seed, patience=patience, log=log,
+        coords, similarity, solve, start, max_sweeps=max_sweeps, seed=seed, patience=patience,
+        log=log,
     )  # fmt: skip
-    res.other_seconds += setup
+    res.lap_seconds += first[0]
+    res.other_seconds += setup + first[1]
     return res
+
+
+def dependency_sweep(
+    coordinates: Sequence[Sequence[str]],
+    share: Callable[[str, Collection[str]], float],
+    similarity: Callable[..., torch.Tensor],
+    solve: Callable[[Sequence[str], Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]],
+    start: Mapping[str, torch.Tensor],
+    known: Collection[str],
+) -> tuple[Perms, tuple[float, float]]:
+    """The starting point of weight matching: every coordinate not in ``known`` solved once,
+    from only the tensors whose other permuted axes are already solved.
+
+    From the identity, the first sweep of coordinate descent reads every neighbour at an
+    arbitrary unit order, which can trap it in a local optimum (a permuted copy of a
+    bottleneck MLP or a MobileNet is then not recovered). Here the next coordinate is always
+    the one with the largest share of solved weights (``share(group, solved)``; the first
+    listed on ties), so the sweep spreads from the input and output layers, whose other axes
+    are fixed, and a permuted copy comes out exact. A coordinate with no solved tensor is
+    solved from all of them at the current permutations. Returns the permutations and the
+    (assignment, other) seconds spent.
+    """
+    perms = {g: torch.as_tensor(p, dtype=torch.long) for g, p in start.items()}
+    solved = set(known)
+    todo = [tuple(c) for c in coordinates if not set(c) <= solved]
+    lap_s = other_s = 0.0
+    while todo:
+        t0 = time.perf_counter()
+        scores = [sum(share(g, solved | set(c)) for g in c) / len(c) for c in todo]
+        coord = todo.pop(max(range(len(todo)), key=scores.__getitem__))
+        scope = solved | set(coord) if max(scores) > 0 else None
+        sims = {g: similarity(g, perms, scope).to("cpu", torch.float64) for g in coord}
+        t1 = time.perf_counter()
+        perms.update({g: torch.as_tensor(p, dtype=torch.long)
+                      for g, p in solve(coord, sims).items()})  # fmt: skip
+        lap_s, other_s = lap_s + time.perf_counter() - t1, other_s + t1 - t0
+        solved |= set(coord)
+    return perms, (lap_s, other_s)
 
 
 def narrow_identity(spec: SymmetrySpec, spec_b: SymmetrySpec) -> Perms:
