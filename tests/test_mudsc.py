@@ -134,7 +134,7 @@ def test_alpha_zero_is_activation_matching(seed: int) -> None:
     assert _max_diff(res.state_dict, act.state_dict) == 0.0
 
 
-@pytest.mark.parametrize("seed", [0, 1, 4])
+@pytest.mark.parametrize("seed", [0, 1, 7])
 def test_alpha_one_is_weight_matching_with_correlations(seed: int) -> None:
     spec, models = _spec("mlp"), _pair(seed)
     sds = [m.state_dict() for m in models]  # alpha = 1 needs neither data nor modules
@@ -144,13 +144,13 @@ def test_alpha_one_is_weight_matching_with_correlations(seed: int) -> None:
     assert res.objective == pytest.approx(wm.objective, rel=1e-12)
     assert _max_diff(res.state_dict, wm.state_dict) == 0.0
     # the paper's patience keeps the best sweep: the same path while weight matching's sweep
-    # totals rise (seed 0); on pair 1 they dip at sweep 9, MuDSC goes back and ends higher
+    # totals rise (seeds 0, 1); on pair 7 they dip at sweep 2, MuDSC goes back and ends higher
     paper = mudsc(spec, sds, alpha=1.0, seed=seed)
     dips = [line for line in paper.log if "<= best" in line]
     assert _same(paper.perms(1), wm.perms(1)) == (not dips)
-    assert bool(dips) == (seed in (1, 4))
-    if seed == 1:
-        assert dips[0].startswith("sweep 9:")
+    assert bool(dips) == (seed == 7)
+    if seed == 7:
+        assert dips[0].startswith("sweep 2:")
         assert sum(paper.objective.values()) > sum(wm.objective.values()) + 0.1
 
 

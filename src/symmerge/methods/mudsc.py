@@ -208,7 +208,7 @@ def mudsc(
             collect=collect, device=device,
         )  # fmt: skip
     act: dict[str, torch.Tensor] | None = None
-    start: Perms = spec.identity_permutations()
+    start: Perms | None = None  # alpha 1: weight matching's own start
     t_stats = lap_s = 0.0
     if alpha < 1.0:  # start from activation matching
         if stats is None:

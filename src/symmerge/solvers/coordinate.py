@@ -411,7 +411,7 @@ def merge_many(
                 spec,
                 target,
                 state_dicts[i],
-                init=perms[i],
+                init=perms[i] if rnd > 1 else None,  # first round: the dependency sweep
                 kind=kind,
                 max_sweeps=max_sweeps,
                 seed=seed + 1000 * rnd + i,
