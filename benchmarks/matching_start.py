@@ -215,11 +215,11 @@ def main() -> None:
     folder = Path(args.checkpoints) if args.checkpoints else None
     trained = sorted(folder.glob("*.safetensors")) if folder is not None else []
     pairs = [tuple(map(Path, p)) for p in args.pair] if args.pair else _default_pairs(folder)
-    copies = permuted_copies(args.orders, trained)
-    matched = trained_pairs(pairs, args.orders, args.data_root, args.reset_images)
     source = "none" if folder is None else f"every *.safetensors in {args.checkpoints}"
     seeds = {"init": "model index i", "permutation": "i + 1", "orders": "0..K-1"}
-    meta = provenance(seeds, {"trained_checkpoints": portable(source)})
+    meta = provenance(seeds, {"trained_checkpoints": portable(source)})  # the code run
+    copies = permuted_copies(args.orders, trained)
+    matched = trained_pairs(pairs, args.orders, args.data_root, args.reset_images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta, "permuted_copies": copies, "trained_pairs": matched}

@@ -116,7 +116,7 @@ def test_disk_merge_equals_the_in_memory_merge_of_unrelated_models(tmp_path: Pat
         dirs.append(tmp_path / f"m{seed}")
         model.save_pretrained(dirs[-1], max_shard_size="60KB")
     res = merge_pretrained(dirs, tmp_path / "disk", method="weight", lam=0.3)
-    assert res.iterations >= 2 and any(
+    assert res.iterations >= 1 and any(
         not torch.equal(p, torch.arange(len(p))) for p in res.perms[1].values()
     )
     ra, rb = resolve_model(f"hf:{dirs[0]}"), resolve_model(f"hf:{dirs[1]}")

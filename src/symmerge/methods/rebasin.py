@@ -89,7 +89,9 @@ def weight(
         kind: weight similarity, ``"inner"`` (the paper), ``"corr"`` or ``"cos"``.
         max_sweeps: bound on sweeps over all groups.
         init: warm-start permutations of model 1 (with ``specs``: of the narrower model, as
-            :func:`~symmerge.solvers.coordinate.weight_matching` takes them).
+            :func:`~symmerge.solvers.coordinate.weight_matching` takes them). Without it the
+            descent starts from a dependency sweep; ``init=spec.identity_permutations()``
+            starts from the identity, as the paper does.
         backend: LAP backend (see :func:`symmerge.solvers.solve_lap`).
         specs: one spec per model when their widths differ; the wider model is then matched
             against (rectangular assignments) and fixes the merged widths and unit order.

@@ -60,7 +60,7 @@ MERGE_CODE_EXCLUDED = (
 )
 
 #: Environment variables whose values are machine paths: recorded commands name them instead.
-PATH_VARIABLES = ("SYMMERGE_DATA", "SYMMERGE_CHECKPOINTS")
+PATH_VARIABLES = ("SYMMERGE_DATA", "SYMMERGE_CHECKPOINTS", "HOME")  # most specific first
 
 
 def _files(parts: Iterable[str]) -> list[Path]:
@@ -183,7 +183,7 @@ def portable(text: str) -> str:
     """``text`` with the value of every path variable replaced by ``$NAME``."""
     for name in PATH_VARIABLES:
         value = os.environ.get(name)
-        if value:
+        if value and os.path.abspath(value) != os.path.abspath(os.sep):
             text = text.replace(os.path.abspath(value), f"${name}").replace(value, f"${name}")
     return text
 
