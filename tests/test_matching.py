@@ -397,6 +397,12 @@ def test_weight_matching_recovers_a_bottleneck_copy_at_every_visiting_order() ->
                 )
     assert recovered == {"dependency": 20, "identity": recovered["identity"]}
     assert recovered["identity"] < 20  # the start is what recovers them
+    # groups left out of the search stay fixed, and count as solved
+    middle = list(spec.groups)[1:4]
+    truth = {g: p if g in middle else torch.arange(len(p)) for g, p in truth.items()}
+    sb = spec.permuted(model, truth).state_dict()
+    found = weight_matching(spec, sa, sb, groups=middle).perms
+    assert all(torch.equal(found[g], torch.argsort(truth[g])) for g in spec.groups)
     # only the tensors whose other axes are solved: the first layer has none unsolved
     sim = WeightSimilarity(spec, sa, sb)
     first, second = list(spec.groups)[:2]

@@ -292,7 +292,8 @@ def weight_matching(
         return c if mixed_with is None else mix(alpha, c.double(), mixed_with[g])
 
     setup = time.perf_counter() - t0
-    start, first = dependency_sweep(coords, sim.known_share, similarity, solve, start, init or {})
+    fixed = set(init or {}) | (set(spec.groups) - set(names))  # given, or not searched
+    start, first = dependency_sweep(coords, sim.known_share, similarity, solve, start, fixed)
     res = coordinate_descent(
         coords, similarity, solve, start, max_sweeps=max_sweeps, seed=seed, patience=patience,
         log=log,
