@@ -70,8 +70,12 @@ def code_version() -> str:
     return f"{commit}+dirty (sha256 of the diff {hashlib.sha256(diff.encode()).hexdigest()[:12]})"
 
 
+_CODE_AT_START = code_version()  # the code a script runs is the code it started with
+
+
 def provenance(seeds: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Command, `date`, hardware, versions and seeds of a run."""
+    """Command, `date`, hardware, versions and seeds of a run (the code: as the script
+    started, wherever in the run this is called)."""
     try:
         date = subprocess.run(["date"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):  # pragma: no cover
@@ -81,7 +85,7 @@ def provenance(seeds: dict[str, Any], extra: dict[str, Any] | None = None) -> di
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "command": command_line(),
-        "code": code_version(),
+        "code": _CODE_AT_START,
         "date": date,
         "hardware": (
             f"{cpu_name()}; {os.cpu_count()} logical CPUs shared with other jobs; "
