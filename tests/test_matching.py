@@ -470,6 +470,23 @@ def test_mergemany_recovers_bottleneck_copies() -> None:
                 assert all(torch.equal(found[g], torch.argsort(truth[g])) for g in spec.groups)
 
 
+@pytest.mark.parametrize("method", ["weight", "mergemany", "c2m3"])
+def test_depthwise_copies_merge_back(method: str) -> None:
+    """MobileNetV2 (inverted residuals, depthwise convolutions): from the identity every
+    data-free matcher stopped short of its permuted copies (output off by its whole scale)."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.mobilenet_v2(num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    spec = symmerge.trace(model, (x[:2],))
+    copies = [spec.permuted(model, spec.random_permutations(seed=s)) for s in (1, 2)]
+    models = [model, copies[0]] if method == "weight" else [model, *copies]
+    merged, _ = symmerge.merge(models, method, spec=spec)
+    with torch.no_grad():
+        want = model(x)
+        assert float((merged.eval()(x) - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+
 def test_mergemany_is_expressed_in_model_zero_order() -> None:
     spec, model = _spec("mlp"), _model("mlp")
     models = [_permuted(spec, model, seed=s) for s in (21, 22, 23)]
