@@ -395,6 +395,8 @@ def test_weight_matching_recovers_a_bottleneck_copy_at_every_visiting_order() ->
                 recovered[start] += all(
                     torch.equal(found[g], torch.argsort(truth[g])) for g in spec.groups
                 )
+        found = weight_matching(spec, sa, sb, kind="corr").perms  # MuDSC's similarity
+        assert all(torch.equal(found[g], torch.argsort(truth[g])) for g in spec.groups)
     assert recovered == {"dependency": 20, "identity": recovered["identity"]}
     assert recovered["identity"] < 20  # the start is what recovers them
     # groups left out of the search stay fixed, and count as solved
@@ -415,6 +417,12 @@ def test_weight_matching_recovers_a_bottleneck_copy_at_every_visiting_order() ->
         sim(first, ident, known=[first]), sa["0.weight"] @ sb["0.weight"].T + torch.outer(
             sa["0.bias"], sb["0.bias"])
     )  # fmt: skip
+    # correlations of the unit vectors read: [first layer's row, bias]
+    va, vb = (torch.cat([s["0.weight"], s["0.bias"][:, None]], 1).double() for s in (sa, sb))
+    va, vb = (v - v.mean(1, keepdim=True) for v in (va, vb))
+    want = (va / va.norm(dim=1, keepdim=True)) @ (vb / vb.norm(dim=1, keepdim=True)).T
+    corr = WeightSimilarity(spec, sa, sb, kind="corr", dtype=torch.float64)
+    torch.testing.assert_close(corr(first, ident, known=[first]), want)
 
 
 def test_weight_matching_of_different_models_improves_and_is_deterministic() -> None:

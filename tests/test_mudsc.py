@@ -20,6 +20,7 @@ from symmerge.methods.mudsc import ALPHA_GRID
 from symmerge.models import create_model
 from symmerge.similarity import WeightSimilarity, activation_similarity
 from symmerge.solvers import lap_objective
+from symmerge.solvers.coordinate import weight_matching
 from symmerge.spec import SymmetrySpec, _jitter_
 from symmerge.stats import collect_statistics
 
@@ -134,7 +135,7 @@ def test_alpha_zero_is_activation_matching(seed: int) -> None:
     assert _max_diff(res.state_dict, act.state_dict) == 0.0
 
 
-@pytest.mark.parametrize("seed", [0, 1, 7])
+@pytest.mark.parametrize("seed", [0, 1, 4])
 def test_alpha_one_is_weight_matching_with_correlations(seed: int) -> None:
     spec, models = _spec("mlp"), _pair(seed)
     sds = [m.state_dict() for m in models]  # alpha = 1 needs neither data nor modules
@@ -143,15 +144,20 @@ def test_alpha_one_is_weight_matching_with_correlations(seed: int) -> None:
     assert _same(res.perms(1), wm.perms(1)) and res.iterations == wm.iterations
     assert res.objective == pytest.approx(wm.objective, rel=1e-12)
     assert _max_diff(res.state_dict, wm.state_dict) == 0.0
-    # the paper's patience keeps the best sweep: the same path while weight matching's sweep
-    # totals rise (seeds 0, 1); on pair 7 they dip at sweep 2, MuDSC goes back and ends higher
-    paper = mudsc(spec, sds, alpha=1.0, seed=seed)
-    dips = [line for line in paper.log if "<= best" in line]
-    assert _same(paper.perms(1), wm.perms(1)) == (not dips)
-    assert bool(dips) == (seed == 7)
-    if seed == 7:
-        assert dips[0].startswith("sweep 2:")
-        assert sum(paper.objective.values()) > sum(wm.objective.values()) + 0.1
+    paper = mudsc(spec, sds, alpha=1.0, seed=seed)  # the paper's patience: same search here
+    with_patience = weight_matching(spec, sds[0], sds[1], kind="corr", seed=seed, patience=5)
+    assert _same(paper.perms(1), with_patience.perms)
+    # patience keeps the best sweep: the same path while the sweep totals rise (pair 0); from
+    # the identity, pairs 1 and 4 dip (at sweep 9 on pair 1), go back and end higher
+    ident = spec.identity_permutations()
+    plain = weight_matching(spec, sds[0], sds[1], kind="corr", seed=seed, init=ident)
+    best = weight_matching(spec, sds[0], sds[1], kind="corr", seed=seed, init=ident, patience=5)
+    dips = [line for line in best.log if "<= best" in line]
+    assert _same(best.perms, plain.perms) == (not dips)
+    assert bool(dips) == (seed in (1, 4))
+    if seed == 1:
+        assert dips[0].startswith("sweep 9:")
+        assert sum(best.objective.values()) > sum(plain.objective.values()) + 0.1
 
 
 def test_dual_objective_is_the_mixed_similarity_and_beats_the_start() -> None:

@@ -165,12 +165,15 @@ class WeightSimilarity:
         known: Collection[str] | None = None,
     ) -> torch.Tensor:
         """``C`` of ``group``; with ``known``, only from the tensors whose other permuted
-        axes all belong to groups in ``known``."""
+        axes all belong to groups in ``known`` (``"corr"`` and ``"cos"``: of those tensors'
+        unit vectors)."""
         perms = perms or {}
         total = None
+        used = []
         for i, occ in enumerate(self._occ[group]):
             if known is not None and not set(occ.keys) <= set(known):
                 continue
+            used.append(occ)
             c = self._contribution(group, i, occ, perms)
             total = c.clone() if total is None else total + c  # never hand out the cache
         if total is None:
@@ -178,7 +181,8 @@ class WeightSimilarity:
             return torch.zeros(n, n_b, dtype=self.dtype)
         if self.kind == "inner":
             return total
-        sa, sb, na, nb, length = self._norms[group]
+        every = len(used) == len(self._occ[group])
+        sa, sb, na, nb, length = self._norms[group] if every else _unit_norms(used, self.kind)
         if self.kind == "corr":
             total = total - torch.outer(sa, sb) / length
         return total / torch.outer(na, nb)
