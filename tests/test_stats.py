@@ -169,6 +169,42 @@ def test_site_choice() -> None:
         pre.mean("nope")
 
 
+class _TupleBlock(nn.Module):
+    """Returns ``(hidden, input)``: the value it computes last is not what a hook receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 7)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.relu(self.fc(x)), x
+
+
+class _TupleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.out = _TupleBlock(), nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.block(x)[0])
+
+
+def test_a_module_returning_a_tuple_is_no_hook_site() -> None:
+    """Hugging Face blocks and models return tuples or ModelOutputs: a hook on them gets no
+    tensor, so the value computed last inside them is no module output (GPT-2's final
+    residual stream and Swin's pooled features used to fail activation matching)."""
+    torch.manual_seed(0)
+    a = _TupleNet().double().eval()
+    x = torch.randn(64, 5, dtype=torch.float64)
+    spec = symmerge.trace(a, x[:2])
+    (hidden,) = [g for g in spec.groups.values() if g.size == 7]
+    by_module = {s.module: s.module_output for s in hidden.sites}
+    assert by_module == {"block.fc": True, "block": False}
+    b = spec.permuted(a, spec.random_permutations(seed=1))
+    merged, _ = symmerge.merge([a, b], "activation", data=[x], spec=spec)
+    torch.testing.assert_close(merged(x), a(x))
+
+
 class _Inline(nn.Module):
     """A hidden layer computed inside one module: its units are never a module's output."""
 

@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -427,6 +427,19 @@ def trace(
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     was_training = model.training
     model.eval()
+    structured: set[str] = set()  # modules whose output is not a tensor (no hook site)
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_: nn.Module, __: Any, out: Any) -> None:
+            if not torch.is_tensor(out):
+                structured.add(name)
+
+        return hook
+
+    hooks = [
+        module.register_forward_hook(record(name))
+        for name, module in model.named_modules(remove_duplicate=False)
+    ]
     try:
         ep = torch.export.export(model, args, kwargs=example_kwargs or {}, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with context
@@ -438,7 +451,9 @@ def trace(
         ) from e
     finally:
         model.train(was_training)
-    return _spec_from_export(ep, model, unknown_ops)
+        for h in hooks:
+            h.remove()
+    return _spec_from_export(ep, model, unknown_ops, structured)
 
 
 def _module_path(node: fx.Node) -> str:
@@ -452,7 +467,11 @@ def _clean_path(path: str) -> str:
     return path.replace("L['self'].", "").replace("L__self___", "")
 
 
-def _spec_from_export(ep: Any, model: nn.Module, unknown_ops: str) -> SymmetrySpec:
+def _spec_from_export(
+    ep: Any, model: nn.Module, unknown_ops: str, structured: Collection[str] = ()
+) -> SymmetrySpec:
+    """The spec of an exported ``model``; ``structured`` names the modules that return a
+    tuple or dict (a value computed last inside them is not what a hook on them receives)."""
     sig = ep.graph_signature
     tensor_names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     constants = set(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
@@ -528,6 +547,8 @@ def _spec_from_export(ep: Any, model: nn.Module, unknown_ops: str) -> SymmetrySp
     for node in ep.graph.nodes:
         for path, _ in (node.meta.get("nn_module_stack") or {}).values():
             module_last[_clean_path(path)] = node.name
+    for path in structured:
+        module_last.pop(path, None)
     activations = [v for k, v in values.items() if isinstance(k, fx.Node) and isinstance(v, list)]
     activations += [
         d
