@@ -205,6 +205,32 @@ def test_a_module_returning_a_tuple_is_no_hook_site() -> None:
     torch.testing.assert_close(merged(x), a(x))
 
 
+class _MultiheadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return self.out(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_a_module_never_called_is_named_in_the_error() -> None:
+    """nn.MultiheadAttention reads out_proj's weight without calling out_proj, so the head
+    dims have no site a hook sees: activation matching says so and points to weight
+    matching, which recovers a permuted copy."""
+    torch.manual_seed(0)
+    a = _MultiheadNet().eval()
+    x = torch.randn(16, 5, 6)
+    spec = symmerge.trace(a, x[:2])
+    b = spec.permuted(a, spec.random_permutations(seed=1))
+    with pytest.raises(RuntimeError, match="never observed: module 'attn.out_proj' was not called"):
+        symmerge.merge([a, b], "activation", data=[x], spec=spec)
+    merged, _ = symmerge.merge([a, b], "weight", spec=spec)
+    torch.testing.assert_close(merged(x), a(x))
+
+
 class _Inline(nn.Module):
     """A hidden layer computed inside one module: its units are never a module's output."""
 

@@ -706,6 +706,14 @@ class _Collector:
         full = (1 << self.stats.num_models) - 1
         by_group: dict[str, list[_Site]] = {}
         for entry in self.plan:
+            if not entry.written:
+                raise RuntimeError(
+                    f"site '{entry.site.node}' of group '{entry.group}' was never observed: "
+                    f"module '{entry.site.module}' was not called with this group's width "
+                    "during the forward pass (nn.MultiheadAttention, for one, reads its "
+                    "out_proj's weight without calling it). Merge this model data-free "
+                    "(weight matching), or collect statistics at other sites"
+                )
             if entry.written != full or entry.buffer is None:
                 raise RuntimeError(
                     f"site '{entry.site.node}' (module '{entry.site.module}') of group "
