@@ -6,9 +6,10 @@ against what the exported model really does (see :mod:`symmerge.blocksparse`, wh
 layers with zero blocks so the zeros are no longer multiplied).
 
 What is counted: every *call* of an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` module (subclasses
-included) during one forward of the example inputs, observed by forward hooks, so shared
-modules count once per call and modules that are never called count nothing. A call costs
-one multiply-accumulate per output element per input it reads:
+included) or of Hugging Face's ``Conv1D`` (GPT-2's linear layers,
+:func:`is_transposed_linear`) during one forward of the example inputs, observed by forward
+hooks, so shared modules count once per call and modules that are never called count
+nothing. A call costs one multiply-accumulate per output element per input it reads:
 
 - Linear: ``out.numel() / out_features`` rows times ``in_features * out_features``;
 - ConvNd: output positions times ``out_channels * (in_channels / groups) * kernel numel``.
@@ -28,9 +29,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Compute", "count_compute"]
+__all__ = ["Compute", "count_compute", "is_transposed_linear"]
 
 _COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_transposed_linear(module: nn.Module | None) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's projections): a linear layer whose weight is stored
+    ``(in, out)``, not ``(out, in)``."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and torch.is_tensor(weight)
+        and weight.ndim == 2
+        and weight.shape[1] == getattr(module, "nf", None)
+    )
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,8 @@ def count_compute(
         def count(module: nn.Module, _inputs: Any, out: Tensor) -> None:
             if isinstance(module, nn.Linear):
                 fan_in = module.in_features
+            elif is_transposed_linear(module):
+                fan_in = module.weight.shape[0]
             else:
                 fan_in = module.in_channels // module.groups * _numel(module.kernel_size)
             totals[name] = totals.get(name, 0) + out.numel() * fan_in
@@ -92,7 +107,7 @@ def count_compute(
     handles = [
         module.register_forward_hook(hook(name))
         for name, module in model.named_modules()
-        if isinstance(module, _COUNTED)
+        if isinstance(module, _COUNTED) or is_transposed_linear(module)
     ]
     modes = {module: module.training for module in model.modules()}
     try:

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from symmerge.flops import is_transposed_linear
 from symmerge.progress import progress_bar
 from symmerge.spec import ActivationSite, Factor, Group, SymmetrySpec
 
@@ -164,13 +165,14 @@ def _observable(site: ActivationSite) -> bool:
 
 
 def member_sites(group: Group, model: nn.Module) -> list[HookSite]:
-    """Sites of ``group`` read off its Linear/Conv weight members, for groups that no module
-    returns whole (the q/k and v/o head dims of a fused qkv projection).
+    """Sites of ``group`` read off its Linear/Conv weight members (also Hugging Face's
+    ``Conv1D``), for groups that no module returns whole (the q/k and v/o head dims of a
+    fused qkv projection).
 
-    A weight's output axis (axis 0) gives its module's output, its contracted input axis (axis
-    1, ``groups=1`` convs) its module's input; one site per segment of the axis that holds
-    exactly this group's units (``Member.segments``: a qkv output axis has one per q, k, v).
-    Output sites come first; input sites are used only for a group without any.
+    A weight's output axis (axis 0; 1 for ``Conv1D``) gives its module's output, its
+    contracted input axis (``groups=1`` convs) its module's input; one site per segment of the
+    axis that holds exactly this group's units (``Member.segments``: a qkv output axis has one
+    per q, k, v). Output sites come first; input sites are used only for a group without any.
     """
     outs: list[HookSite] = []
     ins: list[HookSite] = []
@@ -179,14 +181,18 @@ def member_sites(group: Group, model: nn.Module) -> list[HookSite]:
     for member in group.members:
         name, _, leaf = member.tensor.rpartition(".")
         module = modules.get(name) if leaf == "weight" else None
+        out_axis = 0
         if isinstance(module, nn.Linear):
             dim = -1
         elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
             dim = 1
+        elif is_transposed_linear(module):
+            dim, out_axis = -1, 1
         else:
             continue
-        at_input = member.axis == 1 and member.role == "in"
-        if not (member.axis == 0 or (at_input and getattr(module, "groups", 1) == 1)):
+        assert module is not None
+        at_input = member.axis == 1 - out_axis and member.role == "in"
+        if not (member.axis == out_axis or (at_input and getattr(module, "groups", 1) == 1)):
             continue
         full = module.weight.shape[member.axis]
         for seg in member.segments:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from symmerge.flops import is_transposed_linear
 from symmerge.groupmap import GroupMap, merge_values, merged_support
 from symmerge.spec import Member, SymmetrySpec
 
@@ -67,6 +68,9 @@ def _layers(model: nn.Module, spec: SymmetrySpec) -> tuple[list[str], dict[str, 
     tied = {t for k, v in spec.aliases.items() for t in (k, *v)}
     fitted, skipped = [], {}
     for name, mod in model.named_modules():
+        if is_transposed_linear(mod):
+            skipped[name] = "Hugging Face Conv1D (weight stored in x out): not refitted"
+            continue
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             continue
         if f"{name}.weight" not in spec.shapes:

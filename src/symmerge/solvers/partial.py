@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from symmerge.flops import is_transposed_linear
 from symmerge.groupmap import GroupMap
 from symmerge.solvers.coordinate import coordinates
 from symmerge.spec import Member, SymmetrySpec
@@ -209,7 +210,7 @@ def compute_model(
 
     def hook(name: str) -> Callable[..., None]:
         def record(mod: nn.Module, args: Any, out: torch.Tensor) -> None:
-            if isinstance(mod, nn.Linear):  # every row but the batch axis is a position
+            if isinstance(mod, nn.Linear) or is_transposed_linear(mod):  # rows but the batch
                 batch = out.shape[0] if out.dim() > 1 else 1
                 positions[name] = out.numel() // out.shape[-1] // batch
             else:
@@ -217,7 +218,9 @@ def compute_model(
 
         return record
 
-    mods = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+    mods = {
+        n: m for n, m in model.named_modules() if isinstance(m, kinds) or is_transposed_linear(m)
+    }
     handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
     was = model.training
     try:
@@ -232,10 +235,10 @@ def compute_model(
     for name, mod in mods.items():
         if name not in positions:
             continue  # not called on this input
-        weight = mod.weight
+        weight, out = mod.weight, int(is_transposed_linear(mod))  # the weight's output axis
         axes = layouts.get(f"{name}.weight", {})
-        outs = _segments(axes.get(0), weight.shape[0], coord_of)
-        ins = _segments(axes.get(1), weight.shape[1], coord_of)
+        outs = _segments(axes.get(out), weight.shape[out], coord_of)
+        ins = _segments(axes.get(1 - out), weight.shape[1 - out], coord_of)
         if getattr(mod, "groups", 1) > 1:  # grouped / depthwise: outputs read their own group
             ins = [(weight.shape[1], None)]
         layers.append(_Layer(name, positions[name], tuple(outs), tuple(ins)))
