@@ -33,7 +33,8 @@ def ensemble(
     seed: int = 0,
     weights: Sequence[float] | None = None,
 ) -> MergeResult:
-    """All models side by side in one network (width N x n): their logits averaged exactly.
+    """All models side by side in one network (width N x n): their logits averaged (exactly
+    unless a LayerNorm spans the joined width).
 
     Args:
         weights: each model's share of the averaged logits (default uniform, or
