@@ -161,20 +161,23 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_gpt2_copies_merge_back_with_data(method: str) -> None:
     """GPT-2's projections are Hugging Face ``Conv1D`` (weight ``(in, out)``) and it returns
     a ModelOutput: the head dims are observed on ``c_attn``'s output, the compute budget
-    counts ``Conv1D`` calls (PLeaS at 1x merges every unit), and the last residual-stream
-    value is not read off the transformer's structured output."""
+    counts ``Conv1D`` calls (PLeaS at 1x merges every unit) and least squares refits them, and
+    the last residual-stream value is not read off the transformer's structured output."""
     resolved = resolve_model("hf:gpt2")
     a, (x,) = resolved.model.eval(), resolved.example_inputs
     spec = symmerge.trace(a, x)
     b = spec.permuted(a, spec.random_permutations(seed=3)).eval()
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, int(x.max()) + 1, (16, x.shape[1]), generator=g) for _ in range(4)]
-    merged, res = symmerge.merge([a, b], method, data=data, spec=spec, example_inputs=x)
-    torch.testing.assert_close(_logits(merged.eval(), x), _logits(a, x), atol=1e-4, rtol=1e-4)
+    kw = {"ridge": 0.0} if method == "pleas" else {}  # least squares: exact, not shrunk
+    merged, res = symmerge.merge([a, b], method, data=data, spec=spec, example_inputs=x, **kw)
+    torch.testing.assert_close(_logits(merged.eval(), x), _logits(a, x), atol=1e-5, rtol=1e-5)
     if method == "pleas":
         assert set(res.details["ratios"].values()) == {0.0}
+        conv1d = [n for n, m in a.named_modules() if type(m).__name__ == "Conv1D"]
         counted = symmerge.flops.count_compute(a, x).per_module
-        assert any(name.endswith("c_attn") for name in counted)
+        assert conv1d and set(conv1d) <= set(counted)
+        assert any(f"least squares (closed) on {len(conv1d)} layers" in line for line in res.log)
 
 
 def test_a_hugging_face_model_of_another_modality_is_refused_clearly() -> None:

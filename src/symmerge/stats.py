@@ -995,8 +995,9 @@ class LayerProducts:
 
 
 def _unfold_args(layer: nn.Module, name: str) -> dict[str, Any] | None:
-    """``None`` for a Linear, ``F.unfold``'s arguments for a Conv2d, an error otherwise."""
-    if isinstance(layer, nn.Linear):
+    """``None`` for a Linear (or Conv1D), ``F.unfold``'s arguments for a Conv2d, an error
+    otherwise."""
+    if isinstance(layer, nn.Linear) or is_transposed_linear(layer):
         return None
     if not isinstance(layer, nn.Conv2d):
         raise ValueError(
@@ -1093,7 +1094,10 @@ def layer_io(
     models, layers = list(models), list(dict.fromkeys(layers))
     inputs, targets = dict(inputs or {}), dict(targets or {})
     mods = [[model.get_submodule(name) for name in layers] for model in models]
-    axis = {n: -1 if isinstance(m, nn.Linear) else 1 for n, m in zip(layers, mods[0], strict=True)}
+    axis = {
+        n: -1 if isinstance(m, nn.Linear) or is_transposed_linear(m) else 1
+        for n, m in zip(layers, mods[0], strict=True)
+    }
     seen: dict[str, list[tuple[Tensor, Tensor] | None]] = {}
     current = -1
 

@@ -1,5 +1,6 @@
-"""Layer-wise least squares: refit every Linear / Conv2d layer of a merged model so that it
-maps the merged inputs to the merged targets (PLeaS step 3, algorithms.md §2).
+"""Layer-wise least squares: refit every Linear / Conv2d layer (and Hugging Face ``Conv1D``,
+a Linear stored ``(in, out)``) of a merged model so that it maps the merged inputs to the
+merged targets (PLeaS step 3, algorithms.md §2).
 
 Teacher forcing: every layer is fitted on the *source* models run side by side on the same
 batch. With the maps of the merge, the layer's inputs and targets in merged coordinates are
@@ -68,10 +69,7 @@ def _layers(model: nn.Module, spec: SymmetrySpec) -> tuple[list[str], dict[str, 
     tied = {t for k, v in spec.aliases.items() for t in (k, *v)}
     fitted, skipped = [], {}
     for name, mod in model.named_modules():
-        if is_transposed_linear(mod):
-            skipped[name] = "Hugging Face Conv1D (weight stored in x out): not refitted"
-            continue
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)) and not is_transposed_linear(mod):
             continue
         if f"{name}.weight" not in spec.shapes:
             skipped[name] = "the forward does not call it (an auxiliary head in eval mode)"
@@ -104,9 +102,11 @@ def _teacher(
     inputs, targets = {}, {}
     for name in layers:
         axes = [layout.get(f"{name}.weight", {}) for layout in layouts]
-        dim = -1 if isinstance(model.get_submodule(name), nn.Linear) else 1
-        inputs[name] = _merger([a.get(1) for a in axes], maps, dim, weights)
-        targets[name] = _merger([a.get(0) for a in axes], maps, dim, weights)
+        mod = model.get_submodule(name)
+        out = int(is_transposed_linear(mod))  # the weight's output axis
+        dim = -1 if out or isinstance(mod, nn.Linear) else 1
+        inputs[name] = _merger([a.get(1 - out) for a in axes], maps, dim, weights)
+        targets[name] = _merger([a.get(out) for a in axes], maps, dim, weights)
     return inputs, targets
 
 
@@ -192,6 +192,8 @@ def fit_layers(
     weights = next(iter(maps.values())).weights if maps else [1.0 / len(models)] * len(models)
     sds = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
     masks = merged_support(spec, sds, maps, [f"{n}.weight" for n in layers])
+    flipped = {n for n in layers if is_transposed_linear(models[0].get_submodule(n))}
+    masks = {k: v.T if k.removesuffix(".weight") in flipped else v for k, v in masks.items()}
     if dense:
         masks = {k: torch.ones_like(v) for k, v in masks.items()}
     unknown = sorted(set(targets or {}) - set(layers))
@@ -212,7 +214,7 @@ def fit_layers(
                                           progress=progress)  # fmt: skip
         for name in layers:
             weight, bias = _solve(products, name, masks[f"{name}.weight"], ridge)
-            _store(out, name, weight, bias)
+            _store(out, name, weight, bias, name in flipped)
     else:
         loss = _adam(models, layers, inputs, goals, masks, out, data, steps, lr, device,
                      progress)  # fmt: skip
@@ -265,6 +267,7 @@ def _sequential(
         weight, bias = _solve(products, name, masks[f"{name}.weight"], ridge)
         layer = merged.get_submodule(name)
         with torch.no_grad():
+            weight = weight.T if is_transposed_linear(layer) else weight
             layer.weight.copy_(weight.reshape(layer.weight.shape))
             if bias is not None and layer.bias is not None:
                 layer.bias.copy_(bias)
@@ -327,8 +330,12 @@ def _replay(saved: list[Tensor], name: str) -> Callable[[list[Tensor]], Tensor]:
     return target
 
 
-def _store(out: dict[str, Tensor], name: str, weight: Tensor, bias: Tensor | None) -> None:
+def _store(
+    out: dict[str, Tensor], name: str, weight: Tensor, bias: Tensor | None, flip: bool
+) -> None:
+    """Write a fitted ``(out, in)`` weight (``flip``: a Conv1D's, stored ``(in, out)``)."""
     key = f"{name}.weight"
+    weight = weight.T if flip else weight
     out[key] = weight.reshape(out[key].shape).to(out[key].dtype)
     if bias is not None:
         out[f"{name}.bias"] = bias.to(out[f"{name}.bias"].dtype)
@@ -362,7 +369,7 @@ def _solve(products: Any, name: str, mask: Tensor, ridge: float) -> tuple[Tensor
 
 
 def _apply(mod: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if isinstance(mod, nn.Linear):
+    if isinstance(mod, nn.Linear) or is_transposed_linear(mod):  # weight (out, in) here
         return F.linear(x, weight, bias)
     assert isinstance(mod, nn.Conv2d)
     return F.conv2d(x, weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups)
@@ -402,9 +409,11 @@ def _adam(
         raise ValueError(f"The 'steps' parameter must be an int >= 1. Got {steps!r} instead.")
     dev = torch.device(device) if device is not None else next(models[0].parameters()).device
     mods = {n: models[0].get_submodule(n) for n in layers}
+    flipped = {n for n in layers if is_transposed_linear(mods[n])}
     params: dict[str, list[Tensor]] = {}
     for n in layers:
-        w = out[f"{n}.weight"].detach().to(dev, torch.float32).clone().requires_grad_(True)
+        w = out[f"{n}.weight"].detach().to(dev, torch.float32)
+        w = (w.T if n in flipped else w).clone().requires_grad_(True)
         b = out.get(f"{n}.bias")
         params[n] = [w] + ([b.detach().to(dev, torch.float32).clone().requires_grad_(True)]
                            if b is not None and mods[n].bias is not None else [])  # fmt: skip
@@ -433,5 +442,6 @@ def _adam(
             print(f"least squares (adam) step {step}: loss {sum(last.values()):.4g}")
     for n in layers:
         w, *b = params[n]
-        _store(out, n, (w * mask[n]).detach().cpu(), b[0].detach().cpu() if b else None)
+        _store(out, n, (w * mask[n]).detach().cpu(), b[0].detach().cpu() if b else None,
+               n in flipped)  # fmt: skip
     return last
