@@ -27,6 +27,7 @@ from symmerge.stats import (
     default_sites,
     flatten_units,
     hook_site,
+    layer_io,
     unflatten_units,
 )
 
@@ -480,6 +481,63 @@ def test_layer_products_reproduce_linear_layers() -> None:
         torch.testing.assert_close(bias, mod.bias, rtol=0, atol=1e-9)
     weight, _ = products.solve("2", ridge=1e3)  # a heavy ridge shrinks the solution
     assert weight.norm() < 0.5 * model[2].weight.norm()
+
+
+def test_layer_products_from_a_start_keep_what_the_data_leave_free() -> None:
+    """With a start θ₀, xty is Xᵀ(Y − Xθ₀) and solve gives θ₀ plus the least-norm correction:
+    exact on full-rank data from any start; a heavy ridge stays at the start, not at zero; and
+    with fewer samples than inputs the true weights, given as the start, are kept exactly."""
+    model = _tanh_mlp(0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 6, generator=gen, dtype=torch.float64) for _ in range(2)]
+    layer = model[2]
+    off = (torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.ones(4).double())
+    products = collect_layer_products([model], batches, ["2"], start={"2": off})
+    x, y = _layer_io(model, "2", batches)
+    x = _with_ones(x)
+    theta0 = torch.cat([off[0].T, off[1][None]])
+    torch.testing.assert_close(products.xty["2"], x.T @ (y - x @ theta0), rtol=1e-12, atol=1e-12)
+    weight, bias = products.solve("2")
+    torch.testing.assert_close(weight, layer.weight, rtol=0, atol=1e-9)
+    torch.testing.assert_close(bias, layer.bias, rtol=0, atol=1e-9)
+    weight, bias = products.solve("2", ridge=1e9)
+    torch.testing.assert_close(weight, off[0], rtol=0, atol=1e-6)
+    few = [batches[0][:3]]  # 3 samples, 6 columns: rank deficient
+    own = (layer.weight, layer.bias)
+    products = collect_layer_products([model], few, ["2"], start={"2": own})
+    assert float(products.xty["2"].abs().max()) < 1e-12
+    for ridge in (0.0, 1e-4):
+        weight, bias = products.solve("2", ridge)
+        torch.testing.assert_close(weight, layer.weight, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="not in layers"):
+        collect_layer_products([model], few, ["2"], start={"0": own})
+
+
+class _InPlaceAfterLinear(nn.Module):
+    """A Linear whose output an inplace activation overwrites, and a residual ``+=`` on a
+    Linear's output (torchvision's MobileNetV3 classifier, ResNet blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 5), nn.Hardswish(inplace=True), nn.Linear(5, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc2(self.act(self.fc1(x)))
+        out += x
+        return out
+
+
+def test_layer_inputs_and_outputs_survive_in_place_ops_after_the_hook() -> None:
+    torch.manual_seed(0)
+    models = [_InPlaceAfterLinear(), _InPlaceAfterLinear()]
+    batches = [torch.randn(4, 6) for _ in range(3)]
+    seen = list(layer_io(models, batches, ["fc1", "fc2"]))
+    assert len(seen) == 6
+    for i, (name, _, y) in enumerate(seen):
+        batch = batches[i // 2]
+        expect = [m.get_submodule(name)(m.act(m.fc1(batch)) if name == "fc2" else batch)
+                  for m in models]  # fmt: skip
+        torch.testing.assert_close(y, torch.cat(expect, -1).detach(), rtol=0, atol=1e-6)
 
 
 def _im2col(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

@@ -942,11 +942,13 @@ class LayerProducts:
     """Normal-equation sums of layer-wise least squares, per Linear / Conv2d layer.
 
     PLeaS (algorithms.md §2, step 3) and the linear variant of neuron-interpolation fusion
-    (§5) refit layers in closed form, ``solve(XᵀX + ridge·I, XᵀY)``. Rows of X are the layer's
-    inputs (im2col patches for a conv, columns ordered (channel, kh, kw) like
+    (§5) refit layers in closed form, ``θ₀ + solve(XᵀX + ridge·I, Xᵀ(Y − Xθ₀))``. Rows of X are
+    the layer's inputs (im2col patches for a conv, columns ordered (channel, kh, kw) like
     ``weight.flatten(1)``), followed by a ones column when the layer has a bias; rows of Y are
     its targets. ``xtx`` and ``xty`` are float64 sums whose size does not grow with the number
-    of samples, ``counts`` the rows summed.
+    of samples, ``counts`` the rows summed. ``start[layer]`` is θ₀ (``(columns, outputs)``; no
+    entry: zero) and ``xty`` holds ``Xᵀ(Y − Xθ₀)``: summed from each batch's residual, it keeps
+    its float32 accuracy when θ₀ already nearly fits.
     """
 
     layers: list[str]
@@ -955,15 +957,18 @@ class LayerProducts:
     xtx: dict[str, Tensor] = field(default_factory=dict)
     xty: dict[str, Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    start: dict[str, Tensor] = field(default_factory=dict)
 
     def solve(self, layer: str, ridge: float = 0.0) -> tuple[Tensor, Tensor | None]:
-        """``(weight, bias)`` minimising ``‖X θ − Y‖² + ridge ‖θ‖²`` (the bias included),
+        """``(weight, bias)`` minimising ``‖X θ − Y‖² + ridge ‖θ − θ₀‖²`` (the bias included),
         shaped like the layer's parameters (``(out, in, kh, kw)`` for a conv)."""
         if layer not in self.xtx:
             raise KeyError(f"no products for layer {layer!r}; collected: {sorted(self.xtx)}")
         a, b = self.xtx[layer], self.xty[layer]
         eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
         theta = torch.linalg.solve(a + ridge * eye, b)
+        if layer in self.start:
+            theta = theta + self.start[layer].to(theta)
         weight, bias = (theta[:-1], theta[-1]) if self.bias[layer] else (theta, None)
         return weight.T.reshape(b.shape[1], -1, *self.kernels[layer]), bias
 
@@ -1065,6 +1070,8 @@ def _add_products(
                 )
         if out.bias[name]:
             xc = F.pad(xc, (0, 1), value=1.0)
+        if name in out.start:
+            yc = yc - xc @ out.start[name].to(xc)
         if name not in out.xtx:
             out.xtx[name] = xc.new_zeros(xc.shape[1], xc.shape[1], dtype=torch.float64)
             out.xty[name] = xc.new_zeros(xc.shape[1], yc.shape[1], dtype=torch.float64)
@@ -1098,15 +1105,25 @@ def layer_io(
         n: -1 if isinstance(m, nn.Linear) or is_transposed_linear(m) else 1
         for n, m in zip(layers, mods[0], strict=True)
     }
-    seen: dict[str, list[tuple[Tensor, Tensor] | None]] = {}
+    seen: dict[str, list[tuple[Tensor, Tensor, int, int] | None]] = {}
     current = -1
+    copying = [False] * len(models)  # models whose forward changes a kept tensor in place
 
     def keep(m: int, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if current == m:
-                seen[name][m] = (args[0].detach(), output.detach())
+                x, y = args[0].detach(), output.detach()  # share the version counters
+                if copying[m]:
+                    x, y = x.clone(), y.clone()
+                seen[name][m] = (x, y, x._version, y._version)
 
         return hook
+
+    def changed(m: int) -> bool:
+        """Whether an in-place op after the hook (``out += identity``, an inplace activation
+        on a Linear's output) changed one of model ``m``'s kept tensors."""
+        kept = [seen[name][m] for name in layers]
+        return any(p is not None and (p[0]._version, p[1]._version) != p[2:] for p in kept)
 
     dev = torch.device(device) if device is not None else None
     with _eval_on(models, dev) as dev, torch.no_grad(), _no_tf32(dev):
@@ -1123,6 +1140,9 @@ def layer_io(
                 for m, model in enumerate(models):
                     current = m
                     model(*args, **kwargs)
+                    if not copying[m] and changed(m):
+                        copying[m] = True  # from now on the hooks copy: run this batch again
+                        model(*args, **kwargs)
                 current = -1
                 for name in layers:
                     pairs = seen[name]
@@ -1145,6 +1165,7 @@ def collect_layer_products(
     *,
     inputs: Mapping[str, LayerMap] | None = None,
     targets: Mapping[str, LayerMap] | None = None,
+    start: Mapping[str, tuple[Tensor, Tensor | None]] | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
@@ -1165,7 +1186,10 @@ def collect_layer_products(
     images at a time, so memory is set by the batch size, not the number of samples; grouped
     convs are refused. ``dtype`` is the precision of each chunk's products (float64 by default,
     since normal equations square the condition number; float32 halves the time); the sums
-    are always float64. Models run in eval mode under
+    are always float64. ``start[layer]`` is a ``(weight, bias)`` in the layer's own layout
+    (``(out, in, kh, kw)`` for a conv; ``bias`` None: zero) that a refit stays near:
+    ``xty`` then holds ``Xᵀ(Y − Xθ₀)`` and :meth:`LayerProducts.solve` returns
+    ``θ₀ + (XᵀX + ridge·I)⁻¹ Xᵀ(Y − Xθ₀)``. Models run in eval mode under
     ``torch.no_grad`` (modes and devices restored); sums add up across processes with
     :meth:`LayerProducts.all_reduce`.
 
@@ -1187,6 +1211,14 @@ def collect_layer_products(
         bias={name: mod.bias is not None for name, mod in zip(layers, mods[0], strict=True)},
         kernels={name: tuple(u["kernel_size"]) if u else () for name, u in unfold.items()},
     )
+    for name, (weight, bias) in (start or {}).items():
+        if name not in out.bias:
+            raise ValueError(f"start names layer {name!r}, which is not in layers={layers}")
+        theta = weight.detach().reshape(weight.shape[0], -1).T
+        if out.bias[name]:
+            b = torch.zeros(theta.shape[1]) if bias is None else bias.detach()
+            theta = torch.cat([theta, b.to(theta)[None]])
+        out.start[name] = theta.to(torch.float64)
     for name, x, y in layer_io(models, batches, layers, inputs=inputs, targets=targets,
                                device=device, progress=progress):  # fmt: skip
         _add_products(out, name, x, y, unfold[name], dtype)

@@ -30,7 +30,8 @@ Differences from the official code (AndrewSpano/neuron-interpolation-model-fusio
 ``benchmarks/fusion_peer.py``): it groups each layer during the refit, on the fused model's
 current inputs (neurons' least-squares predictions), with an unsquared cost; here every group is
 clustered once, up front, on the parents' own outputs with the paper's squared cost (Theorem
-2a for HF). It solves with an exact pseudo-inverse where this uses a relative ridge. Per-class
+2a for HF). It solves with an exact pseudo-inverse where this uses a relative ridge toward the
+grouped weights (the parents' weights averaged within each cluster). Per-class
 head weights are its gradient variant's; for the linear ones they are this library's option.
 
 Reference: "Model Fusion via Neuron Interpolation", arXiv 2507.00037 (algorithms.md §5).
@@ -92,7 +93,7 @@ def kf_linear(
             and group; ``data`` must be labelled; the time goes to ``timings["importance"]``).
         restarts: K-means restarts (farthest-point initialisation, seeded by ``seed``).
         samples: rows (samples x positions) of each group's outputs kept for clustering.
-        ridge: relative ridge of the least squares.
+        ridge: relative ridge of the least squares, toward the grouped weights.
         head: the head's target: ``"mean"`` (the parents' logits averaged with the model
             weights), ``"class-share"`` (each class's logit weighted by each parent's share of
             that class's training data, for non-IID parents; needs ``class_counts``) or

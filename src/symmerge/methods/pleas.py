@@ -109,7 +109,8 @@ def pleas(
             ``"none"`` (the partial merge alone).
         ls_inputs: ``"ensemble"`` (teacher forcing on the source models, the paper) or
             ``"merged"`` (each layer fitted on the merged model's own inputs, in order).
-        ridge: relative ridge of the closed form; steps, lr: Adam's.
+        ridge: relative ridge of the closed form, toward the partially merged weights (where
+            the data leave a direction free the merge keeps it); steps, lr: Adam's.
         stats, collect, device: as for activation matching.
     """
     t0 = time.perf_counter()

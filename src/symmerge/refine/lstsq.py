@@ -12,10 +12,14 @@ Structural zeros stay zero: every weight keeps the support the weight builder gi
 (:func:`~symmerge.groupmap.merged_support`; a partial merge's ``W[S_A, S_B]`` and
 ``W[S_B, S_A]`` blocks are empty), and a row is fitted on the columns of its support only.
 
-* ``"closed"``: normal equations ``(X^T X + lambda I) theta = X^T Y`` per group of rows sharing
-  a support, from the float64 sums of :func:`symmerge.stats.collect_layer_products` (im2col for
-  convs; memory independent of the number of samples); ``lambda = ridge`` times the mean of the
-  diagonal, so the ridge is scale-free.
+* ``"closed"``: normal equations ``(X^T X + lambda I) theta = X^T Y + lambda theta_0`` per
+  group of rows sharing a support, from the float64 sums of
+  :func:`symmerge.stats.collect_layer_products` (im2col for convs; memory independent of the
+  number of samples); ``lambda = ridge`` times the mean of the diagonal, so the ridge is
+  scale-free. The ridge pulls toward the start ``theta_0`` (the merged weights), not toward
+  zero, and at ``ridge=0`` a rank-deficient fit takes the solution nearest the start: where the
+  data leave a direction free (fewer samples than inputs) the merge keeps it, as Adam from the
+  merged start does, and weights that already fit (a permuted copy, identical models) stay.
 * ``"adam"``: the official code's optimiser, all layers at once on the summed per-layer mean
   squared error, Adam with cosine-annealed learning rate, one batch a step; gradients are
   masked by the support, so zero blocks stay exactly zero for any input and output widths.
@@ -145,7 +149,8 @@ def fit_layers(
             the merge's GroupMap of every group (their ``weights`` average what no group
             holds).
         models: the source models (run on ``data``).
-        state_dict: the merged weights (the Adam start; the closed form ignores them).
+        state_dict: the merged weights: Adam's start, and what the closed form's ridge pulls
+            toward.
         data: batches (tensors or ``(inputs, labels)``), iterated once (closed form) or
             cycled for ``steps`` batches (Adam).
         solver: ``"closed"`` or ``"adam"``.
@@ -157,7 +162,7 @@ def fit_layers(
         targets: per layer, a function of the N models' outputs of that layer giving its
             target in merged coordinates, instead of ``sum_m M_m y_m`` (e.g. a head whose
             logits are weighted per class by each parent's share of the class's data).
-        ridge: relative ridge of the closed form.
+        ridge: relative ridge of the closed form, toward the weights of ``state_dict``.
         dtype: precision of each chunk of the normal-equation products (their sums are
             float64); default float32 (twice as fast; the ridge bounds the conditioning), or
             float64 when ``ridge == 0`` (an exact fit).
@@ -209,15 +214,17 @@ def fit_layers(
     elif solver == "closed":
         from symmerge.stats import collect_layer_products
 
+        start = {n: (_oriented(out[f"{n}.weight"], n in flipped) * masks[f"{n}.weight"],
+                     out.get(f"{n}.bias")) for n in layers}  # fmt: skip
         products = collect_layer_products(models, data, layers, inputs=inputs, targets=goals,
-                                          device=device, dtype=dtype,
+                                          start=start, device=device, dtype=dtype,
                                           progress=progress)  # fmt: skip
         for name in layers:
             weight, bias = _solve(products, name, masks[f"{name}.weight"], ridge)
             _store(out, name, weight, bias, name in flipped)
     else:
-        loss = _adam(models, layers, inputs, goals, masks, out, data, steps, lr, device,
-                     progress)  # fmt: skip
+        loss = _adam(models, layers, flipped, inputs, goals, masks, out, data, steps, lr,
+                     device, progress)  # fmt: skip
     return LeastSquaresResult(out, layers, skipped, loss, time.perf_counter() - t0)
 
 
@@ -261,14 +268,16 @@ def _sequential(
             run, target = [merged], _replay(cache[name], name)
         else:
             run, target = [*models, merged], _on_parents(targets[name], n)
+        layer = merged.get_submodule(name)
+        flip = is_transposed_linear(layer)
+        weight = _oriented(layer.weight.detach(), flip) * masks[f"{name}.weight"]
+        start = {name: (weight, layer.bias)}
         products = collect_layer_products(run, batches, [name], inputs={name: own},
-                                          targets={name: target}, device=device,
+                                          targets={name: target}, start=start, device=device,
                                           dtype=dtype)  # fmt: skip
         weight, bias = _solve(products, name, masks[f"{name}.weight"], ridge)
-        layer = merged.get_submodule(name)
         with torch.no_grad():
-            weight = weight.T if is_transposed_linear(layer) else weight
-            layer.weight.copy_(weight.reshape(layer.weight.shape))
+            layer.weight.copy_(_oriented(weight, flip).reshape(layer.weight.shape))
             if bias is not None and layer.bias is not None:
                 layer.bias.copy_(bias)
     if has_bn_statistics(merged):
@@ -335,17 +344,23 @@ def _store(
 ) -> None:
     """Write a fitted ``(out, in)`` weight (``flip``: a Conv1D's, stored ``(in, out)``)."""
     key = f"{name}.weight"
-    weight = weight.T if flip else weight
-    out[key] = weight.reshape(out[key].shape).to(out[key].dtype)
+    out[key] = _oriented(weight, flip).reshape(out[key].shape).to(out[key].dtype)
     if bias is not None:
         out[f"{name}.bias"] = bias.to(out[f"{name}.bias"].dtype)
 
 
+def _oriented(weight: Tensor, flip: bool) -> Tensor:
+    """A Conv1D's ``(in, out)`` weight as ``(out, in)`` and back; other weights as they are."""
+    return weight.T if flip else weight
+
+
 def _solve(products: Any, name: str, mask: Tensor, ridge: float) -> tuple[Tensor, Tensor | None]:
-    """Each group of rows sharing a support solved on the columns of that support."""
+    """Each group of rows sharing a support solved on the columns of that support: the start
+    (``products.start``) plus the correction of least norm (ridge: shrunk toward the start)."""
     if name not in products.xtx:
         raise ValueError(f"layer '{name}' saw no data; least squares needs at least one batch")
     xtx, xty = products.xtx[name], products.xty[name]
+    theta0 = products.start.get(name, torch.zeros_like(xty))
     has_bias = products.bias[name]
     cols = mask.reshape(mask.shape[0], -1).cpu()
     if has_bias:
@@ -358,12 +373,15 @@ def _solve(products: Any, name: str, mask: Tensor, ridge: float) -> tuple[Tensor
         a = xtx[keep][:, keep]
         scale = float(torch.diagonal(a).mean()) if a.numel() else 0.0
         lam = ridge * (scale if scale > 0 else 1.0)
+        t0 = theta0[keep][:, rows]
+        # xty is Xᵀ(Y − Xθ₀) over all columns: the start's columns outside this support
+        # (structural zeros, 0 in θ₀) add nothing, so this block is the support's residual
         rhs = xty[keep][:, rows]
-        if lam == 0:  # no ridge: the minimum-norm solution, also when X is rank deficient
+        if lam == 0:  # no ridge: the correction of least norm, also when X is rank deficient
             sol = torch.linalg.lstsq(a, rhs, driver="gelsd").solution
         else:
             sol = torch.linalg.solve(a + lam * torch.eye(keep.numel(), dtype=a.dtype), rhs)
-        theta[keep[:, None], rows[None, :]] = sol
+        theta[keep[:, None], rows[None, :]] = t0 + sol
     weight, bias = (theta[:-1], theta[-1]) if has_bias else (theta, None)
     return weight.T.contiguous(), bias
 
@@ -392,6 +410,7 @@ def _cycle(data: Iterable[Any], steps: int) -> Iterable[Any]:
 def _adam(
     models: list[nn.Module],
     layers: list[str],
+    flipped: set[str],
     inputs: Mapping[str, Any],
     targets: Mapping[str, Any],
     masks: Mapping[str, Tensor],
@@ -409,11 +428,10 @@ def _adam(
         raise ValueError(f"The 'steps' parameter must be an int >= 1. Got {steps!r} instead.")
     dev = torch.device(device) if device is not None else next(models[0].parameters()).device
     mods = {n: models[0].get_submodule(n) for n in layers}
-    flipped = {n for n in layers if is_transposed_linear(mods[n])}
     params: dict[str, list[Tensor]] = {}
     for n in layers:
         w = out[f"{n}.weight"].detach().to(dev, torch.float32)
-        w = (w.T if n in flipped else w).clone().requires_grad_(True)
+        w = _oriented(w, n in flipped).clone().requires_grad_(True)
         b = out.get(f"{n}.bias")
         params[n] = [w] + ([b.detach().to(dev, torch.float32).clone().requires_grad_(True)]
                            if b is not None and mods[n].bias is not None else [])  # fmt: skip
