@@ -252,7 +252,7 @@ def test_groups_without_hookable_sites_are_reported() -> None:
     stats = collect_statistics(spec, [model], [x])
     assert stats.unobserved == [hidden] and hidden not in stats.groups
     assert stats.count(next(iter(stats.groups))) == 4
-    with pytest.raises(ValueError, match="no module-output site"):
+    with pytest.raises(ValueError, match="no site a forward hook can observe"):
         collect_statistics(spec, [model], [x], groups=[hidden])
 
 
@@ -411,7 +411,7 @@ def test_vit_head_dim_groups_are_observed_on_qkv_slices(vit_setup) -> None:
         torch.testing.assert_close(stats.mean(g), z.mean(0), rtol=0, atol=1e-12)
         cov = torch.from_numpy(np.cov(z.numpy().T, bias=True))
         torch.testing.assert_close(stats.covariance(g), cov, rtol=1e-9, atol=1e-12)
-    with pytest.raises(ValueError, match="no module-output site"):
+    with pytest.raises(ValueError, match="no site a forward hook can observe"):
         collect_statistics(spec, models, batches, groups=[heads])
 
 
@@ -804,3 +804,25 @@ def test_pleas_matches_with_per_batch_distances() -> None:
         want = a(x)
         err = float((same(x) - want).abs().max())
     assert err <= 1e-5 * max(1.0, float(want.abs().max())), err
+
+
+def test_a_grouped_convs_factored_channels_are_explained_in_the_error() -> None:
+    """A grouped conv's channels are groups x channels per group (ResNeXt, RegNet): no module
+    outputs one factor, so the data methods say so and name the data-free ones, which merge
+    the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+    ).eval()  # fmt: skip
+    x = torch.randn(4, 3, 6, 6)
+    spec = symmerge.trace(model, x[:2])
+    factored = [g for g in spec.groups.values() if not g.sites]
+    assert factored
+    other = spec.permuted(model, spec.random_permutations(seed=1))
+    for method in ("activation", "zip"):
+        with pytest.raises(ValueError, match="grouped convolution's channels.*weight, mergemany"):
+            symmerge.merge([model, other], method, spec=spec, data=[x])
+    merged, _ = symmerge.merge([model, other], "weight", spec=spec)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(x), model(x), rtol=0, atol=1e-5)

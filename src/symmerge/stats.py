@@ -204,6 +204,27 @@ def member_sites(group: Group, model: nn.Module) -> list[HookSite]:
     return list(dict.fromkeys(outs or ins))
 
 
+def unobservable(groups: Sequence[Group]) -> str:
+    """Why hooks cannot observe ``groups`` (none has a site): names (the first four) and the
+    reason, for error messages."""
+    names = [g.name for g in groups]
+    shown = f"{names[:4]}{' ...' if len(names) > 4 else ''}"
+    factored = any(
+        len(seg.factors) > 1 for g in groups for mem in g.members for seg in mem.segments
+    )
+    why = (
+        "each is one factor of an axis that is a product of groups (such as a grouped "
+        "convolution's channels, groups x channels per group), and no module outputs a factor "
+        "alone"
+        if factored
+        else "no module outputs their units"
+    )
+    return (
+        f"groups {shown} have no site a forward hook can observe: {why}. Merge them with a "
+        "data-free method (weight, mergemany, c2m3)"
+    )
+
+
 def default_sites(group: Group) -> list[ActivationSite]:
     """Post-activation module outputs of ``group``, else its last module output (or none).
 
@@ -890,7 +911,7 @@ def collect_statistics(
     if groups is not None:
         empty = [g for g in names if not chosen[0][g]]
         if empty:
-            raise ValueError(f"groups {empty} have no module-output site a hook could observe")
+            raise ValueError(unobservable([specs[0].groups[g] for g in empty]))
     if raw_samples and torch.distributed.is_available() and torch.distributed.is_initialized():
         seed += torch.distributed.get_rank()
     observed = [g for g in names if chosen[0][g]]

@@ -326,9 +326,12 @@ def _activation_sim(
     if head:
         size = spec.groups[group].size
         return torch.zeros(size, size if sizes is None else sizes[b], dtype=torch.float64)
+    if not spec.groups[group].sites:
+        from symmerge.stats import unobservable
+
+        raise ValueError(f"activation matching: {unobservable([spec.groups[group]])}")
     raise ValueError(
-        f"no activation statistics for group {group!r} (no observable site); activation "
-        "matching cannot align it. Use weight matching, or collect statistics at other sites."
+        f"no activation statistics for group {group!r}; collect statistics of every group"
     )
 
 
