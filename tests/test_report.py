@@ -32,6 +32,7 @@ from symmerge.report import (
     provenance,
     render_markdown,
     run_report,
+    runner,
     settings_for,
     validate,
     write_report,
@@ -207,6 +208,37 @@ def _same_task_again(report: tuple[Path, dict], folder: Path, **kwargs: Any) -> 
     torch.set_num_threads(1)
     return run_report(folder, settings=["same-task"], data_root=os.environ["SYMMERGE_DATA"],
                       progress=False, command="symmerge report (test)", **kwargs)  # fmt: skip
+
+
+@needs_data
+def test_a_killed_call_keeps_its_finished_runs(
+    report: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """results.json is written after every run: a call killed mid-seed leaves its finished
+    runs (the seed not done, the document incomplete), and --resume reuses them."""
+    real, done = runner._run_or_reuse, []
+
+    def killed_on_the_third(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        if len(done) == 2:
+            raise KeyboardInterrupt  # like a kill: nothing after the last write is kept
+        done.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_run_or_reuse", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        _same_task_again(report, tmp_path)
+    saved = load_results(tmp_path / "results.json")
+    assert len(saved["runs"]) == 2 and not saved["meta"]["complete"]
+    assert saved["meta"]["seeds_done"]["same-task"] == []
+    monkeypatch.setattr(runner, "_run_or_reuse", real)
+    resumed = run_report(tmp_path, settings=["same-task"], data_root=os.environ["SYMMERGE_DATA"],
+                         progress=False, command="symmerge report (test)",
+                         resume=True)  # fmt: skip
+    assert resumed["meta"]["complete"] and resumed["meta"]["seeds_done"]["same-task"] == [0]
+    assert resumed["meta"]["reused_runs"] == sum(r["status"] == "ok" for r in saved["runs"])
+    first = {r["key"]: r for r in saved["runs"]}
+    again = [r for r in resumed["runs"] if r["key"] in first]
+    assert len(again) == 2 and all(r["metrics"] == first[r["key"]]["metrics"] for r in again)
 
 
 @needs_data

@@ -143,8 +143,9 @@ def run_report(
     """Run the report into ``output`` and return its results document.
 
     Args:
-        output: the report folder: ``results.json`` (written after every setting and seed),
-            ``checkpoints/`` (the sources, reused across calls while their key matches).
+        output: the report folder: ``results.json`` (written after every run, so a
+            killed call keeps its finished runs for --resume), ``checkpoints/`` (the sources,
+            reused across calls while their key matches).
         scale: ``"smoke"`` or ``"cpu"`` (``"paper"`` is not built yet).
         settings, methods: names to run (default: all of the scale's; methods from
             :func:`symmerge.methods.list_methods`).
@@ -280,6 +281,7 @@ def run_report(
                         record = _run_or_reuse(setting, seed, job, ctx, code, previous)
                         meta["reused_runs"] += bool(record.pop("_reused", False))
                         doc["runs"].append(record)
+                        save_in_order(doc, results)  # a killed call keeps what it finished
                         bar.update(1)
                     for p in here:
                         bar.set_postfix(run=f"{name} peer {p.name}")
