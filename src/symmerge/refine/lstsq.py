@@ -214,7 +214,7 @@ def fit_layers(
     elif solver == "closed":
         from symmerge.stats import collect_layer_products
 
-        start = {n: (_oriented(out[f"{n}.weight"], n in flipped) * masks[f"{n}.weight"],
+        start = {n: (_supported(_oriented(out[f"{n}.weight"], n in flipped), masks[f"{n}.weight"]),
                      out.get(f"{n}.bias")) for n in layers}  # fmt: skip
         products = collect_layer_products(models, data, layers, inputs=inputs, targets=goals,
                                           start=start, device=device, dtype=dtype,
@@ -270,7 +270,7 @@ def _sequential(
             run, target = [*models, merged], _on_parents(targets[name], n)
         layer = merged.get_submodule(name)
         flip = is_transposed_linear(layer)
-        weight = _oriented(layer.weight.detach(), flip) * masks[f"{name}.weight"]
+        weight = _supported(_oriented(layer.weight.detach(), flip), masks[f"{name}.weight"])
         start = {name: (weight, layer.bias)}
         products = collect_layer_products(run, batches, [name], inputs={name: own},
                                           targets={name: target}, start=start, device=device,
@@ -349,6 +349,11 @@ def _store(
         out[f"{name}.bias"] = bias.to(out[f"{name}.bias"].dtype)
 
 
+def _supported(weight: Tensor, mask: Tensor) -> Tensor:
+    """``weight`` with the entries outside its support zeroed (the start of a fit)."""
+    return weight * mask.to(weight.device)
+
+
 def _oriented(weight: Tensor, flip: bool) -> Tensor:
     """A Conv1D's ``(in, out)`` weight as ``(out, in)`` and back; other weights as they are."""
     return weight.T if flip else weight
@@ -359,8 +364,8 @@ def _solve(products: Any, name: str, mask: Tensor, ridge: float) -> tuple[Tensor
     (``products.start``) plus the correction of least norm (ridge: shrunk toward the start)."""
     if name not in products.xtx:
         raise ValueError(f"layer '{name}' saw no data; least squares needs at least one batch")
-    xtx, xty = products.xtx[name], products.xty[name]
-    theta0 = products.start.get(name, torch.zeros_like(xty))
+    xtx, xty = products.xtx[name].cpu(), products.xty[name].cpu()  # summed on any device
+    theta0 = products.start[name].to(xty) if name in products.start else torch.zeros_like(xty)
     has_bias = products.bias[name]
     cols = mask.reshape(mask.shape[0], -1).cpu()
     if has_bias:
