@@ -806,23 +806,26 @@ def test_pleas_matches_with_per_batch_distances() -> None:
     assert err <= 1e-5 * max(1.0, float(want.abs().max())), err
 
 
-def test_a_grouped_convs_factored_channels_are_explained_in_the_error() -> None:
-    """A grouped conv's channels are groups x channels per group (ResNeXt, RegNet): no module
-    outputs one factor, so the data methods say so and name the data-free ones, which merge
-    the model."""
+def test_a_grouped_convs_factored_channels_are_matched_whole() -> None:
+    """A grouped conv's input channels are groups x channels per group (ResNeXt, RegNet), one
+    channel permutation shared by all groups: no module outputs one factor, so activation
+    matching matches the product, observed whole; zip and pleas say they cannot, and name the
+    data-free methods."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
-        nn.Conv2d(8, 4, 1),
+        nn.Conv2d(3, 12, 1), nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1, groups=3), nn.ReLU(),
+        nn.Conv2d(12, 4, 1),
     ).eval()  # fmt: skip
-    x = torch.randn(4, 3, 6, 6)
+    x = torch.randn(32, 3, 6, 6)
     spec = symmerge.trace(model, x[:2])
-    factored = [g for g in spec.groups.values() if not g.sites]
-    assert factored
-    other = spec.permuted(model, spec.random_permutations(seed=1))
-    for method in ("activation", "zip"):
-        with pytest.raises(ValueError, match="grouped convolution's channels.*weight, mergemany"):
-            symmerge.merge([model, other], method, spec=spec, data=[x])
-    merged, _ = symmerge.merge([model, other], "weight", spec=spec)
+    assert any(not g.sites for g in spec.groups.values())  # the factors
+    truth = spec.random_permutations(seed=1)
+    other = spec.permuted(model, truth)
+    merged, res = symmerge.merge([model, other], "activation", spec=spec, data=[x])
+    for g, p in truth.items():
+        assert torch.equal(res.maps[g].perms[1], torch.argsort(p)), g
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(x), model(x), rtol=0, atol=1e-5)
+    for method in ("zip", "pleas"):
+        with pytest.raises(ValueError, match="grouped convolution's channels.*weight, mergemany"):
+            symmerge.merge([model, other], method, spec=spec, data=[x])

@@ -204,6 +204,37 @@ def member_sites(group: Group, model: nn.Module) -> list[HookSite]:
     return list(dict.fromkeys(outs or ins))
 
 
+def product_sites(spec: SymmetrySpec, model: nn.Module) -> dict[tuple[str, str], HookSite]:
+    """Hook sites for pairs of groups that no site observes alone but whose product does: the
+    output axis of a Linear / Conv laid out as ``(first, second)`` factors, row major (a
+    grouped convolution's channels: groups x channels per group). Matching them takes the
+    similarity of the product (:func:`symmerge.solvers.lap.solve_kronecker`)."""
+    modules = dict(model.named_modules())
+    out: dict[tuple[str, str], HookSite] = {}
+    for group in spec.groups.values():
+        if group.sites:
+            continue
+        for member in group.members:
+            name, _, leaf = member.tensor.rpartition(".")
+            module = modules.get(name) if leaf == "weight" else None
+            if isinstance(module, nn.Linear):
+                dim, out_axis = -1, 0
+            elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+                dim, out_axis = 1, 0
+            elif is_transposed_linear(module):
+                dim, out_axis = -1, 1
+            else:
+                continue
+            factors = member.segments[0].factors if len(member.segments) == 1 else ()
+            names = tuple(f.group for f in factors)
+            if member.axis != out_axis or len(names) != 2 or None in names:
+                continue
+            pair = (str(names[0]), str(names[1]))
+            if all(not spec.groups[g].sites for g in pair) and pair not in out:
+                out[pair] = hook_site(name, dim, op=type(module).__name__.lower())
+    return out
+
+
 def unobservable(groups: Sequence[Group]) -> str:
     """Why hooks cannot observe ``groups`` (none has a site): names (the first four) and the
     reason, for error messages."""

@@ -16,6 +16,7 @@ Symmetries", ICLR 2023, https://arxiv.org/abs/2209.04836
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from symmerge.solvers.coordinate import (
     merge_many,
     narrow_identity,
     solve_coordinate,
+    solve_product_coordinate,
     weight_matching,
 )
 from symmerge.solvers.lap import lap_objective
@@ -179,7 +181,8 @@ def activation(
             )
         collect = collect or _default_collect()
         extra = {} if specs is None else {"specs": specs}
-        stats = collect(spec, list(models), data, device=device, **extra)
+        seen = spec if specs is not None else _with_products(spec, models[0])
+        stats = collect(seen, list(models), data, device=device, **extra)
     t_stats = time.perf_counter() - t0
     sds = _state_dicts(models)
     if specs is not None:
@@ -190,9 +193,28 @@ def activation(
     perms: list[dict[str, torch.Tensor]] = [spec.identity_permutations()]
     objective: dict[str, float] = {}
     lap_s = 0.0
+    coords = coordinates(spec)
+    products = _observed_products(spec, stats, coords)
     for b in range(1, n):
         perms.append({})
-        for coord in coordinates(spec):
+        for coord in coords:
+            if coord[0] in products:  # a factor of an observed product: with the other
+                joint, inner = products[coord[0]]
+                if inner in perms[b]:
+                    continue
+                product = activation_similarity(stats, f"{joint[0]}*{inner}", 0, b, kind=kind,
+                                                num_models=n)  # fmt: skip
+                sims = {g: _activation_sim(spec, stats, g, b, kind, n, head=False)
+                        for g in joint[1:]}  # fmt: skip
+                t1 = time.perf_counter()
+                perms[b].update(solve_product_coordinate(spec, joint, inner, product, sims,
+                                                         backend=backend))  # fmt: skip
+                lap_s += time.perf_counter() - t1
+                both = perms[b][joint[0]][:, None] * spec.groups[inner].size + perms[b][inner]
+                objective[inner] = objective.get(inner, 0.0) + lap_objective(product, both.ravel())
+                for g in joint[1:]:
+                    objective[g] = objective.get(g, 0.0) + lap_objective(sims[g], perms[b][g])
+                continue
             sims = {
                 g: _activation_sim(spec, stats, g, b, kind, n, head=len(coord) > 1 and k == 0)
                 for k, g in enumerate(coord)
@@ -305,6 +327,40 @@ def _model_weights(
     return tuple([1.0 / n] * n)
 
 
+def _with_products(spec: SymmetrySpec, model: Any) -> SymmetrySpec:
+    """``spec`` with a group ``"first*second"`` for every product of two groups that only the
+    product observes (:func:`symmerge.stats.product_sites`), so statistics are collected there."""
+    if not isinstance(model, nn.Module):
+        return spec
+    from symmerge.spec import Group
+    from symmerge.stats import product_sites
+
+    extra = {
+        f"{a}*{b}": Group(f"{a}*{b}", spec.groups[a].size * spec.groups[b].size, sites=[site])
+        for (a, b), site in product_sites(spec, model).items()
+    }
+    return dataclasses.replace(spec, groups={**spec.groups, **extra}) if extra else spec
+
+
+def _observed_products(
+    spec: SymmetrySpec, stats: Any, coords: Sequence[tuple[str, ...]]
+) -> dict[str, tuple[tuple[str, ...], str]]:
+    """For the products ``"first*second"`` the statistics hold: each factor -> (the coordinate
+    of ``first``, ``second``), solved together (a factor in several products: the first; an
+    inner factor that steers groups of its own is left alone)."""
+    of_head = {c[0]: c for c in coords}
+    out: dict[str, tuple[tuple[str, ...], str]] = {}
+    for name in getattr(stats, "groups", None) or []:
+        first, star, second = name.partition("*")
+        if not star or first not in spec.groups or second not in spec.groups:
+            continue
+        joint = of_head.get(first)
+        if joint is None or of_head.get(second) != (second,) or first in out or second in out:
+            continue
+        out[first] = out[second] = (joint, second)
+    return out
+
+
 def _activation_sim(
     spec: SymmetrySpec,
     stats: Any,
@@ -321,7 +377,7 @@ def _activation_sim(
     that was not observed scores zero (the groups it steers decide the head permutation); any
     other unobserved group is an error."""
     collected = getattr(stats, "groups", None)
-    if spec.groups[group].sites and (collected is None or group in collected):
+    if group in collected if collected is not None else bool(spec.groups[group].sites):
         return activation_similarity(stats, group, a, b, kind=kind, num_models=n, sizes=sizes)
     if head:
         size = spec.groups[group].size
@@ -329,7 +385,7 @@ def _activation_sim(
     if not spec.groups[group].sites:
         from symmerge.stats import unobservable
 
-        raise ValueError(f"activation matching: {unobservable([spec.groups[group]])}")
+        raise ValueError(unobservable([spec.groups[group]]))
     raise ValueError(
         f"no activation statistics for group {group!r}; collect statistics of every group"
     )

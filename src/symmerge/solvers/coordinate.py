@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from symmerge.similarity import DEFAULT_IGNORE, WeightSimilarity, mix
-from symmerge.solvers.lap import lap_objective, solve_lap, solve_shared_blocks
+from symmerge.solvers.lap import lap_objective, solve_kronecker, solve_lap, solve_shared_blocks
 from symmerge.spec import SymmetrySpec
 
 __all__ = [
@@ -106,6 +106,44 @@ def solve_coordinate(
         [sims[g] for g in steered], blocks, block_similarity=sims.get(head), backend=backend
     )
     return {head: block_perm, **dict(zip(steered, perms, strict=True))}
+
+
+def solve_product_coordinate(
+    spec: SymmetrySpec,
+    coordinate: Sequence[str],
+    inner: str,
+    product: torch.Tensor,
+    sims: Mapping[str, torch.Tensor],
+    *,
+    max_iter: int = 50,
+    backend: str = "scipy",
+) -> dict[str, torch.Tensor]:
+    """Permutations of a coordinate whose head also is the outer factor of a product axis
+    ``(head, inner)`` observed as a whole (``product``: its similarity; a grouped conv's
+    channels, groups x channels per group), and of ``inner``, shared by every block.
+
+    Starts from :func:`symmerge.solvers.lap.solve_kronecker` on the product alone, then
+    alternates: the head (with the groups it steers, ``sims``) given ``inner``, each block
+    pair scored by the product's units under ``inner``; then ``inner`` given the head.
+    """
+    head = coordinate[0]
+    blocks, width = spec.groups[head].size, spec.groups[inner].size
+    pairs = product.double().cpu().reshape(blocks, width, blocks, width)
+    p, q = solve_kronecker(product, blocks, backend=backend)
+    out: dict[str, torch.Tensor] = {}
+    for _ in range(max_iter):
+        score = pairs[:, torch.arange(width), :, q].sum(0)  # (blocks, blocks) under q
+        if len(coordinate) > 1:
+            out = solve_coordinate(spec, coordinate, {**sims, head: score}, backend=backend)
+            p_new = out[head]
+        else:
+            p_new = solve_lap(score, backend=backend)
+        q_new = solve_lap(pairs[torch.arange(blocks), :, p_new, :].sum(0), backend=backend)
+        done = torch.equal(p_new, p) and torch.equal(q_new, q)
+        p, q = p_new, q_new
+        if done:
+            break
+    return {**out, head: p, inner: q}
 
 
 def coordinate_descent(

@@ -22,6 +22,7 @@ __all__ = [
     "BACKENDS",
     "centre_prices",
     "lap_objective",
+    "solve_kronecker",
     "solve_lap",
     "solve_shared_blocks",
     "warm_lap",
@@ -171,6 +172,39 @@ def solve_shared_blocks(
         for inner, cost in zip(inners, costs, strict=True)
     ]
     return torch.from_numpy(block_of), perms
+
+
+def solve_kronecker(
+    C: torch.Tensor | np.ndarray,
+    blocks: int,
+    *,
+    max_iter: int = 50,
+    backend: str = "scipy",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block and inner permutations ``(p, q)`` of a product axis (``blocks`` x width, row
+    major) maximising ``sum_{b,i} C[b*w + i, p[b]*w + q[i]]``: one inner permutation shared by
+    every block, as a grouped convolution's channels (groups x channels per group) allow.
+
+    Not a LAP: the blocks are paired first as if each pair could permute its units its own
+    way (:func:`solve_lap` with ``blocks``), then ``q`` and ``p`` are improved in turn, each
+    an exact LAP given the other, until neither changes (a local optimum).
+    """
+    cost = _as_numpy(C)
+    n = cost.shape[0]
+    if cost.shape != (n, n) or n % blocks:
+        raise ValueError(f"solve_kronecker needs a square matrix whose size is a multiple of "
+                         f"blocks={blocks}; got shape {cost.shape}")  # fmt: skip
+    w = n // blocks
+    pairs = cost.reshape(blocks, w, blocks, w)
+    p = _solve_blocked(cost, blocks, True, backend).reshape(blocks, w)[:, 0] // w
+    q = np.full(w, -1)
+    for _ in range(max_iter):
+        q_new = _solve(pairs[np.arange(blocks), :, p, :].sum(0), True, backend)  # (G, w, w)
+        p_new = _solve(pairs[:, np.arange(w), :, q_new].sum(0), True, backend)  # (w, G, G)
+        if np.array_equal(q_new, q) and np.array_equal(p_new, p):
+            break
+        p, q = p_new, q_new
+    return torch.from_numpy(p), torch.from_numpy(q)
 
 
 def _solve_blocked(cost: np.ndarray, blocks: int, maximize: bool, backend: str) -> np.ndarray:
