@@ -164,6 +164,18 @@ def _observable(site: ActivationSite) -> bool:
     return site.module_output or getattr(site, "at_input", False)
 
 
+def _weight_layout(module: nn.Module | None) -> tuple[int, int] | None:
+    """``(units axis of the output, output axis of the weight)`` of a Linear, a conv or a
+    Hugging Face ``Conv1D`` (weight stored ``(in, out)``); ``None`` for other modules."""
+    if isinstance(module, nn.Linear):
+        return -1, 0
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        return 1, 0
+    if is_transposed_linear(module):
+        return -1, 1
+    return None
+
+
 def member_sites(group: Group, model: nn.Module) -> list[HookSite]:
     """Sites of ``group`` read off its Linear/Conv weight members (also Hugging Face's
     ``Conv1D``), for groups that no module returns whole (the q/k and v/o head dims of a
@@ -181,16 +193,11 @@ def member_sites(group: Group, model: nn.Module) -> list[HookSite]:
     for member in group.members:
         name, _, leaf = member.tensor.rpartition(".")
         module = modules.get(name) if leaf == "weight" else None
-        out_axis = 0
-        if isinstance(module, nn.Linear):
-            dim = -1
-        elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-            dim = 1
-        elif is_transposed_linear(module):
-            dim, out_axis = -1, 1
-        else:
+        layout = _weight_layout(module)
+        if layout is None:
             continue
         assert module is not None
+        dim, out_axis = layout
         at_input = member.axis == 1 - out_axis and member.role == "in"
         if not (member.axis == out_axis or (at_input and getattr(module, "groups", 1) == 1)):
             continue
@@ -217,14 +224,10 @@ def product_sites(spec: SymmetrySpec, model: nn.Module) -> dict[tuple[str, str],
         for member in group.members:
             name, _, leaf = member.tensor.rpartition(".")
             module = modules.get(name) if leaf == "weight" else None
-            if isinstance(module, nn.Linear):
-                dim, out_axis = -1, 0
-            elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-                dim, out_axis = 1, 0
-            elif is_transposed_linear(module):
-                dim, out_axis = -1, 1
-            else:
+            layout = _weight_layout(module)
+            if layout is None:
                 continue
+            dim, out_axis = layout
             factors = member.segments[0].factors if len(member.segments) == 1 else ()
             names = tuple(f.group for f in factors)
             if member.axis != out_axis or len(names) != 2 or None in names:

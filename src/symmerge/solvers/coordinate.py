@@ -128,16 +128,15 @@ def solve_product_coordinate(
     """
     head = coordinate[0]
     blocks, width = spec.groups[head].size, spec.groups[inner].size
-    pairs = product.double().cpu().reshape(blocks, width, blocks, width)
     p, q = solve_kronecker(product, blocks, backend=backend)
+    if len(coordinate) == 1:  # nothing steered: the product alone decides
+        return {head: p, inner: q}
+    pairs = product.double().cpu().reshape(blocks, width, blocks, width)
     out: dict[str, torch.Tensor] = {}
     for _ in range(max_iter):
         score = pairs[:, torch.arange(width), :, q].sum(0)  # (blocks, blocks) under q
-        if len(coordinate) > 1:
-            out = solve_coordinate(spec, coordinate, {**sims, head: score}, backend=backend)
-            p_new = out[head]
-        else:
-            p_new = solve_lap(score, backend=backend)
+        out = solve_coordinate(spec, coordinate, {**sims, head: score}, backend=backend)
+        p_new = out[head]
         q_new = solve_lap(pairs[torch.arange(blocks), :, p_new, :].sum(0), backend=backend)
         done = torch.equal(p_new, p) and torch.equal(q_new, q)
         p, q = p_new, q_new
