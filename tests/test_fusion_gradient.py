@@ -109,6 +109,52 @@ def test_run_until_reproduces_the_models_intermediate_outputs(key: str) -> None:
         torch.testing.assert_close(runs[-1][1], model(x), rtol=0, atol=0)
 
 
+class _GatedMLP(nn.Module):
+    """SwiGLU: gate and value read the same input; their product feeds the down projection."""
+
+    input_shape = (6,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.value = nn.Linear(6, 12, bias=False), nn.Linear(6, 12, bias=False)
+        self.down, self.head = nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.silu(self.gate(x)) * self.value(x)
+        return self.head(torch.relu(self.down(h)))
+
+
+class _Concat(nn.Module):
+    """Two convs on the input, concatenated, normalised, then one conv reads both."""
+
+    input_shape = (3, 6, 6)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 5, 3, padding=1)
+        self.norm, self.c, self.head = nn.BatchNorm2d(9), nn.Conv2d(9, 6, 3), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.relu(self.norm(torch.cat([self.a(x), self.b(x)], 1)))
+        return self.head(nn.functional.relu(self.c(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("cls", [_GatedMLP, _Concat])
+def test_parallel_branches_share_a_level_and_fuse_back(cls: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = cls().eval()
+    _jitter_(model, 0)
+    found = levels(model, _spec(model))
+    first = found[0]  # both branches, and the layer that reads what they make together
+    assert set(first.layers) == ({"gate", "value"} if cls is _GatedMLP else {"a", "b", "c"})
+    assert [lv.layers for lv in found[1:]] == ([("down",), ("head",)] if cls is _GatedMLP
+                                               else [("head",)])  # fmt: skip
+    data = _data(model, 128)
+    fused, res = merge(_copies(model, 1), "kf-gradient", data=data, epochs=2, patience=1)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(data[0]), model(data[0]), rtol=1e-4, atol=1e-4)
+
+
 # ---- kf-gradient ----------------------------------------------------------------------------
 
 

@@ -2,8 +2,10 @@
 neuron-interpolation fusion fits one after another (algorithms.md §5(b)).
 
 Rule: taking the Linear / Conv layers in forward order, a level ends after a layer when no
-later layer reads or writes a group written up to it other than that layer's own output group,
-and every other module with parameters (a norm) joins the level of the layer called before it.
+later layer reads or writes a group written up to it other than that layer's own output group
+and the next layer reads that group (so parallel branches, such as SwiGLU's gate and value or
+the inputs of a concatenation, share a level), and every other module with parameters (a norm)
+joins the level of the layer called before it.
 
 So an MLP or a VGG has one level per layer (with its norm), the head last; in a ResNet the stem
 is a level and every residual block is one, because its skip keeps the stream alive past its
@@ -142,7 +144,10 @@ def levels(
     for i, layer in enumerate(layers):
         before = set().union(*(writes[n] for n in layers[: i + 1])) - writes[layer]
         later = set().union(*(reads[n] | writes[n] for n in layers[i + 1 :]))
-        if not before & later:
+        # a parallel branch (SwiGLU's gate, one input of a concatenation) does not feed the
+        # next layer: its output meets the others' later, so it stays in their level
+        feeds = i + 1 == len(layers) or not writes[layer] or writes[layer] & reads[layers[i + 1]]
+        if not before & later and feeds:
             cuts.append(i)
     level_of: dict[str, int] = {}
     start = 0
