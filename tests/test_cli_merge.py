@@ -182,3 +182,22 @@ def test_pleas_block_sparse_checkpoint_reloads_with_the_budgeted_compute(tmp_pat
     bad = tmp_path / "bad.safetensors"
     code, text = _run("merge", *common, "-p", "budget=2.5", "-o", str(bad))
     assert code != 0 and "budget" in text and not bad.exists()
+
+
+@pytest.mark.parametrize(
+    ("param", "wants"),
+    [
+        ("steps=abc", "takes steps as int | none; got 'abc'"),
+        ("lr=true", "takes lr as float; got 'true'"),
+        ("keep=3", "takes keep as str; got '3'"),
+        ("init=sinkhorn", "takes init as Mapping (from Python only) | none"),
+        ("finetune=x", "takes finetune as int; got 'x'"),
+    ],
+)
+def test_a_param_of_the_wrong_type_is_a_usage_error(tmp_path: Path, param: str, wants: str) -> None:
+    a, b = _ckpt(tmp_path / "a.safetensors", 0), _ckpt(tmp_path / "b.safetensors", 1)
+    out = tmp_path / "ab.safetensors"
+    code, text = _run("merge", str(a), str(b), "-m", "ste", "-p", param, "--data", "mnist",
+                      "--data-samples", "50", "-o", str(out))  # fmt: skip
+    assert code == 2 and wants in " ".join(text.split()), text
+    assert not out.exists()

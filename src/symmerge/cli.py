@@ -1186,13 +1186,16 @@ def _class_counts(method: str, metas: Sequence[dict], given: dict[str, Any]) -> 
 
 def _params(items: Sequence[str], method: str) -> dict[str, Any]:
     """``KEY=VALUE`` strings -> keywords of ``method``: ints, floats, true/false/none, else
-    strings. Keys the method does not take are a usage error (listing the ones it does)."""
+    strings. Keys the method does not take, and values its type hints rule out, are usage
+    errors (listing the keys it takes, or the type it wants)."""
     import inspect
+    import typing
 
     from symmerge.methods import get_method
 
     fixed = {"spec", "models", "data", "lam", "seed"}  # set by merge itself
     accepted = [k for k in inspect.signature(get_method(method)).parameters if k not in fixed]
+    hints = typing.get_type_hints(get_method(method))
     accepted.append("finetune")  # merge's own: epochs of training on --data after the merge
     out: dict[str, Any] = {}
     for item in items:
@@ -1215,8 +1218,52 @@ def _params(items: Sequence[str], method: str) -> dict[str, Any]:
                 f"method '{method}' takes no {key.strip()!r}; it takes: {', '.join(accepted)}",
                 param_hint="--param",
             )
+        hint = hints.get(key.strip(), Any) if key.strip() != "finetune" else int
+        if not _fits(value, hint):
+            raise click.BadParameter(
+                f"method '{method}' takes {key.strip()} as {_hint_text(hint)}; got {text!r}",
+                param_hint="--param",
+            )
         out[key.strip()] = value
     return out
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a converted ``-p`` value (a number, bool, ``None`` or string) can be of type
+    ``hint``."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return hint is Any  # a mapping, sequence, callable or tensor: only the Python API gives one
+
+
+def _hint_text(hint: Any) -> str:
+    """A type hint as a user reads it: ``int | None``, ``float``, ``'a' | 'b'``."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_hint_text(h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "none"
+    name = getattr(typing.get_origin(hint) or hint, "__name__", str(hint))
+    return name if hint in (bool, int, float, str) else f"{name} (from Python only)"
 
 
 class _Phases:
