@@ -82,3 +82,41 @@ def test_renormalising_leaves_the_methods_weights_in_the_result() -> None:
         assert torch.equal(result.state_dict[k], v), k
     assert any(not torch.equal(t, plain.state_dict[k])
                for k, t in repaired.state_dict().items())  # fmt: skip
+
+
+class _HalfNet(nn.Module):
+    input_shape = (3, 8, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc, self.head = nn.Linear(8, 12), nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.norm(self.conv(x))).mean((2, 3))
+        return self.head(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("method", ["activation", "zip", "pleas", "ste", "kf-gradient", "otfusion"])
+def test_bfloat16_models_merge_on_float32_data(method: str) -> None:
+    """Data comes as float32 images whatever the models' dtype; STE's proxy trains in float32."""
+    import symmerge
+
+    torch.manual_seed(0)
+    model = _HalfNet().eval()
+    model.norm.running_var.uniform_(0.5, 2.0)
+    spec = symmerge.trace(model, (torch.randn(2, 3, 8, 8),))
+    copy = spec.permuted(model, spec.random_permutations(seed=1)).eval()
+    model, copy = model.bfloat16(), copy.bfloat16()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g))
+            for _ in range(3)]  # fmt: skip
+    kw = {"steps": 3} if method == "ste" else {"epochs": 1} if method == "kf-gradient" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BatchNormStatsWarning)
+        merged, _ = merge([model, copy], method, data=data, renorm="repair", **kw)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    x = data[0][0].bfloat16()
+    with torch.no_grad():
+        want, got = model(x).float(), merged(x).float()
+    assert (got - want).norm() / want.norm() < 2e-2  # bfloat16 round-off (REPAIR's statistics)

@@ -416,8 +416,9 @@ def trace_model(model: nn.Module, example_inputs: Any = None) -> SymmetrySpec:
     """``model``'s symmetry spec, traced on ``example_inputs`` (default: random inputs of the
     model's ``input_shape``), as :func:`merge` traces it."""
     if example_inputs is None:
-        shape = getattr(model, "input_shape", None)
-        if shape is None:
+        from symmerge.stats import shape_inputs
+
+        example_inputs = shape_inputs(model)
+        if example_inputs is None:
             raise ValueError("pass example_inputs= or spec= (the model has no input_shape)")
-        example_inputs = (torch.randn(2, *shape),)
     return trace(model, example_inputs)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from symmerge.groupmap import GroupMap, _model_weights
 from symmerge.progress import progress_bar
-from symmerge.stats import _eval_on, _first_device, model_inputs
+from symmerge.stats import _eval_on, _first_device, float_dtype, model_inputs
 
 __all__ = ["repair", "reset_bn"]
 
@@ -89,7 +89,7 @@ def reset_bn(
             seen = 0
             with torch.no_grad():
                 for batch in _progress(batches, progress, "reset BN"):
-                    args, kwargs = model_inputs(batch, dev)
+                    args, kwargs = model_inputs(batch, dev, float_dtype(model))
                     model(*args, **kwargs)
                     seen += 1
         finally:
@@ -172,7 +172,7 @@ def _find_points(model: nn.Module, batch: Any, device: torch.device, spec: Any) 
     if spec is None:
         from symmerge.spec import trace
 
-        args, kwargs = model_inputs(batch, device)
+        args, kwargs = model_inputs(batch, device, float_dtype(model))
         spec = trace(model, args, example_kwargs=kwargs or None)
     dims: dict[str, tuple[int, str]] = {}  # module -> (unit dim, group)
     layers: list[str] = []
@@ -209,7 +209,7 @@ def _find_points(model: nn.Module, batch: Any, device: torch.device, spec: Any) 
             handles.append(mod.register_forward_pre_hook(pre))
     try:
         with _eval_on([model], device), torch.no_grad():
-            args, kwargs = model_inputs(batch, device)
+            args, kwargs = model_inputs(batch, device, float_dtype(model))
             model(*args, **kwargs)
     finally:
         for h in handles:
@@ -247,7 +247,7 @@ def _run(
     try:
         with torch.no_grad():
             for batch in _progress(batches, progress, desc):
-                args, kwargs = model_inputs(batch, device)
+                args, kwargs = model_inputs(batch, device, float_dtype(model))
                 try:
                     model(*args, **kwargs)
                 except _Stop:
@@ -335,7 +335,7 @@ def _goal_statistics(
         try:
             with torch.no_grad():
                 for batch in _progress(batches, progress, "REPAIR endpoints"):
-                    args, kwargs = model_inputs(batch, device)
+                    args, kwargs = model_inputs(batch, device, float_dtype(endpoints[0]))
                     for e in endpoints:
                         e(*args, **kwargs)
         finally:

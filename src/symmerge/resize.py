@@ -448,14 +448,9 @@ def _update_ints(
 def _example_inputs(model: nn.Module, example_inputs: Any) -> tuple | None:
     if example_inputs is not None:
         return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    shape = getattr(model, "input_shape", None)
-    if shape is None:
-        return None
-    p = next(model.parameters(), None)
-    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    device = p.device if p is not None else None
-    gen = torch.Generator().manual_seed(0)
-    return (torch.randn(2, *shape, generator=gen, dtype=dtype).to(device),)
+    from symmerge.stats import shape_inputs
+
+    return shape_inputs(model)
 
 
 @contextmanager

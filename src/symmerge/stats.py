@@ -300,15 +300,23 @@ def _resolve_sites(group: Group, choice: SiteChoice, model: nn.Module) -> list[A
     return sites
 
 
-def model_inputs(batch: Any, device: torch.device | None = None) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` to call a model on ``batch``, moved to ``device``.
+def model_inputs(
+    batch: Any, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` to call a model on ``batch``, moved to ``device``, floating-point
+    tensors cast to ``dtype`` (the model's: float32 images feed a bfloat16 model; token ids
+    stay integers).
 
     A tensor is the input; a tuple or list is ``(inputs, labels, ...)`` and only its first
     element is passed (labels are ignored); a mapping is passed as keyword arguments.
     """
 
     def move(x: Any) -> Any:
-        return x.to(device, non_blocking=True) if torch.is_tensor(x) and device else x
+        if not torch.is_tensor(x):
+            return x
+        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)
+        return x.to(device, non_blocking=True) if device else x
 
     if torch.is_tensor(batch):
         return (move(batch),), {}
@@ -320,6 +328,27 @@ def model_inputs(batch: Any, device: torch.device | None = None) -> tuple[tuple,
         f"a batch must be a tensor, a non-empty (inputs, labels) tuple or a mapping of model "
         f"keyword inputs; got {type(batch).__name__}"
     )
+
+
+def float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (or buffer): what its inputs
+    are cast to; ``None`` when it has none."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def shape_inputs(model: nn.Module, n: int = 2, seed: int = 0) -> tuple[torch.Tensor] | None:
+    """``n`` standard-normal inputs of ``model.input_shape`` (seeded), in the model's float dtype
+    and on its device: the example a model with a declared input shape is traced or run on
+    when none is given. ``None`` when the model declares no ``input_shape``."""
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=gen, dtype=float_dtype(model) or torch.float32)
+    return (x.to(_first_device(model)),)
 
 
 def _first_device(model: nn.Module) -> torch.device:
@@ -754,7 +783,7 @@ class _Collector:
         )
 
     def run(self, batch: Any) -> None:
-        args, kwargs = model_inputs(batch, self.device)
+        args, kwargs = model_inputs(batch, self.device, float_dtype(self.models[0]))
         for entry in self.plan:
             entry.written = 0
         for m, model in enumerate(self.models):
@@ -1190,7 +1219,7 @@ def layer_io(
         try:
             it = progress_bar(batches, desc="layer inputs", unit="batch", enabled=progress)
             for batch in it:
-                args, kwargs = model_inputs(batch, dev)
+                args, kwargs = model_inputs(batch, dev, float_dtype(models[0]))
                 seen.update({name: [None] * len(models) for name in layers})
                 for m, model in enumerate(models):
                     current = m

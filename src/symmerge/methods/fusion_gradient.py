@@ -150,7 +150,7 @@ def kf_gradient(
                                      class_counts, len(models), _NAME)  # fmt: skip
     t1 = time.perf_counter()
     from symmerge.merging import build_model
-    from symmerge.stats import _eval_on, _first_device
+    from symmerge.stats import _eval_on, _first_device, float_dtype, model_inputs
 
     home = _first_device(models[0])
     dev = torch.device(device) if device is not None else home
@@ -158,7 +158,7 @@ def kf_gradient(
                              grouped.maps)  # fmt: skip
     fused = build_model(models[0], spec, grouped.maps, {k: v.clone() for k, v in start.items()})
     fused = fused.to(dev).eval()
-    x = x.to(dev)
+    x = model_inputs(x, dev, float_dtype(models[0]))[0][0]
     with _eval_on(models, dev):
         found = levels(models[0], spec, (x[:2],))
     fits: list[LevelFit] = []

@@ -248,18 +248,18 @@ def _ratios(
 
 def _example(model: nn.Module, data: Iterable[Any] | None) -> tuple[Any, ...]:
     """One example input: the first sample of ``data``, else one of ``model.input_shape``."""
-    from symmerge.stats import _first_device, model_inputs
+    from symmerge.stats import _first_device, float_dtype, model_inputs, shape_inputs
 
     dev = _first_device(model)
     if data is not None and iter(data) is not data:
-        args, kwargs = model_inputs(next(iter(data)), dev)
+        args, kwargs = model_inputs(next(iter(data)), dev, float_dtype(model))
         if kwargs:
             raise ValueError("pleas measures compute on positional inputs only")
         return tuple(a[:1] if isinstance(a, torch.Tensor) else a for a in args)
-    shape = getattr(model, "input_shape", None)
-    if shape is None:
+    example = shape_inputs(model, 1)
+    if example is None:
         raise ValueError("pleas needs re-iterable data= or model.input_shape to count compute")
-    return (torch.randn(1, *shape, device=dev),)
+    return example
 
 
 def _pair_scores(

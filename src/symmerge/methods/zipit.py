@@ -164,17 +164,17 @@ def _check_blocks(spec: SymmetrySpec, models: Models, data: Iterable[Any] | None
     attention heads), which equal widths do not show: the other models are traced on a batch
     of 2 of ``model.input_shape`` (else on the first batch of a re-iterable ``data``)."""
     from symmerge.spec import trace
-    from symmerge.stats import _first_device, model_inputs
+    from symmerge.stats import _first_device, float_dtype, model_inputs, shape_inputs
 
     blocked = {g: grp.blocks for g, grp in spec.groups.items() if grp.blocks}
     if not blocked or not all(isinstance(m, nn.Module) for m in models):
         return
     for m, model in enumerate(models[1:], 1):
-        dev, shape = _first_device(model), getattr(model, "input_shape", None)
-        if shape is not None:
-            args, kwargs = (torch.randn(2, *shape, device=dev),), {}
+        dev, example = _first_device(model), shape_inputs(model)
+        if example is not None:
+            args, kwargs = example, {}
         elif data is not None and iter(data) is not data:  # peeking must not consume it
-            args, kwargs = model_inputs(next(iter(data)), dev)
+            args, kwargs = model_inputs(next(iter(data)), dev, float_dtype(model))
         else:
             return
         groups = trace(model, args, example_kwargs=kwargs or None).groups

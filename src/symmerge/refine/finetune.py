@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from symmerge.stats import model_inputs
+from symmerge.stats import float_dtype, model_inputs
 
 __all__ = ["finetune"]
 
@@ -52,7 +52,7 @@ def finetune(
         for _ in range(epochs):
             total, seen = 0.0, 0
             for k in torch.randperm(len(batches), generator=gen).tolist():
-                args, kwargs = model_inputs(batches[k], device)
+                args, kwargs = model_inputs(batches[k], device, float_dtype(model))
                 labels = batches[k][1].to(device)
                 loss = F.cross_entropy(model(*args, **kwargs), labels)
                 opt.zero_grad()

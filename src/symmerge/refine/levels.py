@@ -119,11 +119,11 @@ def levels(
         ValueError: the model has no Linear / Conv layer, or no inputs to run it.
     """
     if example_inputs is None:
-        shape = getattr(model, "input_shape", None)
-        if shape is None:
+        from symmerge.stats import shape_inputs
+
+        example_inputs = shape_inputs(model)
+        if example_inputs is None:
             raise ValueError("pass example_inputs= (the model has no input_shape)")
-        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-        example_inputs = (torch.zeros(2, *shape, device=dev),)
     calls = _calls(model, example_inputs)
     mods = dict(model.named_modules())
     first: dict[str, int] = {}

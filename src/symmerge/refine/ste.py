@@ -241,8 +241,12 @@ def ste_refine(
     if max_sweeps < 1:
         raise ValueError(f"The 'max_sweeps' parameter of ste must be >= 1. Got {max_sweeps!r}.")
     device = _model_device(model)
+    upcast = any(p.dtype in _HALF for p in model.parameters())
+    if upcast:  # the proxy's gradient steps are float32: so are the midpoint and its inputs
+        model = copy.deepcopy(model).float()
     state_a = {k: v.detach() for k, v in model.state_dict().items()}
-    state_b = {k: torch.as_tensor(v).detach().to(device) for k, v in state_b.items()}
+    state_b = {k: _float32(torch.as_tensor(v).detach().to(device)) if upcast else
+               torch.as_tensor(v).detach().to(device) for k, v in state_b.items()}  # fmt: skip
     if set(state_b) != set(state_a):
         diff = sorted(set(state_a) ^ set(state_b))[:5]
         raise ValueError(f"state_b does not fit the model: keys differ ({diff})")
@@ -286,6 +290,7 @@ def ste_refine(
     with _forward_mode(model, bn):
         for step, batch in enumerate(feed.batches(epochs, steps)):
             x, y = _split(batch, device)
+            x = _float32(x) if upcast else x
             t0 = _now(device)
             start_perms = perms
             detached = {k: v.detach() for k, v in theta.items()}
@@ -539,12 +544,17 @@ def _proxy_keys(spec: SymmetrySpec, state: Mapping[str, Tensor]) -> list[str]:
     return sorted(k for k in names if state[k].is_floating_point())
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _float32(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is in a half type (other tensors as they are)."""
+    return t.float() if t.dtype in _HALF else t
+
+
 def _trainable(t: Tensor) -> Tensor:
     """A proxy leaf: a copy, in float32 when the weights are in a half type."""
-    t = t.detach().clone()
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    return t.requires_grad_(True)
+    return _float32(t.detach().clone()).requires_grad_(True)
 
 
 def _model_device(model: nn.Module) -> torch.device:
