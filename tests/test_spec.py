@@ -186,6 +186,69 @@ def test_bilinear_and_two_inputs() -> None:
     assert sorted(g.size for g in spec.groups.values()) == [5, 6, 7]
 
 
+class _WeightNormed(nn.Module):
+    """torch's weight_norm parametrization (w = g v / |v|) on a hidden and on a conv layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        wn = nn.utils.parametrizations.weight_norm
+        self.conv, self.fc = wn(nn.Conv2d(3, 8, 3)), wn(nn.Linear(8, 12))
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        return self.head(torch.relu(self.fc(h)))
+
+
+def test_weight_norm_parametrizations_are_traced_and_merged_back() -> None:
+    from symmerge.merging import merge
+
+    model = _WeightNormed().eval()
+    x = torch.randn(4, 3, 6, 6)
+    spec = _check(model, x)
+    assert sorted(g.size for g in spec.groups.values()) == [8, 12]
+    assert any(m.tensor == "fc.parametrizations.weight.original0" for m in spec.members())
+    copy_ = spec.permuted(model, spec.random_permutations(seed=1))
+    merged, _ = merge([model, copy_], "weight", example_inputs=(x,))
+    torch.testing.assert_close(merged(x), model(x), rtol=0, atol=1e-6)
+
+
+class _Decoder(nn.Module):
+    """A small U-Net-like decoder: a GLU over channels, a pixel shuffle and unshuffle,
+    bilinear and nearest upsampling, and a skip concatenated after resampling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)  # GLU halves: 8 channels
+        self.down = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.sub = nn.Conv2d(12, 20, 1)  # pixel shuffle by 2: 5 channels of 4 offsets
+        self.fuse = nn.Conv2d(5 + 8, 6, 3, padding=1)
+        self.head = nn.Linear(6 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = nn.functional.glu(self.stem(x), dim=1)
+        h = torch.relu(self.down(skip))
+        h = nn.functional.interpolate(h, scale_factor=2.0, mode="bilinear")
+        h = nn.functional.pixel_shuffle(torch.relu(self.sub(h)), 2)
+        h = nn.functional.interpolate(h, size=skip.shape[-2:], mode="nearest")
+        h = torch.relu(self.fuse(torch.cat([h, skip], 1)))
+        return self.head(nn.functional.pixel_unshuffle(h, 4).mean((2, 3)))
+
+
+def test_resampling_pixel_shuffles_and_glu_keep_their_channels_free() -> None:
+    from symmerge.merging import merge
+
+    model = _Decoder().eval()
+    x = torch.randn(4, 3, 8, 8)
+    spec = _check(model, x)
+    # glu's 8 channels (both halves move together), down's 12 (through the upsampling), the
+    # 5 shuffled channels (blocks of 4 offsets), fuse's 6 (through the unshuffle)
+    assert sorted(g.size for g in spec.groups.values()) == [5, 6, 8, 12]
+    copy_ = spec.permuted(model, spec.random_permutations(seed=1))
+    merged, _ = merge([model, copy_], "weight", example_inputs=(x,))
+    torch.testing.assert_close(merged(x), model(x), rtol=0, atol=1e-6)
+
+
 class _Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()

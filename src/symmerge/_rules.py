@@ -40,10 +40,8 @@ _FREEZE_ALL = {
     "item", "_local_scalar_dense",
     "index_put", "scatter", "scatter_add", "scatter_reduce", "index_add", "masked_scatter",
     "gather", "take_along_dim", "repeat_interleave", "tril", "triu", "diagonal", "diag",
-    "diag_embed", "fft_fft", "fft_rfft", "fft_ifft", "fft_irfft", "interpolate",
-    "upsample_nearest2d",
-    "upsample_bilinear2d", "grid_sampler", "grid_sampler_2d", "pixel_shuffle", "pixel_unshuffle",
-    "im2col", "col2im", "unfold", "max_unpool2d",
+    "diag_embed", "fft_fft", "fft_rfft", "fft_ifft", "fft_irfft", "grid_sampler",
+    "grid_sampler_2d", "im2col", "col2im", "unfold", "max_unpool2d",
 }  # fmt: skip
 
 
@@ -292,7 +290,9 @@ _POINTWISE_UNTAGGED = """
     masked_fill lerp addcmul addcdiv where fill __and__ __or__ __xor__ __invert__ __lshift__
     __rshift__ logical_and logical_or logical_xor logical_not bitwise_and bitwise_or bitwise_xor
     bitwise_not eq ne lt le gt ge isnan isinf isfinite sign floor_divide remainder fmod
-""".split()
+    _weight_norm
+""".split()  # _weight_norm(v, g, dim) = g v / |v|: g broadcast against v, and the norm
+# (over the axes other than dim) is blind to permutations of the axes it reduces
 for _name in _POINTWISE_UNTAGGED:
     register_op_rule(_name, pointwise)
 
@@ -580,7 +580,12 @@ def _group_norm(ctx: RuleContext) -> Any:
 @_rule("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
        "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
        "adaptive_max_pool1d", "adaptive_max_pool2d", "_adaptive_avg_pool2d",
-       "max_pool2d_with_indices", "lp_pool2d")  # fmt: skip
+       "max_pool2d_with_indices", "lp_pool2d",
+       # resampling acts on the spatial axes alone, as pooling does (U-Nets, FPNs, decoders)
+       "interpolate", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+       "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d",
+       "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d",
+       "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa")  # fmt: skip
 def _pool(ctx: RuleContext) -> Any:
     x = ctx.dims(ctx.arg(0))
     shapes = _out_shapes(ctx.node)
@@ -888,6 +893,40 @@ def _split(ctx: RuleContext) -> tuple[Dims, ...]:
         pos += sh[d]
         outs.append(y)
     return tuple(outs)
+
+
+@_rule("glu")
+def _glu(ctx: RuleContext) -> Dims:
+    """``glu(x, dim) = a * sigmoid(b)`` for the halves ``a, b`` of ``dim``: unit i of the
+    output pairs unit i of each half, so both halves move with it."""
+    x = list(ctx.dims(ctx.arg(0)))
+    d = _norm_dim(ctx.arg(1, "dim", -1), len(x))
+    n = ctx.table.term_size(x[d]) // 2
+    a, b = ctx.slice_of(x[d], 0, n), ctx.slice_of(x[d], n, 2 * n)
+    ctx.unify(a, b)
+    x[d] = a
+    return x
+
+
+@_rule("pixel_shuffle", "pixel_unshuffle")
+def _pixel_shuffle(ctx: RuleContext) -> Dims:
+    """``(.., C r^2, H, W) <-> (.., C, H r, W r)``: channel ``c r^2 + k`` is channel ``c`` at
+    spatial offset ``k``, so the C channels permute (each with its r^2 block) and the rest,
+    which moves into space or out of it, is frozen."""
+    x, shape = ctx.dims(ctx.arg(0)), ctx.shape(ctx.arg(0))
+    r = int(ctx.arg(1))
+    lead, (c, h, w) = shape[:-3], shape[-3:]
+    why = "spatial offset of a pixel shuffle"
+    if _op_name(ctx.node.target) == "pixel_shuffle":
+        split = reshape_dims(ctx, x[:-3] + [x[-3]], (*lead, c // (r * r), r, r))
+        for t in (*split[-2:], *x[-2:]):
+            ctx.freeze(t, why)
+        return split[:-2] + [ctx.fresh(h * r, why), ctx.fresh(w * r, why)]
+    for t in x[-2:]:
+        ctx.freeze(t, why)
+    blocks = x[:-2] + [ctx.fresh(r, why), ctx.fresh(r, why)]
+    return reshape_dims(ctx, blocks, (*lead, c * r * r)) + [
+        ctx.fresh(h // r, why), ctx.fresh(w // r, why)]  # fmt: skip
 
 
 @_rule("unbind")
