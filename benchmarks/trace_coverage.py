@@ -1,4 +1,5 @@
-"""Trace coverage: run the symmetry tracer + invariance check over many timm CNNs and the zoo.
+"""Trace coverage: run the symmetry tracer + invariance check over the zoo, many timm models and
+torchvision's segmentation models.
 
 For every model: number of groups, free units, share of hidden units left free, max |diff|
 between the model and a randomly permuted copy (float64, jittered weights), the output scale
@@ -34,6 +35,8 @@ TIMM_MODELS = [
     "hardcorenas_a", "mnasnet_050", "fbnetc_100", "tinynet_e", "lcnet_050", "vgg11_bn",
     "res2net50_14w_8s", "skresnet18", "selecsls42b", "xception41",
 ]  # fmt: skip
+#: torchvision segmentation models: their heads upsample back to the input size.
+TORCHVISION_MODELS = ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50"]
 
 
 def run_one(name: str, model: torch.nn.Module, x: torch.Tensor) -> dict:
@@ -89,6 +92,14 @@ def main() -> None:
         hw = size[1:] if fixed else (args.size, args.size)
         rows.append(run_one(f"timm:{name}", model, torch.randn(2, size[0], *hw)))
         print(rows[-1], flush=True)
+    if not args.models:
+        import torchvision
+
+        for name in TORCHVISION_MODELS:
+            model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+            x = torch.randn(2, 3, args.size, args.size)
+            rows.append(run_one(f"torchvision:{name}", model.eval(), x))
+            print(rows[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
