@@ -245,8 +245,8 @@ def ste_refine(
     if upcast:  # the proxy's gradient steps are float32: so are the midpoint and its inputs
         model = copy.deepcopy(model).float()
     state_a = {k: v.detach() for k, v in model.state_dict().items()}
-    state_b = {k: _float32(torch.as_tensor(v).detach().to(device)) if upcast else
-               torch.as_tensor(v).detach().to(device) for k, v in state_b.items()}  # fmt: skip
+    cast = _float32 if upcast else (lambda t: t)
+    state_b = {k: cast(torch.as_tensor(v).detach().to(device)) for k, v in state_b.items()}
     if set(state_b) != set(state_a):
         diff = sorted(set(state_a) ^ set(state_b))[:5]
         raise ValueError(f"state_b does not fit the model: keys differ ({diff})")
@@ -290,7 +290,7 @@ def ste_refine(
     with _forward_mode(model, bn):
         for step, batch in enumerate(feed.batches(epochs, steps)):
             x, y = _split(batch, device)
-            x = _float32(x) if upcast else x
+            x = cast(x)
             t0 = _now(device)
             start_perms = perms
             detached = {k: v.detach() for k, v in theta.items()}
