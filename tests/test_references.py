@@ -430,3 +430,39 @@ def test_a_hugging_face_image_model_merges_on_its_own_images(tmp_path: Path) -> 
     assert f"{accuracy:.2%}" in text and " 8 " in text, text
     code, text = _run("eval", ref, "--data", photos, "--dataset", "mnist")
     assert code != 0 and "--data takes no --dataset" in text
+
+
+def test_a_torchvision_segmentation_model_merges_offline_and_reloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its builder defaults to a pretrained backbone (a download, or a failure offline) and
+    its classifier is a conv: neither may stop a merge of the user's own weights."""
+    torchvision = pytest.importorskip("torchvision")
+    from safetensors.torch import load_file
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    build = torchvision.models.segmentation.lraspp_mobilenet_v3_large
+    torch.manual_seed(0)
+    model = build(weights=None, weights_backbone=None, num_classes=3).eval()
+    file = tmp_path / "seg.pth"
+    _save_state(model, file)
+    ref = f"torchvision:lraspp_mobilenet_v3_large={file}"
+    out = tmp_path / "merged.safetensors"
+    code, text = _run("merge", ref, ref, "-m", "weight", "--input-shape", "3,32,32", "-o", out)
+    assert code == 0, text
+    reloaded = build(weights=None, weights_backbone=None, num_classes=3).eval()
+    reloaded.load_state_dict(load_file(str(out)))  # what a user does with the merge
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x)["out"], model(x)["out"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_named_like_a_pickle_is_refused(tmp_path: Path) -> None:
+    ref, _ = _torchvision(tmp_path)
+    out = tmp_path / "merged.pt"
+    code, text = _run("merge", ref, ref, "-o", out, "--input-shape", "3,32,32")
+    assert code == 2 and "merged.safetensors" in text and "torch.load" in text
+    assert not out.exists()

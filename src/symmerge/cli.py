@@ -430,6 +430,7 @@ def train(
                 f"there are {n_classes}",
                 param_hint="--part",
             )
+    _check_checkpoint_name(output)
     if not overwrite:
         for p in (output, sidecar_path(output)):
             if p.exists():
@@ -1149,13 +1150,17 @@ def _merged_tasks(
 
 
 def _num_outputs(model: Any) -> int:
-    """Output width of a classifier (its last Linear's out_features)."""
+    """Output width of a classifier: its last Linear's out_features, or, for a fully
+    convolutional one (a segmentation head), its last conv's out_channels."""
     import torch
 
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not last:
-        raise click.UsageError("cannot tell the number of outputs: the model has no Linear")
-    return int(last[-1].out_features)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if linears:
+        return int(linears[-1].out_features)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    if not convs:
+        raise click.UsageError("cannot tell the number of outputs: the model has no Linear or conv")
+    return int(convs[-1].out_channels)
 
 
 def _class_counts(method: str, metas: Sequence[dict], given: dict[str, Any]) -> dict[str, Any]:
@@ -1382,6 +1387,18 @@ def _save_merged(
     return str(output) + (f" ({dtype})" if dtype and dtype != "float32" else "")
 
 
+def _check_checkpoint_name(output: Path) -> None:
+    """A checkpoint is safetensors: a name that promises torch.save's pickle (``.pt``,
+    ``.pth``, ``.bin``, ``.ckpt``) would fail ``torch.load`` later, so it is refused now."""
+    if output.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt"):
+        raise click.BadParameter(
+            f"{output}: symmerge writes checkpoints as safetensors (a plain state dict that "
+            "safetensors.torch.load_file reads, with the recipe in its metadata), which "
+            f"torch.load cannot read; name it {output.with_suffix('.safetensors').name}",
+            param_hint="'-o' / '--output'",
+        )
+
+
 def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
@@ -1502,6 +1519,8 @@ def merge_cmd(
     dirs = _hf_directories(checkpoints, output, overwrite)
     if dirs is None and output.is_dir():
         raise click.UsageError(f"{output} is a directory; the merge is one checkpoint file")
+    if dirs is None:
+        _check_checkpoint_name(output)
     plain = not (data_spec or renorm or eval_datasets or block_sparse or heads != "shared")
     if dirs and plain and _from_disk(method, params):
         done = _merge_from_disk(dirs, method, lam, seed, params, output, overwrite, json_path)

@@ -428,8 +428,9 @@ def build_architecture(config: Mapping[str, Any], where: str | Path = "config") 
 
 
 def _torchvision_model(arch: str, kwargs: dict[str, Any], where: str | Path) -> nn.Module:
-    """``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, **kwargs)``;
-    an ``input_shape`` kwarg (default 3x224x224) is kept on the model for tracing."""
+    """``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, **kwargs)``
+    (and ``weights_backbone=None`` where the builder takes one); an ``input_shape`` kwarg
+    (default 3x224x224) is kept on the model for tracing."""
     try:
         import torchvision
     except ImportError as exc:
@@ -437,8 +438,18 @@ def _torchvision_model(arch: str, kwargs: dict[str, Any], where: str | Path) -> 
             f"{where} holds a torchvision model ({arch}); rebuilding it needs torchvision, "
             "which is not installed here (pip install torchvision)"
         ) from exc
+    import inspect
+
     shape = tuple(kwargs.pop("input_shape", (3, 224, 224)))
-    model = torchvision.models.get_model(arch[len("torchvision:") :], weights=None, **kwargs)
+    name = arch[len("torchvision:") :]
+    # segmentation, detection and video builders default to a pretrained backbone: downloaded
+    # (or failing offline) only to be overwritten by the checkpoint's weights
+    if (
+        "weights_backbone"
+        in inspect.signature(torchvision.models.get_model_builder(name)).parameters
+    ):
+        kwargs.setdefault("weights_backbone", None)
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
     model.input_shape = shape
     return model
 

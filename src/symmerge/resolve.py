@@ -246,18 +246,26 @@ def _head_width(
     model: nn.Module, state: Mapping[str, torch.Tensor] | None, head: str | None
 ) -> int | None:
     """Output width of the state dict's classifier when it differs from the model's (the
-    classifier is ``head`` or else the model's last Linear); None when it does not."""
+    classifier is ``head``, else the model's last Linear; a model whose classifiers are convs,
+    as torchvision's segmentation heads, is read from the tensors that differ only in their
+    first axis, all from the model's class count to one other); None when it does not."""
     if state is None:
         return None
+    own_state = model.state_dict()
     if head is None:
         linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            return None
-        head = linears[-1]
-    own, theirs = model.state_dict().get(f"{head}.weight"), state.get(f"{head}.weight")
-    if own is None or theirs is None or theirs.ndim == 0 or theirs.shape[0] == own.shape[0]:
-        return None
-    return int(theirs.shape[0])
+        head = linears[-1] if linears else None
+    if head is not None:
+        own, theirs = own_state.get(f"{head}.weight"), state.get(f"{head}.weight")
+        if own is not None and theirs is not None and theirs.ndim and theirs.shape != own.shape:
+            return int(theirs.shape[0])
+    differ = [(tuple(own_state[k].shape), tuple(t.shape)) for k, t in state.items()
+              if k in own_state and tuple(own_state[k].shape) != tuple(t.shape)]  # fmt: skip
+    if differ and all(len(a) == len(b) >= 1 and a[1:] == b[1:] for a, b in differ):
+        widths = {(a[0], b[0]) for a, b in differ}
+        if len(widths) == 1:
+            return int(next(iter(widths))[1])
+    return None
 
 
 def _load_weights(
