@@ -444,10 +444,8 @@ def _torchvision_model(arch: str, kwargs: dict[str, Any], where: str | Path) -> 
     name = arch[len("torchvision:") :]
     # segmentation, detection and video builders default to a pretrained backbone: downloaded
     # (or failing offline) only to be overwritten by the checkpoint's weights
-    if (
-        "weights_backbone"
-        in inspect.signature(torchvision.models.get_model_builder(name)).parameters
-    ):
+    builder = torchvision.models.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters:
         kwargs.setdefault("weights_backbone", None)
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     model.input_shape = shape

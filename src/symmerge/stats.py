@@ -59,6 +59,7 @@ processes' data (exact up to float64 round-off).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -333,10 +334,8 @@ def model_inputs(
 def float_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating-point parameter (or buffer): what its inputs
     are cast to; ``None`` when it has none."""
-    for t in (*model.parameters(), *model.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return None
+    tensors = itertools.chain(model.parameters(), model.buffers())  # stops at the first
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 def shape_inputs(model: nn.Module, n: int = 2, seed: int = 0) -> tuple[torch.Tensor] | None:
